@@ -1,0 +1,1 @@
+"""kvm-supervisor: an event-driven supervisor for KVM/QEMU virtual machines."""

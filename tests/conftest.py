@@ -1,0 +1,109 @@
+"""Shared fixtures: real QEMU processes started paused (-S), always killed by pid."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+QEMU = os.environ.get("KVM_SUPERVISOR_TEST_QEMU", "/usr/bin/qemu-system-x86_64")
+REPO = Path(__file__).resolve().parent.parent
+GUEST_DIR = REPO / ".cache" / "guest"
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Protocol tests run on both backends; real-guest tests override this to asyncio."""
+    return str(request.param)
+
+
+@dataclass
+class PausedQemu:
+    """A QEMU started with -S (no guest code runs) and its monitor sockets."""
+
+    proc: subprocess.Popen[bytes]
+    workdir: Path
+    qmp_path: Path
+    hmp_path: Path
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+def _wait_for_sockets(paths: list[Path], proc: subprocess.Popen[bytes], deadline_s: float) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise RuntimeError(f"qemu exited with {proc.returncode}: {stderr}")
+        if all(p.exists() for p in paths):
+            return
+        time.sleep(0.01)
+    raise TimeoutError(f"qemu did not create {paths} within {deadline_s}s")
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short temp dir: unix socket paths must fit in 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="kvs-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def start_paused_qemu(workdir: Path, extra_args: list[str] | None = None) -> PausedQemu:
+    """Start QEMU paused with a QMP socket and an HMP socket in workdir."""
+    qmp_path = workdir / "qmp.sock"
+    hmp_path = workdir / "hmp.sock"
+    args = [
+        QEMU,
+        "-S",
+        "-nodefaults",
+        "-display", "none",
+        "-machine", "accel=tcg",
+        "-m", "64",
+        "-qmp", f"unix:{qmp_path},server=on,wait=off",
+        "-monitor", f"unix:{hmp_path},server=on,wait=off",
+        *(extra_args or []),
+    ]
+    proc = subprocess.Popen(
+        args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        _wait_for_sockets([qmp_path, hmp_path], proc, 20.0)
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        raise
+    return PausedQemu(proc, workdir, qmp_path, hmp_path, list(extra_args or []))
+
+
+@pytest.fixture
+def paused_qemu(short_tmp: Path) -> Iterator[PausedQemu]:
+    """One QEMU 7.2 started -S; killed (and resumed first if SIGSTOP'd) after the test."""
+    if not Path(QEMU).exists():
+        pytest.fail(f"{QEMU} is missing: run `make deps`")
+    qemu = start_paused_qemu(short_tmp)
+    try:
+        yield qemu
+    finally:
+        if qemu.proc.poll() is None:
+            os.kill(qemu.pid, signal.SIGCONT)
+        qemu.kill()
