@@ -124,18 +124,18 @@ class InvalidParams(InvalidConfigError):
 
     @classmethod
     def from_validation_error(cls, error: msgspec.ValidationError, root: str) -> InvalidParams:
-        """Translate msgspec's error into one whose path starts at `root`.
+        """Translate msgspec's error into one whose path starts at `root` (may be empty).
 
         ``Expected `int`, got `str` - at `$.nics[1].mtu``` with root ``spec`` becomes
         path ``spec.nics[1].mtu``, reason ``Expected `int`, got `str```; an unknown or
         missing field is named in the path itself.
         """
         message, _, location = str(error).partition(" - at `$")
-        path = root + location.rstrip("`")
+        path = (root + location.rstrip("`")).removeprefix(".")
         field = _FIELD_MESSAGE.fullmatch(message)
         if field is not None:
-            return cls(f"{path}.{field['name']}", field["what"])
-        return cls(path, message)
+            return cls(f"{path}.{field['name']}".removeprefix("."), field["what"])
+        return cls(path or "$", message)
 
 
 _FIELD_MESSAGE = re.compile(

@@ -15,6 +15,7 @@ is why several value sets include ``""``.
 
 from __future__ import annotations
 
+import re
 import typing
 from collections.abc import Mapping
 from typing import Annotated, Any, Final, Literal
@@ -27,12 +28,17 @@ from supervisor.errors import InvalidConfigError, InvalidParams
 __all__ = [
     "GANETI_DEFAULT_DEVIATIONS",
     "PARAMETER_NAMES",
+    "PATH_PARAMETERS",
     "QEMU_PCI_SLOTS",
     "VALID_SERIAL_SPEEDS",
     "HvParams",
     "ParameterDoc",
+    "CpuSet",
     "choices",
     "format_choices",
+    "format_cpu_mask",
+    "is_url",
+    "parse_cpu_mask",
     "parameter_docs",
     "render_markdown_table",
     "resolve_hvparams",
@@ -229,7 +235,7 @@ class HvParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     ] = "default"
     usb_mouse: Annotated[UsbMouse, _doc("USB pointing device; empty: none.")] = ""
     usb_devices: Annotated[
-        str, _doc("Comma-separated host USB devices to pass through (vendor:product).")
+        str, _doc("Comma-separated -usbdevice arguments (e.g. tablet, host:046d:c52b).")
     ] = ""
     soundhw: Annotated[str, _doc("Emulated sound card(s); empty: none.")] = ""
     vga: Annotated[str, _doc("Emulated graphics card (-vga); empty: QEMU's default.")] = ""
@@ -297,6 +303,82 @@ for _name in PARAMETER_NAMES:
     _base = typing.get_args(_TYPE_HINTS[_name])[0]
     if typing.get_origin(_base) is Literal:
         _DECODER_CHOICES[_name] = typing.get_args(_base)
+
+
+#: Parameters naming a file or directory on the host. Relative values in a file are
+#: resolved against that file's directory; everywhere else they must be absolute.
+PATH_PARAMETERS: Final = (
+    "kvm_path",
+    "kernel_path",
+    "initrd_path",
+    "floppy_image_path",
+    "cdrom_image_path",
+    "cdrom2_image_path",
+    "vnc_x509_path",
+    "vnc_password_file",
+    "spice_password_file",
+    "mem_path",
+)
+
+#: URL schemes QEMU's curl block driver reads CD-ROM images from (Ganeti allows URLs).
+_URL_PREFIXES: Final = ("http://", "https://", "ftp://", "ftps://")
+
+
+def is_url(value: str) -> bool:
+    """Whether a CD-ROM image parameter names a URL rather than a host path."""
+    return value.startswith(_URL_PREFIXES)
+
+
+#: One entry of a parsed cpu_mask: None pins to all CPUs, otherwise the CPU numbers.
+CpuSet = frozenset[int] | None
+
+
+_CPU_ITEM: Final = re.compile(r"([0-9]+)(?:-([0-9]+))?")
+
+
+def _parse_cpu_list(text: str) -> frozenset[int]:
+    cpus: set[int] = set()
+    for item in text.split(","):
+        match = _CPU_ITEM.fullmatch(item)
+        if match is None:
+            raise ValueError(f"{item!r} is not a CPU number or range (like 0-2)")
+        first = int(match[1])
+        last = first if match[2] is None else int(match[2])
+        if first > last:
+            raise ValueError(f"range {item!r} runs backwards")
+        cpus.update(range(first, last + 1))
+    return frozenset(cpus)
+
+
+def parse_cpu_mask(mask: str) -> list[CpuSet]:
+    """Parse Ganeti's multi-CPU mask: ``all``, a CPU list, or one of them per vCPU.
+
+    ``"0-2,4:all:1,3"`` gives ``[{0, 1, 2, 4}, None, {1, 3}]``; one entry applies to
+    every vCPU, several entries map to vCPUs in order; ``""`` means no pinning (``[]``).
+    Raises ValueError saying what is wrong.
+    """
+    if not mask:
+        return []
+    return [None if entry == "all" else _parse_cpu_list(entry) for entry in mask.split(":")]
+
+
+def format_cpu_mask(entries: list[CpuSet]) -> str:
+    """The canonical text of parsed entries: ranges collapsed, CPUs in ascending order."""
+    return ":".join("all" if cpus is None else _format_cpu_list(cpus) for cpus in entries)
+
+
+def _format_cpu_list(cpus: frozenset[int]) -> str:
+    ranges: list[str] = []
+    ordered = sorted(cpus)
+    start = previous = ordered[0]
+    for cpu in [*ordered[1:], None]:
+        if cpu is not None and cpu == previous + 1:
+            previous = cpu
+            continue
+        ranges.append(str(start) if start == previous else f"{start}-{previous}")
+        if cpu is not None:
+            start = previous = cpu
+    return ",".join(ranges)
 
 
 def choices(name: str) -> tuple[object, ...] | None:

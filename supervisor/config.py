@@ -1,0 +1,202 @@
+"""Daemon configuration (API.md §8) and instance definition files, both TOML.
+
+Every `Config` key has a default, so an empty file, or one holding only
+``state_dir = "/some/dir"``, is complete. Unknown keys are errors naming the key, as are
+values of the wrong type (``max_request_bytes: Expected `int`, got `str```).
+
+Relative paths are resolved against the directory of the file that holds them: in the
+config file `state_dir`, `instances_dir` and the path parameters of ``[hvparams]``; in
+an instance file its disks and path parameters (kernel, initrd, ISOs, floppy, password
+files, x509 dir, mem_path). Values coming over the control socket have no such base and
+must be absolute (`supervisor.validation` says so).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Final
+
+import msgspec
+from msgspec import Meta
+
+from supervisor.errors import InvalidConfigError, InvalidParams
+from supervisor.hvparams import PATH_PARAMETERS, is_url, resolve_hvparams
+from supervisor.spec import InstanceSpec, decode_spec
+
+__all__ = [
+    "DEFAULT_INSTANCES_DIR",
+    "DEFAULT_STATE_DIR",
+    "UID_MAX",
+    "Config",
+    "check_config",
+    "instance_file",
+    "instance_files",
+    "load_config",
+    "load_instance_file",
+]
+
+DEFAULT_STATE_DIR: Final = "/var/lib/kvm-supervisor"
+DEFAULT_INSTANCES_DIR: Final = "/etc/kvm-supervisor/instances"
+#: Ganeti's ``UIDPOOL_UID_MAX``: user ids are 32-bit.
+UID_MAX: Final = 2**32 - 1
+
+Seconds = Annotated[float, Meta(gt=0)]
+Port = Annotated[int, Meta(ge=1, le=65535)]
+#: One uid_pool entry in Ganeti's syntax: a uid (``"5000"``) or a range (``"5000-5099"``).
+UidRange = Annotated[str, Meta(pattern=r"^[0-9]+(-[0-9]+)?$")]
+
+
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """The daemon's configuration; `load_config` reads it from a TOML file."""
+
+    #: Runtime records, sockets, the pid and lock files, uid leases.
+    state_dir: str = DEFAULT_STATE_DIR
+    #: Instance definition files, ``<name>.toml``.
+    instances_dir: str = DEFAULT_INSTANCES_DIR
+    #: Group whose members may use the control socket and serial consoles.
+    control_group: Annotated[str, Meta(min_length=1)] = "root"
+    #: Longest request line accepted on the control socket.
+    max_request_bytes: Annotated[int, Meta(ge=4096, le=64 * 1024 * 1024)] = 1024 * 1024
+    #: Stop the VMs when the daemon exits (otherwise they keep running and are adopted).
+    shutdown_on_exit: bool = False
+    #: ACPI shutdown wait before a kill; Ganeti's default shutdown timeout.
+    stop_timeout_s: Seconds = 120.0
+    #: From spawning QEMU until its QMP handshake is done.
+    start_timeout_s: Seconds = 30.0
+    #: Default deadline of one QMP or HMP command.
+    qmp_timeout_s: Seconds = 10.0
+    #: User ids leased to instances with ``security_model = "pool"``.
+    uid_pool: list[UidRange] = msgspec.field(default_factory=list)
+    #: Ports given to VNC and SPICE displays without a ``network_port``, inclusive.
+    display_port_range: tuple[Port, Port] = (5900, 6899)
+    #: Events buffered per subscriber before it gets ``events.dropped``.
+    event_queue_size: Annotated[int, Meta(ge=1, le=1_000_000)] = 1024
+    #: Node-wide hypervisor parameter defaults, overridden by each instance's.
+    hvparams: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    @property
+    def control_socket(self) -> Path:
+        """The control socket, ``<state_dir>/control.sock``."""
+        return Path(self.state_dir) / "control.sock"
+
+    def uid_ranges(self) -> list[tuple[int, int]]:
+        """`uid_pool` as inclusive ``(first, last)`` pairs."""
+        ranges = []
+        for entry in self.uid_pool:
+            first, _, last = entry.partition("-")
+            ranges.append((int(first), int(last or first)))
+        return ranges
+
+
+def check_config(config: Config) -> None:
+    """Check the rules a single field's type cannot express; raise `InvalidConfigError`.
+
+    uid ranges must run forwards and fit in 32 bits, the display port range must run
+    forwards, and the ``[hvparams]`` table must hold known parameters with valid values.
+    """
+    for index, (first, last) in enumerate(config.uid_ranges()):
+        if first > last:
+            raise InvalidConfigError(f"uid_pool[{index}]", f"range {first}-{last} runs backwards")
+        if last > UID_MAX:
+            raise InvalidConfigError(f"uid_pool[{index}]", f"uid {last} exceeds {UID_MAX}")
+    low, high = config.display_port_range
+    if low > high:
+        raise InvalidConfigError("display_port_range", f"range {low}-{high} runs backwards")
+    resolve_hvparams(config.hvparams, {})
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise InvalidConfigError(str(path), f"cannot read: {error.strerror}") from None
+
+
+def _absolute(base: Path, value: str) -> str:
+    if not value or os.path.isabs(value):
+        return value
+    return os.path.normpath(base / value)
+
+
+def _resolve_hvparam_paths(base: Path, hvparams: Mapping[str, Any]) -> dict[str, Any]:
+    resolved = dict(hvparams)
+    for name in PATH_PARAMETERS:
+        value = resolved.get(name)
+        if isinstance(value, str) and not is_url(value):
+            resolved[name] = _absolute(base, value)
+    return resolved
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read the daemon configuration from a TOML file, or the built-in defaults for None.
+
+    Raises `InvalidConfigError` naming the key at fault (`InvalidParams` when the file
+    does not decode), or naming the file when it cannot be read or is not TOML.
+    """
+    if path is None:
+        return Config()
+    file = Path(path)
+    try:
+        config = msgspec.toml.decode(_read(file), type=Config)
+    except msgspec.ValidationError as error:
+        raise InvalidParams.from_validation_error(error, "") from None
+    except msgspec.DecodeError as error:
+        raise InvalidParams(str(file), str(error)) from None
+    base = file.resolve().parent
+    config = msgspec.structs.replace(
+        config,
+        state_dir=_absolute(base, config.state_dir),
+        instances_dir=_absolute(base, config.instances_dir),
+        hvparams=_resolve_hvparam_paths(base, config.hvparams),
+    )
+    check_config(config)
+    return config
+
+
+def instance_file(instances_dir: str | os.PathLike[str], name: str) -> Path:
+    """Where the definition of instance `name` lives: ``<instances_dir>/<name>.toml``."""
+    return Path(instances_dir) / f"{name}.toml"
+
+
+def instance_files(instances_dir: str | os.PathLike[str]) -> list[Path]:
+    """The instance definition files in `instances_dir`, sorted; none if it is missing."""
+    directory = Path(instances_dir)
+    if not directory.is_dir():
+        return []
+    return sorted(path for path in directory.glob("*.toml") if path.is_file())
+
+
+def load_instance_file(path: str | os.PathLike[str]) -> InstanceSpec:
+    """Read an instance definition from a TOML file holding `InstanceSpec` fields.
+
+    ``name`` defaults to the file's stem and, when given, must equal it (so
+    ``instance.start {name}`` finds the file). Relative disk and path parameters are
+    resolved against the file's directory. Errors are `InvalidConfigError` whose path
+    names the field (``spec.nics[1].mac``) and whose ``data["file"]`` names the file.
+    """
+    file = Path(path)
+    try:
+        return _load_instance_file(file)
+    except InvalidConfigError as error:
+        error.data["file"] = str(file)
+        raise
+
+
+def _load_instance_file(file: Path) -> InstanceSpec:
+    try:
+        raw = msgspec.toml.decode(_read(file))
+    except msgspec.DecodeError as error:
+        raise InvalidParams(str(file), str(error)) from None
+    name = raw.setdefault("name", file.stem)
+    if name != file.stem:
+        raise InvalidParams("spec.name", f"{name!r} does not match the file name {file.name!r}")
+    spec = decode_spec(raw)
+    base = file.resolve().parent
+    disks = [msgspec.structs.replace(disk, path=_absolute(base, disk.path)) for disk in spec.disks]
+    return msgspec.structs.replace(
+        spec,
+        disks=disks,
+        hvparams=_resolve_hvparam_paths(base, spec.hvparams),
+    )
