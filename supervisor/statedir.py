@@ -1,0 +1,261 @@
+"""The daemon's state directory: one daemon per directory, and where everything lives in it.
+
+Layout (names are short because a unix socket path must fit in 107 bytes)::
+
+    <state_dir>/supervisor.lock      flock held by the running daemon; holds its pid
+    <state_dir>/control.sock         the control socket
+    <state_dir>/instances/<name>/    one dir per instance (0750): qmp.sock, hmp.sock,
+                                     serial.sock, serial.log, qemu.pid, qemu.log, runtime.json
+    <state_dir>/uid-leases/<uid>     uid pool leases (`supervisor.uidpool`)
+    <state_dir>/chroot/<name>/       per-instance chroot with ``use_chroot`` (`supervisor.chroot`)
+    <state_dir>/quarantine/          chroots that were not empty at cleanup
+
+The state dir itself is created 0755: members of the control group must reach the control
+socket through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+import stat
+from pathlib import Path
+from types import TracebackType
+from typing import Final
+
+import msgspec
+import structlog
+
+from supervisor.errors import InvalidConfigError
+from supervisor.spec import NAME_PATTERN
+
+__all__ = [
+    "MAX_SOCKET_PATH_BYTES",
+    "InstancePaths",
+    "StateDir",
+    "StateDirLocked",
+]
+
+_log = structlog.get_logger(__name__)
+
+#: sun_path holds 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH_BYTES: Final = 107
+
+_NAME: Final = re.compile(NAME_PATTERN)
+
+
+class StateDirLocked(Exception):
+    """Another daemon holds the state dir; `holder_pid` is its pid when it could be read."""
+
+    def __init__(self, path: Path, holder_pid: int | None) -> None:
+        holder = f"the daemon with pid {holder_pid}" if holder_pid else "another process"
+        super().__init__(f"state dir {path} is in use by {holder}")
+        self.path = path
+        self.holder_pid = holder_pid
+
+
+class InstancePaths(msgspec.Struct, frozen=True, kw_only=True):
+    """Where one instance's runtime files live."""
+
+    directory: Path
+    qmp_socket: Path
+    hmp_socket: Path
+    serial_socket: Path
+    #: Every byte of serial output (QEMU's chardev ``logfile=``).
+    serial_log: Path
+    pid_file: Path
+    #: QEMU's stdout and stderr.
+    qemu_log: Path
+    runtime_record: Path
+    chroot: Path
+
+    @property
+    def sockets(self) -> tuple[Path, ...]:
+        """The unix sockets QEMU listens on."""
+        return (self.qmp_socket, self.hmp_socket, self.serial_socket)
+
+
+class StateDir:
+    """A state dir; `acquire` (or ``with``) makes this process its only daemon.
+
+    Path computations work without the lock; creating and removing instance files is the
+    lock holder's business.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    def __repr__(self) -> str:
+        return f"<StateDir {self.path} locked={self.locked}>"
+
+    @property
+    def lock_file(self) -> Path:
+        """The flock file, holding the pid of the daemon that holds it."""
+        return self.path / "supervisor.lock"
+
+    @property
+    def control_socket(self) -> Path:
+        """The control socket."""
+        return self.path / "control.sock"
+
+    @property
+    def instances_root(self) -> Path:
+        """The parent of the per-instance dirs."""
+        return self.path / "instances"
+
+    @property
+    def uid_lease_dir(self) -> Path:
+        """Where the uid pool keeps its leases."""
+        return self.path / "uid-leases"
+
+    @property
+    def chroot_root(self) -> Path:
+        """The parent of the per-instance chroot dirs."""
+        return self.path / "chroot"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        """Where chroots that were not empty at cleanup are moved."""
+        return self.path / "quarantine"
+
+    @property
+    def locked(self) -> bool:
+        """Whether this object holds the lock."""
+        return self._lock_fd is not None
+
+    def acquire(self) -> None:
+        """Take the state dir: lock it, write our pid, remove a stale control socket.
+
+        Creates the dir if needed. Never blocks: raises `StateDirLocked` naming the holder's
+        pid when another daemon runs on it. The lock goes away with this process (or
+        `release`); the descriptor is close-on-exec, so QEMUs never inherit it.
+        """
+        if self._lock_fd is not None:
+            raise RuntimeError(f"{self} is already locked")
+        _make_dir(self.path, 0o755, parents=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StateDirLocked(self.path, _read_pid(fd)) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self._remove_stale_control_socket()
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+        _log.debug("state dir locked", state_dir=str(self.path))
+
+    def _remove_stale_control_socket(self) -> None:
+        try:
+            mode = self.control_socket.lstat().st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise FileExistsError(f"{self.control_socket} exists and is not a socket")
+        # We hold the lock, so no daemon listens on it: a killed predecessor left it behind.
+        self.control_socket.unlink()
+        _log.info("removed a stale control socket", path=str(self.control_socket))
+
+    def release(self) -> None:
+        """Give up the lock (does nothing when not held)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> StateDir:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def instance(self, name: str) -> InstancePaths:
+        """The paths of instance `name` (nothing is created).
+
+        Raises InvalidConfigError for a name that is not a valid instance name (it could
+        otherwise escape the state dir).
+        """
+        if not _NAME.fullmatch(name):
+            raise InvalidConfigError("name", f"{name!r} is not a valid instance name")
+        directory = self.instances_root / name
+        return InstancePaths(
+            directory=directory,
+            qmp_socket=directory / "qmp.sock",
+            hmp_socket=directory / "hmp.sock",
+            serial_socket=directory / "serial.sock",
+            serial_log=directory / "serial.log",
+            pid_file=directory / "qemu.pid",
+            qemu_log=directory / "qemu.log",
+            runtime_record=directory / "runtime.json",
+            chroot=self.chroot_root / name,
+        )
+
+    def create_instance_dir(self, name: str, *, group_id: int | None = None) -> InstancePaths:
+        """Create the dir of instance `name` (0750; group `group_id` if given) and return its paths.
+
+        Give the control group as `group_id` so that its members reach the serial console
+        socket. Raises InvalidConfigError when a socket path would not fit in a unix socket
+        address.
+        """
+        paths = self.instance(name)
+        for socket_path in paths.sockets:
+            length = len(os.fsencode(socket_path))
+            if length > MAX_SOCKET_PATH_BYTES:
+                raise InvalidConfigError(
+                    "name",
+                    f"socket path {socket_path} is {length} bytes, over the "
+                    f"{MAX_SOCKET_PATH_BYTES}-byte limit of unix sockets: "
+                    "use a shorter instance name or state_dir",
+                )
+        _make_dir(self.path, 0o755, parents=True)
+        _make_dir(self.instances_root, 0o755)
+        _make_dir(paths.directory, 0o750)
+        if group_id is not None:
+            os.chown(paths.directory, -1, group_id)
+        return paths
+
+    def instance_names(self) -> list[str]:
+        """The instances that have a dir here, sorted."""
+        try:
+            entries = list(self.instances_root.iterdir())
+        except FileNotFoundError:
+            return []
+        return sorted(
+            entry.name for entry in entries if _NAME.fullmatch(entry.name) and entry.is_dir()
+        )
+
+    def remove_instance_dir(self, name: str) -> None:
+        """Remove the dir of instance `name` and everything in it (no error if missing)."""
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(self.instance(name).directory)
+
+
+def _make_dir(path: Path, mode: int, *, parents: bool = False) -> None:
+    """Create `path` with exactly `mode` (the umask is not ours to change); keep an existing one."""
+    try:
+        path.mkdir(mode, parents=parents)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return
+    os.chmod(path, mode)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip())
+    except ValueError:
+        # The holder is between truncating and writing its pid.
+        return None
