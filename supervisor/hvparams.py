@@ -23,7 +23,7 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 from msgspec import Meta
 
-from supervisor.errors import InvalidConfigError, InvalidParams
+from supervisor.errors import InvalidParams
 
 __all__ = [
     "GANETI_DEFAULT_DEVIATIONS",
@@ -297,12 +297,19 @@ GANETI_DEFAULT_DEVIATIONS: Final[Mapping[str, tuple[object, str]]] = {
     "kernel_path": ("/boot/vmlinuz-3-kvmU", "that file does not exist on a stock host"),
 }
 
+#: Each parameter's ``Annotated[type, Meta]`` hint.
 _TYPE_HINTS: Final = typing.get_type_hints(HvParams, include_extras=True)
-_DECODER_CHOICES: Final[dict[str, tuple[object, ...]]] = {}
-for _name in PARAMETER_NAMES:
-    _base = typing.get_args(_TYPE_HINTS[_name])[0]
-    if typing.get_origin(_base) is Literal:
-        _DECODER_CHOICES[_name] = typing.get_args(_base)
+
+
+def _base_type(name: str) -> Any:
+    return typing.get_args(_TYPE_HINTS[name])[0]
+
+
+_VALUE_SETS: Final[dict[str, tuple[object, ...]]] = {
+    name: typing.get_args(_base_type(name))
+    for name in PARAMETER_NAMES
+    if typing.get_origin(_base_type(name)) is Literal
+}
 
 
 #: Parameters naming a file or directory on the host. Relative values in a file are
@@ -383,7 +390,7 @@ def _format_cpu_list(cpus: frozenset[int]) -> str:
 
 def choices(name: str) -> tuple[object, ...] | None:
     """The value set of parameter `name`, or None when it takes any value of its type."""
-    return _DECODER_CHOICES.get(name)
+    return _VALUE_SETS.get(name)
 
 
 def format_choices(values: tuple[object, ...]) -> str:
@@ -405,11 +412,10 @@ class ParameterDoc(msgspec.Struct, kw_only=True, frozen=True):
 
 
 def _type_name(name: str) -> str:
-    base = typing.get_args(_TYPE_HINTS[name])[0]
-    if typing.get_origin(base) is Literal:
-        kinds = {type(value).__name__ for value in typing.get_args(base)}
-        return kinds.pop() if len(kinds) == 1 else "str"
-    return str(base.__name__)
+    value_set = choices(name)
+    if value_set is not None:
+        return type(value_set[0]).__name__
+    return str(_base_type(name).__name__)
 
 
 def parameter_docs() -> list[ParameterDoc]:
@@ -468,16 +474,18 @@ def render_markdown_table() -> str:
 
 def _decode_error(
     error: msgspec.ValidationError, layers: list[tuple[str, Mapping[str, Any]]]
-) -> InvalidConfigError:
-    """Turn msgspec's error on the merged mapping into one naming the layer that set it."""
+) -> InvalidParams:
+    """Turn msgspec's error on the merged mapping into one naming the layer that set it.
+
+    Only a value some layer set can be wrong (the defaults are valid), so the last
+    layer holding the field is the one at fault.
+    """
     message, _, location = str(error).partition(" - at `$.")
-    name = location.rstrip("`").split("[", 1)[0].split(".", 1)[0]
-    prefix = layers[0][0]
-    value: object = None
-    for layer_prefix, values in layers:
-        if name in values:
-            prefix, value = layer_prefix, values[name]
-    path = f"{prefix}.{name}" if name else prefix
+    name = location.rstrip("`")
+    prefix, value = next(
+        (layer_prefix, values[name]) for layer_prefix, values in reversed(layers) if name in values
+    )
+    path = f"{prefix}.{name}"
     values_set = choices(name)
     if values_set is not None and message.startswith("Invalid enum value"):
         message = f"{value!r} is not one of {format_choices(values_set)}"

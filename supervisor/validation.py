@@ -12,7 +12,8 @@ own answers (SPICE support, machine types, CPU models) belong to
 
 Both return every problem found, not only the first; each is an `InvalidConfigError`
 whose path names the field (``spec.hvparams.serial_speed``) and whose reason says what
-is wrong with it. `raise_first` turns such a list into an exception.
+is wrong with it. `raise_first` turns such a list into an exception; `validated_hvparams`
+resolves an instance's parameters and runs both layers in one call.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import pwd
 import re
 import shlex
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
@@ -37,6 +38,7 @@ from supervisor.hvparams import (
     format_choices,
     is_url,
     parse_cpu_mask,
+    resolve_hvparams,
 )
 from supervisor.spec import InstanceSpec, decode_spec
 
@@ -48,6 +50,7 @@ __all__ = [
     "check_host_basics",
     "check_syntax",
     "raise_first",
+    "validated_hvparams",
 ]
 
 HV: Final = "spec.hvparams"
@@ -72,6 +75,21 @@ KVM_DEVICE: Final = "/dev/kvm"
 VHOST_NET_DEVICE: Final = "/dev/vhost-net"
 
 _MIGRATION_CAPABILITY: Final = re.compile(r"[a-z0-9-]+")
+
+
+def validated_hvparams(
+    spec: InstanceSpec, node_defaults: Mapping[str, Any], *, check_host: bool = True
+) -> HvParams:
+    """Resolve `spec`'s hvparams over `node_defaults`, run both layers, raise the first problem.
+
+    The host layer runs only when the syntax layer found nothing, and not at all with
+    ``check_host=False`` (for a spec that is only being looked at, or built elsewhere).
+    """
+    hv = resolve_hvparams(node_defaults, spec.hvparams)
+    raise_first(check_syntax(spec, hv))
+    if check_host:
+        raise_first(check_host_basics(spec, hv))
+    return hv
 
 
 def raise_first(problems: list[InvalidConfigError]) -> None:

@@ -18,6 +18,7 @@ from supervisor.validation import (
     check_host_basics,
     check_syntax,
     raise_first,
+    validated_hvparams,
 )
 
 ROUTED = {"mode": "routed", "ip": "192.0.2.1"}
@@ -529,3 +530,20 @@ def test_cpu_mask_names_existing_cpus() -> None:
         f"spec.hvparams.cpu_mask: CPU {cpus} does not exist (this host has {cpus})"
     ]
     assert host(cpu_mask="not-a-mask") == []
+
+
+def test_validated_hvparams_runs_both_layers(tmp_path: Path) -> None:
+    spec = decode_spec({"name": "vm", "hvparams": {"serial_speed": 9600}})
+    assert validated_hvparams(spec, {"acpi": False}).acpi is False
+    bad_syntax = decode_spec({"name": "vm", "hvparams": {"disk_aio": "native"}})
+    with pytest.raises(InvalidConfigError, match=r"^spec\.hvparams\.disk_aio: "):
+        validated_hvparams(bad_syntax, {})
+    missing = str(tmp_path / "vmlinuz")
+    bad_host = decode_spec({"name": "vm", "hvparams": {"kernel_path": missing}})
+    with pytest.raises(
+        InvalidConfigError, match=r"^spec\.hvparams\.kernel_path: .* does not exist"
+    ):
+        validated_hvparams(bad_host, {})
+    assert validated_hvparams(bad_host, {}, check_host=False).kernel_path == missing
+    with pytest.raises(InvalidParams, match=r"^hvparams\.bogus: unknown"):
+        validated_hvparams(spec, {"bogus": 1})
