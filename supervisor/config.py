@@ -91,11 +91,17 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
 
 
 def check_config(config: Config) -> None:
-    """Check the rules a single field's type cannot express; raise `InvalidConfigError`.
+    """Check `config` as `load_config` does; raise `InvalidConfigError` on the first problem.
 
-    uid ranges must run forwards and fit in 32 bits, the display port range must run
-    forwards, and the ``[hvparams]`` table must hold known parameters with valid values.
+    A hand-built `Config` (the embedding API takes one) is decoded again, so its fields
+    get the file's type checks; then uid ranges must run forwards and fit in 32 bits,
+    the display port range must run forwards, and the ``[hvparams]`` table must hold
+    known parameters with valid values.
     """
+    try:
+        msgspec.convert(msgspec.to_builtins(config), Config)
+    except msgspec.ValidationError as error:
+        raise InvalidParams.from_validation_error(error, "") from None
     for index, (first, last) in enumerate(config.uid_ranges()):
         if first > last:
             raise InvalidConfigError(f"uid_pool[{index}]", f"range {first}-{last} runs backwards")

@@ -113,6 +113,20 @@ def test_check_config_checks_hand_built_hvparams() -> None:
         check_config(Config(hvparams={"nic": "e1000"}))
 
 
+@pytest.mark.parametrize(
+    ("config", "path"),
+    [
+        (Config(uid_pool=["5000", "x"]), "uid_pool[1]"),
+        (Config(max_request_bytes=1), "max_request_bytes"),
+        (Config(display_port_range=(10, 0)), "display_port_range[1]"),
+    ],
+)
+def test_check_config_decodes_hand_built_configs(config: Config, path: str) -> None:
+    with pytest.raises(InvalidParams) as caught:
+        check_config(config)
+    assert caught.value.path == path
+
+
 def test_uid_ranges_in_ganeti_syntax(tmp_path: Path) -> None:
     config = load_config(write(tmp_path / "c.toml", "uid_pool = ['5000-5099', '6000']\n"))
     assert config.uid_ranges() == [(5000, 5099), (6000, 6000)]
