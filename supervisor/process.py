@@ -58,8 +58,8 @@ _tracked: weakref.WeakValueDictionary[int, QemuProcess] = weakref.WeakValueDicti
 class ExitStatus(msgspec.Struct, frozen=True, kw_only=True):
     """How a process ended: an exit `code`, a `signal`, or neither when it is unknown.
 
-    The status is unknown for a process that was not our child (an adopted QEMU), since only
-    a parent can collect it.
+    The status is unknown for a process that was not our child (a QEMU adopted from a
+    previous daemon), since only a parent can collect it.
     """
 
     code: int | None = None
@@ -346,7 +346,8 @@ def reap_orphans() -> dict[int, ExitStatus]:
     These are orphans reparented to a subreaper daemon (see the module docstring), and
     QEMUs whose `QemuProcess` was closed before they exited. Children in the daemon's own
     session are left alone: they were spawned by other code (``anyio.run_process``,
-    ``subprocess``), which waits for them itself. Call it after a watched QEMU exits (its
+    ``subprocess``), which waits for them itself; so a child started in a new session must
+    be watched by a `QemuProcess` (use `launch`). Call it after a watched QEMU exits (its
     helpers become orphans then) and now and then from the daemon. Never blocks.
     """
     own_session = os.getsid(0)

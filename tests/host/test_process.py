@@ -17,6 +17,7 @@ import anyio
 import pytest
 from conftest import QEMU, PausedQemu, start_paused_qemu
 
+from protocols.qmp import connect
 from supervisor.process import (
     ExitStatus,
     QemuProcess,
@@ -142,6 +143,25 @@ async def test_qemu_errors_show_in_the_stderr_tail(spawn: Launcher) -> None:
     proc = spawn([QEMU, "-nodefaults", "-display", "none", "-no-such-option"])
     assert await proc.wait_exit() == ExitStatus(code=1)
     assert "-no-such-option" in proc.stderr_tail()
+
+
+async def test_a_real_qemu(spawn: Launcher, short_tmp: Path) -> None:
+    qmp_path = short_tmp / "qmp.sock"
+    proc = spawn(
+        [QEMU, "-S", "-nodefaults", "-display", "none", "-machine", "accel=tcg", "-m", "64",
+         "-qmp", f"unix:{qmp_path},server=on,wait=off"]
+    )  # fmt: skip
+    with anyio.fail_after(20):
+        while not await anyio.Path(qmp_path).exists():
+            assert proc.is_alive(), proc.stderr_tail()
+            await anyio.sleep(0.01)
+    assert os.getsid(proc.pid) == proc.pid
+    async with connect(qmp_path) as qmp:
+        # Once QMP answers, QEMU's main loop runs and handles SIGTERM as a clean shutdown.
+        assert (await qmp.execute("query-status"))["status"] == "prelaunch"
+        proc.send_signal(signal.SIGTERM)
+        assert await proc.wait_exit() == ExitStatus(code=0)
+    assert "terminating on signal 15" in proc.stderr_tail()
 
 
 async def test_missing_program(tmp_path: Path) -> None:
