@@ -67,21 +67,23 @@ async def wait_until_zombie(pid: int) -> None:
 
 async def test_exit_is_noticed_at_once_and_reports_the_signal(spawn: Launcher) -> None:
     proc = spawn(["sleep", "30"])
-    result: list[ExitStatus] = []
+    result: list[tuple[ExitStatus, float]] = []
     async with anyio.create_task_group() as tg:
 
         async def watch() -> None:
-            result.append(await proc.wait_exit())
+            status = await proc.wait_exit()
+            result.append((status, time.monotonic()))
 
         tg.start_soon(watch)
         await anyio.sleep(0.05)
         assert not result
         killed_at = time.monotonic()
         os.kill(proc.pid, signal.SIGKILL)
-    elapsed = time.monotonic() - killed_at
-    assert result == [ExitStatus(signal=signal.SIGKILL)]
-    assert elapsed < 2.0, f"exit noticed after {elapsed:.3f} s"
-    assert result[0].describe() == "killed by signal 9 (SIGKILL)"
+    [(status, noticed_at)] = result
+    assert status == ExitStatus(signal=signal.SIGKILL)
+    # Typically well under 10 ms; the bound only guards against polling.
+    assert noticed_at - killed_at < 2.0, f"exit noticed after {noticed_at - killed_at:.3f} s"
+    assert status.describe() == "killed by signal 9 (SIGKILL)"
     assert process_state(proc.pid) is None, "the child was not reaped"
     assert not proc.is_alive()
 
