@@ -43,6 +43,8 @@ class PausedQemu:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=10)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
 
 
 def _wait_for_sockets(paths: list[Path], proc: subprocess.Popen[bytes], deadline_s: float) -> None:
