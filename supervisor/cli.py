@@ -1,0 +1,306 @@
+"""The ``kvm-supervisor`` command: ``serve``, ``cmdline`` and the control-socket client verbs.
+
+Exit status (API.md §5): 0 success, 1 error reported by the daemon, 2 usage error,
+3 daemon unreachable. Logs go to stderr; stdout carries only the command's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+
+from protocols.jsonrpc import RPCError, connect_unix
+from supervisor import __version__
+from supervisor.config import Config, load_config
+from supervisor.errors import SupervisorError
+from supervisor.logs import configure_logging
+
+EXIT_OK = 0
+EXIT_DAEMON_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+
+class UsageError(Exception):
+    """A mistake in the command line or in a file it names (exit status 2)."""
+
+
+def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    # Accepted before and after the verb: the sub-parser copies must not reset the
+    # values given before the verb, hence SUPPRESS defaults there.
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--config", metavar="PATH", default=default, help="daemon config file")
+    parser.add_argument("--socket", metavar="PATH", default=default, help="control socket")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="machine-readable output",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvm-supervisor", description="Start, watch and control KVM/QEMU virtual machines."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _global_options(parser, suppress=False)
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = verbs.add_parser(name, help=help_text, description=help_text)
+        _global_options(sub, suppress=True)
+        return sub
+
+    verb("serve", "run the daemon in the foreground")
+    sub = verb("cmdline", "print the QEMU argv `start` would run (needs no daemon)")
+    sub.add_argument("--spec", required=True, metavar="FILE", help="instance TOML file")
+    verb("ping", "check that the daemon answers")
+    verb("info", "daemon, QEMU and node information")
+    verb("verify", "check the node: binaries, /dev/kvm, /dev/net/tun, state dir")
+    verb("list", "list instances")
+    sub = verb("show", "show one instance")
+    sub.add_argument("name")
+    sub = verb("start", "start a defined instance or a spec file")
+    sub.add_argument("name", nargs="?")
+    sub.add_argument("--spec", metavar="FILE", help="instance TOML or JSON file")
+    sub.add_argument("--paused", action="store_true", help="leave the guest paused")
+    sub = verb("stop", "stop an instance (ACPI power button, then kill)")
+    sub.add_argument("name")
+    sub.add_argument("--force", action="store_true", help="kill at once")
+    sub.add_argument("--timeout", type=float, metavar="S", help="ACPI wait before the kill")
+    for name, help_text in (
+        ("reboot", "stop, then start from the saved runtime (same uuid)"),
+        ("pause", "pause the guest's vCPUs"),
+        ("resume", "resume the guest's vCPUs"),
+        ("cleanup", "remove runtime files, taps, uid lease and chroot"),
+        ("console", "attach to the serial console (Ctrl-] detaches)"),
+    ):
+        verb(name, help_text).add_argument("name")
+    sub = verb("balloon", "set the guest's balloon target")
+    sub.add_argument("name")
+    sub.add_argument("memory_mib", type=int, metavar="MIB")
+    sub = verb("monitor", "run a human-monitor command")
+    sub.add_argument("name")
+    sub.add_argument("command", nargs="+")
+    sub = verb("qmp", "run a raw QMP command")
+    sub.add_argument("name")
+    sub.add_argument("command")
+    sub.add_argument("arguments", nargs="?", metavar="JSON")
+    sub = verb("events", "stream events, one line each")
+    sub.add_argument("--instance", action="append", metavar="NAME")
+    sub.add_argument("--kind", action="append", metavar="K")
+    return parser
+
+
+def _socket_path(args: argparse.Namespace) -> Path:
+    if args.socket:
+        return Path(args.socket)
+    return _config(args).control_socket
+
+
+def _config(args: argparse.Namespace) -> Config:
+    try:
+        return load_config(args.config)
+    except SupervisorError as error:
+        raise UsageError(str(error)) from None
+    except OSError as error:
+        raise UsageError(f"{args.config}: {error.strerror}") from None
+
+
+def _read_spec_file(path: str) -> Any:
+    from supervisor.config import load_instance_file
+
+    try:
+        if path.endswith(".json"):
+            return msgspec.json.decode(Path(path).read_bytes())
+        return msgspec.to_builtins(load_instance_file(path))
+    except (OSError, msgspec.DecodeError) as error:
+        raise UsageError(f"{path}: {error}") from None
+    except SupervisorError as error:
+        raise UsageError(f"{path}: {error}") from None
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(msgspec.json.encode(value).decode() + "\n")
+
+
+def _print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    cells = [[("-" if row.get(c) is None else str(row.get(c))) for c in columns] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _print_mapping(value: dict[str, Any], indent: str = "") -> None:
+    for key, item in value.items():
+        if isinstance(item, dict) and item:
+            print(f"{indent}{key}:")
+            _print_mapping(item, indent + "  ")
+        elif isinstance(item, list):
+            rendered = ", ".join(
+                json.dumps(x, separators=(",", ":")) if isinstance(x, dict) else str(x)
+                for x in item
+            )
+            print(f"{indent}{key}: {rendered or '-'}")
+        else:
+            print(f"{indent}{key}: {'-' if item is None else item}")
+
+
+def _render(args: argparse.Namespace, result: Any) -> None:
+    if args.json:
+        _print_json(result)
+    elif args.verb == "list":
+        _print_table(result, ("name", "state", "pid"))
+    elif args.verb == "monitor":
+        sys.stdout.write(result["output"])
+        if result["output"] and not result["output"].endswith("\n"):
+            sys.stdout.write("\n")
+    elif args.verb == "qmp":
+        print(json.dumps(result["return"], indent=2))
+    elif isinstance(result, dict):
+        if result:
+            _print_mapping(result)
+    else:
+        print(result)
+
+
+def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    verb = args.verb
+    if verb in {"ping", "info", "verify"}:
+        return f"supervisor.{verb}", {}
+    if verb == "list":
+        return "instance.list", {}
+    if verb == "show":
+        return "instance.info", {"name": args.name}
+    if verb == "start":
+        if (args.name is None) == (args.spec is None):
+            raise UsageError("start needs exactly one of NAME or --spec FILE")
+        params: dict[str, Any] = {"paused": args.paused}
+        if args.spec:
+            params["spec"] = _read_spec_file(args.spec)
+        else:
+            params["name"] = args.name
+        return "instance.start", params
+    if verb == "stop":
+        params = {"name": args.name, "force": args.force}
+        if args.timeout is not None:
+            params["timeout_s"] = args.timeout
+        return "instance.stop", params
+    if verb in {"reboot", "pause", "resume", "cleanup"}:
+        return f"instance.{verb}", {"name": args.name}
+    if verb == "balloon":
+        return "instance.balloon", {"name": args.name, "memory_mib": args.memory_mib}
+    if verb == "monitor":
+        return "instance.monitor", {"name": args.name, "command": " ".join(args.command)}
+    if verb == "qmp":
+        params = {"name": args.name, "command": args.command}
+        if args.arguments:
+            try:
+                params["arguments"] = json.loads(args.arguments)
+            except json.JSONDecodeError as error:
+                raise UsageError(f"arguments: not JSON: {error}") from None
+        return "instance.qmp", params
+    raise UsageError(f"unknown verb {verb}")
+
+
+async def _call(args: argparse.Namespace) -> int:
+    method, params = _request(args)
+    async with connect_unix(_socket_path(args)) as client:
+        result = await client.call(method, params)
+    _render(args, result)
+    return EXIT_OK
+
+
+async def _events(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {}
+    if args.instance:
+        params["instances"] = args.instance
+    if args.kind:
+        params["kinds"] = args.kind
+    async with connect_unix(_socket_path(args)) as client:
+        await client.call("events.subscribe", params)
+        async for notification in client.notifications():
+            event = notification.get("params", {})
+            if args.json:
+                _print_json(event)
+            else:
+                data = json.dumps(event.get("data", {}), separators=(",", ":"))
+                print(
+                    f"{event.get('timestamp', 0):.3f} {event.get('instance', '-')} "
+                    f"{event.get('kind')} {data}"
+                )
+            sys.stdout.flush()
+    return EXIT_OK
+
+
+async def _console(args: argparse.Namespace) -> int:
+    from supervisor.console import attach
+
+    async with connect_unix(_socket_path(args)) as client:
+        console = await client.call("instance.console", {"name": args.name})
+    if console.get("kind") != "serial":
+        print(json.dumps(console), file=sys.stderr)
+        return EXIT_DAEMON_ERROR
+    await attach(Path(console["socket"]))
+    return EXIT_OK
+
+
+async def _cmdline(args: argparse.Namespace) -> int:
+    from supervisor.cmdline import argv_for_spec_file
+
+    argv = await argv_for_spec_file(Path(args.spec), _config(args))
+    if args.json:
+        _print_json(argv)
+    else:
+        sys.stdout.write("".join(f"{arg}\n" for arg in argv))
+    return EXIT_OK
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from supervisor.daemon import serve
+
+    await serve(_config(args))
+    return EXIT_OK
+
+
+def _runner(args: argparse.Namespace) -> Callable[[], Any]:
+    handlers = {"serve": _serve, "cmdline": _cmdline, "events": _events, "console": _console}
+    handler = handlers.get(args.verb, _call)
+    return lambda: handler(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(level=os.environ.get("KVM_SUPERVISOR_LOG_LEVEL", "info"))
+    try:
+        return int(anyio.run(_runner(args)))
+    except UsageError as error:
+        print(f"kvm-supervisor: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except RPCError as error:
+        detail = f" {json.dumps(error.data)}" if error.data else ""
+        print(f"kvm-supervisor: {error.message}{detail}", file=sys.stderr)
+        return EXIT_DAEMON_ERROR
+    except SupervisorError as error:
+        print(f"kvm-supervisor: {error}", file=sys.stderr)
+        return EXIT_USAGE if args.verb == "cmdline" else EXIT_DAEMON_ERROR
+    except (ConnectionError, FileNotFoundError) as error:
+        print(f"kvm-supervisor: daemon unreachable: {error}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,381 @@
+"""The supervisor: every instance of one state dir, in the caller's event loop.
+
+``async with Supervisor(config) as sup:`` takes the state dir's lock, adopts the
+QEMUs a previous daemon left running, starts the instances marked ``autostart``
+and, when asked, serves the control socket. Leaving the block cancels the
+supervisor's tasks and leaves the VMs running (unless ``shutdown_on_exit``). The
+library changes no process-wide setting: no signal handlers, no logging set-up,
+no threads, no umask or cwd change.
+
+Errors: operations raise `supervisor.errors.SupervisorError` subclasses (never
+exception groups).
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+from supervisor import __version__
+from supervisor.api import InstanceInfo, InstanceSummary
+from supervisor.config import Config, instance_file, instance_files, load_instance_file
+from supervisor.errors import (
+    HypervisorError,
+    InstanceExists,
+    InstanceNotFound,
+    InstanceNotRunning,
+    InvalidConfigError,
+    SupervisorError,
+)
+from supervisor.events import EventBus, Subscription
+from supervisor.instance import Instance, backoff_delay, recent_crashes
+from supervisor.launcher import Launcher
+from supervisor.process import QemuProcess, adopt
+from supervisor.runtime import RuntimeRecord, load_record
+from supervisor.spec import InstanceSpec
+from supervisor.states import InstanceState
+from supervisor.statedir import StateDir
+
+S = InstanceState
+
+#: Restart policy ``on-crash``: at most this many crashes in `RESTART_WINDOW_S`.
+RESTART_LIMIT = 5
+RESTART_WINDOW_S = 600.0
+
+
+class Supervisor(anyio.AsyncContextManagerMixin):
+    """Supervises the instances of ``config.state_dir``; see the module docstring."""
+
+    def __init__(self, config: Config, *, serve_control_socket: bool = False) -> None:
+        self.config = config
+        self.serve_control_socket = serve_control_socket
+        self.state_dir = StateDir(config.state_dir)
+        self.bus = EventBus(config.event_queue_size)
+        self.started_monotonic = time.monotonic()
+        self._instances: dict[str, Instance] = {}
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._group_id = _group_id(config.control_group)
+        self.launcher = Launcher(config, self.state_dir, group_id=self._group_id)
+        self.log = structlog.get_logger("supervisor")
+
+    @asynccontextmanager
+    async def __asynccontextmanager__(self) -> AsyncGenerator[Supervisor, None]:
+        self.state_dir.acquire()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                self._load_definitions()
+                await self._adopt_all()
+                if self.serve_control_socket:
+                    from supervisor.rpc import serve_control_socket
+
+                    await tg.start(serve_control_socket, self)
+                await self._autostart()
+                try:
+                    yield self
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        if self.config.shutdown_on_exit:
+                            await self._stop_all()
+                    self.bus.close_all()
+                    tg.cancel_scope.cancel()
+        finally:
+            self._tg = None
+            self.state_dir.release()
+
+    # -- registry --------------------------------------------------------------------
+
+    def _instance(self, name: str, *, create: bool = False) -> Instance:
+        instance = self._instances.get(name)
+        if instance is None:
+            if not create:
+                raise InstanceNotFound(name)
+            instance = Instance(
+                name, paths=self.state_dir.instance(name), bus=self.bus, config=self.config
+            )
+            self._instances[name] = instance
+        return instance
+
+    def _load_definitions(self) -> None:
+        for path in instance_files(self.config.instances_dir):
+            try:
+                spec = load_instance_file(path)
+            except SupervisorError as error:
+                self.log.error("instance file ignored", file=str(path), error=str(error))
+                continue
+            self._instance(spec.name, create=True).definition = spec
+
+    def _reload_definition(self, instance: Instance) -> InstanceSpec | None:
+        path = instance_file(self.config.instances_dir, instance.name)
+        if path.exists():
+            instance.definition = load_instance_file(path)
+        return instance.definition
+
+    async def _adopt_all(self) -> None:
+        for name in self.state_dir.instance_names():
+            instance = self._instance(name, create=True)
+            try:
+                record = load_record(instance.paths.runtime_record)
+            except FileNotFoundError:
+                continue
+            except SupervisorError as error:
+                self.log.error("runtime record unreadable", instance=name, error=str(error))
+                continue
+            instance.record = record
+            process = None
+            if record.pid is not None and record.spec.uuid is not None:
+                process = adopt(
+                    record.pid, name, record.spec.uuid, log_path=instance.paths.qemu_log
+                )
+            if process is None:
+                instance.log.info("not running after restart: cleaned", pid=record.pid)
+                self.launcher.release(instance)
+                continue
+            instance.started_at = record.started_at
+            try:
+                assert self._tg is not None
+                await self._tg.start(self._run, instance, process, None)
+            except SupervisorError as error:
+                instance.log.error("adoption failed", error=str(error))
+
+    async def _autostart(self) -> None:
+        for instance in list(self._instances.values()):
+            definition = instance.definition
+            if definition is not None and definition.autostart and not instance.alive:
+                try:
+                    await self.start(name=instance.name)
+                except SupervisorError as error:
+                    instance.log.error("autostart failed", error=str(error))
+
+    async def _stop_all(self) -> None:
+        async with anyio.create_task_group() as tg:
+            for instance in self._instances.values():
+                if instance.alive:
+                    tg.start_soon(self._stop_quietly, instance)
+
+    async def _stop_quietly(self, instance: Instance) -> None:
+        try:
+            await self.stop(instance.name)
+        except SupervisorError as error:
+            instance.log.error("stop on exit failed", error=str(error))
+
+    # -- one QEMU run, with the restart policy -------------------------------------------
+
+    async def _run(
+        self,
+        instance: Instance,
+        process: QemuProcess,
+        paused: bool | None,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        startup = None if paused is None else self.launcher.startup_steps(instance, paused=paused)
+        try:
+            await instance.supervise(process, startup=startup, task_status=task_status)
+        finally:
+            with anyio.CancelScope(shield=True):
+                if instance.state in (S.STOPPED, S.CRASHED):
+                    self.launcher.release(instance)
+        while self._should_restart(instance):
+            delay = backoff_delay(recent_crashes(instance.crash_history, RESTART_WINDOW_S))
+            instance.log.info("restarting after crash", delay_s=delay)
+            await anyio.sleep(delay)
+            if instance.state != S.CRASHED or instance.record is None:
+                return
+            try:
+                with instance.operation("restart"):
+                    process = self.launcher.launch(instance, instance.record)
+                    instance.restarts += 1
+                    await instance.supervise(
+                        process, startup=self.launcher.startup_steps(instance, paused=False)
+                    )
+            except SupervisorError as error:
+                instance.log.error("restart failed", error=str(error))
+            finally:
+                with anyio.CancelScope(shield=True):
+                    if instance.state in (S.STOPPED, S.CRASHED):
+                        self.launcher.release(instance)
+
+    def _should_restart(self, instance: Instance) -> bool:
+        spec = instance.spec()
+        return (
+            instance.state == S.CRASHED
+            and spec is not None
+            and spec.restart == "on-crash"
+            and recent_crashes(instance.crash_history, RESTART_WINDOW_S) <= RESTART_LIMIT
+        )
+
+    async def _launch(self, instance: Instance, record: RuntimeRecord, *, paused: bool) -> None:
+        process = self.launcher.launch(instance, record)
+        assert self._tg is not None
+        try:
+            await self._tg.start(self._run, instance, process, paused)
+        except HypervisorError:
+            raise
+        except SupervisorError:
+            raise
+        except Exception as error:  # a bug must not take the daemon down
+            self.log.exception("start failed", instance=instance.name)
+            raise HypervisorError(f"start of {instance.name!r} failed: {error}") from error
+
+    # -- operations (API.md §3) ----------------------------------------------------------
+
+    async def start(
+        self, spec: InstanceSpec | None = None, *, name: str | None = None, paused: bool = False
+    ) -> InstanceInfo:
+        """Start an instance from `spec`, or the defined instance `name`.
+
+        Returns once QEMU runs (or is paused). Raises `InstanceExists` when it is
+        already running, `InvalidConfigError` for a bad spec and `HypervisorError`
+        when QEMU fails to start (everything is rolled back).
+        """
+        if (spec is None) == (name is None):
+            raise InvalidConfigError("spec", "give exactly one of spec or name")
+        if spec is not None:
+            name = spec.name
+        assert name is not None
+        if spec is None and name not in self._instances:
+            path = instance_file(self.config.instances_dir, name)
+            if not path.exists():
+                raise InstanceNotFound(name)
+        instance = self._instance(name, create=True)
+        with instance.operation("start"):
+            if instance.alive:
+                raise InstanceExists(name, "is already running")
+            if spec is None:
+                spec = self._reload_definition(instance)
+                if spec is None and instance.record is not None:
+                    spec = instance.record.spec
+                if spec is None:
+                    raise InstanceNotFound(name)
+            known_uuid = instance.record.spec.uuid if instance.record is not None else None
+            record = await self.launcher.prepare(instance, spec, known_uuid=known_uuid)
+            await self._launch(instance, record, paused=paused)
+        return instance.info()
+
+    async def stop(
+        self, name: str, *, force: bool = False, timeout_s: float | None = None
+    ) -> InstanceInfo:
+        instance = self._instance(name)
+        with instance.operation("stop"):
+            await instance.stop(
+                force=force,
+                timeout_s=self.config.stop_timeout_s if timeout_s is None else timeout_s,
+            )
+        return instance.info()
+
+    async def reboot(self, name: str) -> InstanceInfo:
+        """Stop, then start again from the saved runtime record (same uuid, same argv)."""
+        instance = self._instance(name)
+        record = instance.record
+        if record is None or not instance.alive:
+            raise InstanceNotRunning(name, str(instance.state))
+        paused = instance.state == S.PAUSED
+        with instance.operation("reboot"):
+            await instance.stop(force=False, timeout_s=self.config.stop_timeout_s)
+            record = await self.launcher.renew(instance, record)
+            await self._launch(instance, record, paused=paused)
+        return instance.info()
+
+    async def pause(self, name: str) -> InstanceInfo:
+        instance = self._instance(name)
+        with instance.operation("pause"):
+            await instance.pause()
+        return instance.info()
+
+    async def resume(self, name: str) -> InstanceInfo:
+        instance = self._instance(name)
+        with instance.operation("resume"):
+            await instance.resume()
+        return instance.info()
+
+    async def balloon(self, name: str, memory_mib: int) -> InstanceInfo:
+        instance = self._instance(name)
+        spec = instance.spec()
+        if spec is not None and memory_mib > spec.memory_mib:
+            raise InvalidConfigError(
+                "memory_mib", f"{memory_mib} is above the instance's memory ({spec.memory_mib})"
+            )
+        with instance.operation("balloon"):
+            await instance.balloon(memory_mib)
+        return instance.info()
+
+    async def cleanup(self, name: str) -> None:
+        """Remove runtime files, uid lease and chroot; forget an instance with no file."""
+        instance = self._instance(name)
+        with instance.operation("cleanup"):
+            if instance.alive:
+                raise InstanceExists(name, "is running: stop it first")
+            self.launcher.release(instance)
+            self.launcher.forget(instance)
+            instance.record = None
+            if not instance_file(self.config.instances_dir, name).exists():
+                del self._instances[name]
+
+    def list(self) -> list[InstanceSummary]:
+        return [
+            InstanceSummary(
+                name=name,
+                state=str(instance.state),
+                pid=instance.process.pid if instance.process else None,
+            )
+            for name, instance in sorted(self._instances.items())
+        ]
+
+    def info(self, name: str) -> InstanceInfo:
+        return self._instance(name).info()
+
+    def console(self, name: str) -> dict[str, Any]:
+        return self._instance(name)._console_dict()
+
+    async def monitor(self, name: str, command: str) -> str:
+        return await self._instance(name).human_monitor(command)
+
+    async def qmp(self, name: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        return await self._instance(name).qmp_passthrough(command, arguments)
+
+    def instance(self, name: str) -> Instance:
+        """The `Instance` object of `name` (for embedding programs and tests)."""
+        return self._instance(name)
+
+    @asynccontextmanager
+    async def events(
+        self,
+        *,
+        instances: Iterable[str] | None = None,
+        kinds: Iterable[str] | None = None,
+        max_buffer: int | None = None,
+    ) -> AsyncIterator[Subscription]:
+        """Subscribe to events: ``async with sup.events() as events: async for e in events``."""
+        async with self.bus.subscribe(
+            instances=instances, kinds=kinds, max_buffer=max_buffer
+        ) as subscription:
+            yield subscription
+
+    def uptime_s(self) -> float:
+        return time.monotonic() - self.started_monotonic
+
+    @property
+    def version(self) -> str:
+        return __version__
+
+
+def _group_id(name: str) -> int | None:
+    """The gid of the control group, or None for root (nothing to change)."""
+    if name == "root":
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise InvalidConfigError("control_group", f"no group named {name!r}") from None
+
+
+_ = (os, Path)

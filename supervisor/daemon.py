@@ -1,0 +1,55 @@
+"""``kvm-supervisor serve``: the daemon in the foreground.
+
+Unlike the embeddable `Supervisor`, the daemon owns its process: it becomes a
+child subreaper (so QEMUs whose parent vanished are reaped by it at once, with
+their exit status, instead of lingering as zombies until PID 1's slow sweep),
+handles SIGTERM/SIGINT by leaving cleanly (VMs keep running unless
+``shutdown_on_exit``) and tells systemd when it is ready.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import anyio
+import structlog
+
+from supervisor.config import Config
+from supervisor.core import Supervisor
+from supervisor.process import reap_orphans, set_child_subreaper
+from supervisor.sdnotify import sd_notify
+
+#: How often orphans reparented to the daemon are reaped; they are rare (QEMU's own
+#: helpers), and SIGCHLD wakes the reaper at once anyway.
+ORPHAN_SWEEP_S = 5.0
+
+
+async def _reap_orphans_on_sigchld() -> None:
+    with anyio.open_signal_receiver(signal.SIGCHLD) as signals:
+        while True:
+            reaped = reap_orphans()
+            if reaped:
+                structlog.get_logger("supervisor").debug("reaped orphans", pids=sorted(reaped))
+            with anyio.move_on_after(ORPHAN_SWEEP_S):
+                await signals.__anext__()
+
+
+async def serve(config: Config) -> None:
+    """Run the daemon until SIGTERM or SIGINT."""
+    log = structlog.get_logger("supervisor")
+    set_child_subreaper()
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as stop_signals:
+        async with Supervisor(config, serve_control_socket=True) as sup, anyio.create_task_group() as tg:
+            tg.start_soon(_reap_orphans_on_sigchld)
+            log.info(
+                "serving",
+                socket=str(config.control_socket),
+                state_dir=config.state_dir,
+                instances=len(sup.list()),
+            )
+            sd_notify("READY=1")
+            async for signum in stop_signals:
+                log.info("stopping", signal=signal.Signals(signum).name)
+                sd_notify("STOPPING=1")
+                tg.cancel_scope.cancel()
+                break

@@ -1,0 +1,407 @@
+"""One instance under supervision: its QEMU process, its QMP connection and its state.
+
+While QEMU runs, one task (`Instance.supervise`) owns it: it holds the single
+persistent QMP connection, pumps QEMU's events into the event bus and the state
+machine, and waits on the process's pidfd, so an exit is noticed at once whether
+QEMU was started by this daemon or adopted from a previous one. Operations from
+clients (`stop`, `pause`, ...) run in the caller's task and talk to QEMU through
+the same connection; one operation at a time per instance (others get `Busy`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+
+from protocols import qmp
+from protocols.hmp import HMPError, QMPHumanMonitor
+from supervisor.api import ConsoleInfo, InstanceInfo, NicInfo
+from supervisor.config import Config
+from supervisor.errors import (
+    Busy,
+    HypervisorError,
+    InstanceNotRunning,
+    InvalidConfigError,
+    MonitorError,
+    OperationTimeout,
+)
+from supervisor.events import EventBus, make_event
+from supervisor.process import ExitStatus, QemuProcess
+from supervisor.runtime import RuntimeRecord
+from supervisor.spec import InstanceSpec
+from supervisor.states import ALIVE, TERMINAL, InstanceState, can_transition, state_for_qemu_status
+from supervisor.statedir import InstancePaths
+
+S = InstanceState
+
+#: QMP commands that would change state behind the supervisor's back, and what to use instead.
+REFUSED_QMP_COMMANDS = {
+    "quit": "instance.stop",
+    "system_powerdown": "instance.stop",
+    "stop": "instance.pause",
+    "cont": "instance.resume",
+    "migrate": "migration.start",
+    "migrate-incoming": "migration.accept",
+    "migrate_cancel": "migration.cancel",
+    "balloon": "instance.balloon",
+    "qmp_capabilities": "(already negotiated)",
+}
+
+#: How long a killed QEMU may take to disappear before we report it as stuck.
+KILL_WAIT_S = 10.0
+
+StartupSteps = Callable[[qmp.QMPClient], Awaitable[None]]
+
+
+class Instance:
+    """A known instance: defined by a file, by a runtime record, or both."""
+
+    def __init__(self, name: str, *, paths: InstancePaths, bus: EventBus, config: Config) -> None:
+        self.name = name
+        self.paths = paths
+        self.bus = bus
+        self.config = config
+        self.log = structlog.get_logger("supervisor.instance").bind(instance=name)
+        self.definition: InstanceSpec | None = None
+        self.record: RuntimeRecord | None = None
+        self.state = S.STOPPED
+        self.reason: str | None = None
+        self.process: QemuProcess | None = None
+        self.qmp: qmp.QMPClient | None = None
+        self.qemu_status: str | None = None
+        self.restarts = 0
+        self.started_at: float | None = None
+        self.crash_history: list[float] = []
+        self._operation: str | None = None
+        self._exited = anyio.Event()
+        self._exited.set()
+        self._exit_reason: str | None = None
+        self._shutdown_reason: str | None = None
+
+    # -- state ---------------------------------------------------------------------------
+
+    def set_state(self, new: InstanceState, reason: str, **details: Any) -> None:
+        """Change state and publish ``instance.state`` (a no-op for an illegal change)."""
+        previous = self.state
+        if new == previous or not can_transition(previous, new):
+            return
+        self.state = new
+        self.reason = reason
+        data = {"state": str(new), "previous": str(previous), "reason": reason, **details}
+        self.log.info("state", **data)
+        self.bus.publish(make_event(self.name, "instance.state", data))
+
+    @property
+    def alive(self) -> bool:
+        return self.state in ALIVE
+
+    @contextlib.contextmanager
+    def operation(self, what: str) -> Iterator[None]:
+        """Run one operation at a time on this instance; a second one gets `Busy`."""
+        if self._operation is not None:
+            raise Busy(f"instance {self.name!r} is busy with {self._operation}", name=self.name)
+        self._operation = what
+        try:
+            yield
+        finally:
+            self._operation = None
+
+    def require_running(self) -> qmp.QMPClient:
+        """The QMP client of a live instance, or `InstanceNotRunning`."""
+        if not self.alive or self.qmp is None or self.qmp.closed:
+            raise InstanceNotRunning(self.name, str(self.state))
+        return self.qmp
+
+    # -- supervision of one QEMU run -------------------------------------------------------
+
+    async def supervise(
+        self,
+        process: QemuProcess,
+        *,
+        startup: StartupSteps | None,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> ExitStatus:
+        """Own one QEMU run until it exits; return its exit status.
+
+        With `startup` (a fresh start) the steps run once QMP is connected, and
+        ``task_status.started()`` follows them; without (an adopted QEMU) the state
+        is read from QEMU. Failures before ``started`` kill QEMU and raise
+        `HypervisorError` with the tail of its output. On cancellation (the daemon
+        is leaving) QEMU is left running.
+        """
+        self.process = process
+        self._exited = anyio.Event()
+        self._exit_reason = None
+        self._shutdown_reason = None
+        started = False
+        try:
+            async with (
+                qmp.connect(self.paths.qmp_socket, timeout=self.config.qmp_timeout_s) as client,
+                client.events(max_buffer=self.config.event_queue_size) as qmp_events,
+                anyio.create_task_group() as tg,
+            ):
+                self.qmp = client
+                tg.start_soon(self._pump_events, qmp_events)
+                if startup is not None:
+                    await startup(client)
+                else:
+                    await self.refresh_status()
+                started = True
+                task_status.started()
+                status = await process.wait_exit()
+                tg.cancel_scope.cancel()
+        except BaseException as error:
+            self.qmp = None
+            if started or isinstance(error, anyio.get_cancelled_exc_class()):
+                raise
+            await self._abort_start(process, error)
+            raise AssertionError("unreachable") from error
+        self.qmp = None
+        self._handle_exit(status)
+        return status
+
+    async def _abort_start(self, process: QemuProcess, error: BaseException) -> None:
+        """Kill a QEMU whose start failed and raise `HypervisorError` explaining why."""
+        with anyio.CancelScope(shield=True):
+            if process.is_alive():
+                process.kill()
+            with anyio.move_on_after(KILL_WAIT_S):
+                status = await process.wait_exit()
+            self._exit_reason = "start-failed"
+            self._handle_exit(process.exit_status or ExitStatus(code=None, signal=None))
+        if isinstance(error, HypervisorError | InvalidConfigError):
+            raise error
+        if isinstance(error, qmp.ExecuteError):
+            cause = f"{error.command}: {error.desc}"
+        else:
+            cause = str(error) or type(error).__name__
+        status = process.exit_status
+        raise HypervisorError(
+            f"QEMU of {self.name!r} failed to start: {cause}",
+            stderr=process.stderr_tail(),
+            exit_status=None if status is None else status.code,
+        ) from error
+
+    async def _pump_events(self, events: qmp.EventSubscription) -> None:
+        try:
+            async for item in events:
+                if isinstance(item, qmp.EventsDropped):
+                    self.log.warning("qmp events dropped", count=item.count)
+                    continue
+                self._on_qmp_event(item)
+        except qmp.ConnectionLostError:
+            # QEMU closed the monitor: its exit shows through the pidfd.
+            self.log.debug("qmp connection lost")
+
+    def _on_qmp_event(self, event: qmp.QMPEvent) -> None:
+        self.bus.publish(make_event(self.name, f"qmp.{event.name}", event.data))
+        if event.name == "STOP":
+            self.qemu_status = "paused"
+            if self.state == S.RUNNING:
+                self.set_state(S.PAUSED, "paused")
+        elif event.name == "RESUME":
+            self.qemu_status = "running"
+            if self.state in (S.PAUSED, S.STARTING, S.INCOMING):
+                self.set_state(S.RUNNING, "resumed" if self.state == S.PAUSED else "started")
+        elif event.name == "SHUTDOWN":
+            self.qemu_status = "shutdown"
+            guest = bool(event.data.get("guest"))
+            self._shutdown_reason = "guest-shutdown" if guest else str(event.data.get("reason"))
+        elif event.name == "GUEST_PANICKED":
+            self.log.error("guest panicked", **event.data)
+
+    async def refresh_status(self) -> str:
+        """Ask QEMU its run state and align ours with it."""
+        client = self.require_running() if self.qmp is None else self.qmp
+        result = await client.execute("query-status")
+        self.qemu_status = str(result["status"])
+        wanted = state_for_qemu_status(self.qemu_status)
+        if self.state in TERMINAL or self.state == S.STARTING:
+            self.set_state(S.STARTING, "adopted")
+        self.set_state(wanted, "adopted")
+        return self.qemu_status
+
+    def _handle_exit(self, status: ExitStatus) -> None:
+        """Turn QEMU's exit into the final state and its reason."""
+        self.process = None
+        self.qemu_status = None
+        details: dict[str, Any] = {}
+        if status.code is not None:
+            details["exit_status"] = status.code
+        if status.signal is not None:
+            details["signal"] = status.signal
+        if self._exit_reason is not None:
+            new, reason = S.STOPPED, self._exit_reason
+        elif self._shutdown_reason == "guest-shutdown":
+            new, reason = S.STOPPED, "guest-shutdown"
+        elif self._shutdown_reason is not None:
+            # QEMU was told to quit: a monitor `quit`, a signal, its UI.
+            new, reason = S.STOPPED, "host-powerdown"
+            details["qemu_reason"] = self._shutdown_reason
+        else:
+            new, reason = S.CRASHED, "crashed"
+            if not status.known:
+                details["exit_status"] = None
+            self.crash_history.append(time.monotonic())
+        self.set_state(new, reason, **details)
+        self._exited.set()
+
+    async def wait_exited(self) -> None:
+        await self._exited.wait()
+
+    # -- operations --------------------------------------------------------------------
+
+    async def stop(self, *, force: bool, timeout_s: float) -> None:
+        """ACPI power-down, then a kill after `timeout_s`; `force` kills at once.
+
+        Returns once QEMU has exited and the instance is stopped. Cancelling the
+        call leaves the instance in whatever state QEMU reached.
+        """
+        if not self.alive or self.process is None:
+            return
+        process = self.process
+        self.set_state(S.STOPPING, "stop requested")
+        if not force and self.qmp is not None and not self.qmp.closed:
+            with contextlib.suppress(qmp.QMPError):
+                await self.qmp.execute("system_powerdown")
+            with anyio.move_on_after(timeout_s):
+                await self._exited.wait()
+        if not self._exited.is_set():
+            self._exit_reason = "killed"
+            if process.is_alive():
+                process.send_signal(signal.SIGKILL)
+            with anyio.move_on_after(KILL_WAIT_S) as scope:
+                await self._exited.wait()
+            if scope.cancelled_caught:
+                raise OperationTimeout(
+                    f"QEMU of {self.name!r} (pid {process.pid}) did not exit after SIGKILL",
+                    timeout_s=KILL_WAIT_S,
+                )
+
+    async def pause(self) -> None:
+        client = self.require_running()
+        await self._execute(client, "stop")
+        self.qemu_status = "paused"
+        self.set_state(S.PAUSED, "paused")
+
+    async def resume(self) -> None:
+        client = self.require_running()
+        await self._execute(client, "cont")
+        self.qemu_status = "running"
+        self.set_state(S.RUNNING, "resumed")
+
+    async def balloon(self, memory_mib: int) -> None:
+        client = self.require_running()
+        await self._execute(client, "balloon", {"value": memory_mib * 1024 * 1024})
+
+    async def qmp_passthrough(self, command: str, arguments: dict[str, Any] | None) -> Any:
+        if command in REFUSED_QMP_COMMANDS:
+            raise InvalidConfigError(
+                "command",
+                f"{command!r} would bypass the supervisor: use {REFUSED_QMP_COMMANDS[command]}",
+            )
+        return await self._execute(self.require_running(), command, arguments)
+
+    async def human_monitor(self, command: str) -> str:
+        client = self.require_running()
+        try:
+            return await QMPHumanMonitor(client).command(command)
+        except HMPError as error:
+            raise MonitorError(str(error), **{"class": "HMPError", "desc": str(error)}) from None
+        except qmp.QMPError as error:
+            raise self._monitor_error(error) from None
+
+    async def _execute(
+        self, client: qmp.QMPClient, command: str, arguments: dict[str, Any] | None = None
+    ) -> Any:
+        try:
+            return await client.execute(command, arguments)
+        except qmp.QMPError as error:
+            raise self._monitor_error(error) from None
+
+    def _monitor_error(self, error: qmp.QMPError) -> MonitorError | OperationTimeout:
+        if isinstance(error, qmp.QMPTimeoutError):
+            return OperationTimeout(
+                f"QEMU of {self.name!r} did not answer in time", timeout_s=self.config.qmp_timeout_s
+            )
+        if isinstance(error, qmp.ExecuteError):
+            return MonitorError(
+                f"{error.command}: {error.desc}", **{"class": error.error_class, "desc": error.desc}
+            )
+        return MonitorError(str(error), **{"class": type(error).__name__, "desc": str(error)})
+
+    # -- reporting ---------------------------------------------------------------------
+
+    def spec(self) -> InstanceSpec | None:
+        """The spec of the current (or last) run, else the definition."""
+        if self.record is not None:
+            return self.record.spec
+        return self.definition
+
+    def console(self) -> ConsoleInfo:
+        record = self.record
+        if record is None or not self.alive:
+            return ConsoleInfo(kind="message", message=f"instance {self.name!r} is not running")
+        if record.vnc_port is not None:
+            host = record.hvparams.vnc_bind_address or "127.0.0.1"
+            return ConsoleInfo(
+                kind="vnc", host=host, port=record.vnc_port, display=record.vnc_port - 5900
+            )
+        if record.spice_port is not None:
+            return ConsoleInfo(kind="spice", host=record.hvparams.spice_bind, port=record.spice_port)
+        if record.hvparams.serial_console:
+            return ConsoleInfo(kind="serial", socket=str(self.paths.serial_socket))
+        return ConsoleInfo(kind="message", message="this instance has no console")
+
+    def info(self) -> InstanceInfo:
+        spec = self.spec()
+        record = self.record
+        now = time.time()
+        running = self.alive and self.started_at is not None
+        return InstanceInfo(
+            name=self.name,
+            uuid=spec.uuid if spec else None,
+            state=str(self.state),
+            pid=self.process.pid if self.process is not None else None,
+            memory_mib=spec.memory_mib if spec else 0,
+            vcpus=spec.vcpus if spec else 0,
+            qemu_status=self.qemu_status,
+            uptime_s=round(now - self.started_at, 3) if running and self.started_at else None,
+            started_at=self.started_at if running else None,
+            nics=[
+                NicInfo(mac=nic.mac or "", tap=nic.tap, mode=nic.mode, link=nic.link)
+                for nic in (record.nics if record else [])
+            ],
+            console=self._console_dict(),
+            restarts=self.restarts,
+            reason=self.reason,
+            serial_log=str(self.paths.serial_log),
+            accel=record.accel if record else None,
+        )
+
+    def _console_dict(self) -> dict[str, Any]:
+        import msgspec
+
+        result: dict[str, Any] = msgspec.to_builtins(self.console())
+        return result
+
+
+def backoff_delay(crashes: int) -> float:
+    """Seconds to wait before restart number `crashes` (1, 2, 4, ... capped at 60)."""
+    return float(min(60, 2 ** max(0, crashes - 1)))
+
+
+def recent_crashes(history: list[float], window_s: float) -> int:
+    now = time.monotonic()
+    return sum(1 for at in history if now - at <= window_s)
+
+
+_ = math

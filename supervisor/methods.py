@@ -1,0 +1,165 @@
+"""The control protocol's method table: name -> params type, handler, result type.
+
+The RPC server decodes params with the method's own Struct (so a bad field is
+-32602 with its path), calls the handler with the `Supervisor`, and encodes the
+result; ``rpc.discover`` renders the same table as an OpenRPC document.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from supervisor import api
+from supervisor.core import Supervisor
+from supervisor.errors import InvalidConfigError
+from supervisor.node import node_info, verify_node
+from supervisor.spec import decode_spec
+
+Handler = Callable[[Supervisor, Any], Awaitable[Any]]
+
+
+class Method(msgspec.Struct, frozen=True):
+    name: str
+    params: type[msgspec.Struct]
+    result: Any
+    handler: Handler
+    summary: str
+
+
+async def _ping(sup: Supervisor, _: api.NoParams) -> api.PingResult:
+    return api.PingResult(version=sup.version)
+
+
+async def _info(sup: Supervisor, _: api.NoParams) -> api.SupervisorInfo:
+    qemu = await sup.launcher.qemu_summary()
+    node = node_info(qemu_version=qemu.version)
+    return api.SupervisorInfo(
+        version=sup.version,
+        pid=os.getpid(),
+        uptime_s=round(sup.uptime_s(), 3),
+        state_dir=sup.config.state_dir,
+        qemu=qemu,
+        node=api.NodeInfo(
+            memory_total_mib=node.memory_total_mib,
+            memory_free_mib=node.memory_free_mib,
+            memory_dom0_mib=node.memory_dom0_mib,
+            cpu_count=node.cpu_count,
+            hv_version=list(node.hv_version),
+        ),
+    )
+
+
+async def _verify(sup: Supervisor, _: api.NoParams) -> api.VerifyResult:
+    report = verify_node(state_dir=sup.config.state_dir)
+    return api.VerifyResult(problems=list(report.problems), warnings=list(report.warnings))
+
+
+async def _start(sup: Supervisor, params: api.StartParams) -> api.InstanceInfo:
+    if (params.spec is None) == (params.name is None):
+        raise InvalidConfigError("spec", "give exactly one of spec or name")
+    return await sup.start(params.spec, name=params.name, paused=params.paused)
+
+
+async def _stop(sup: Supervisor, params: api.StopParams) -> api.InstanceInfo:
+    return await sup.stop(params.name, force=params.force, timeout_s=params.timeout_s)
+
+
+async def _reboot(sup: Supervisor, params: api.NameParams) -> api.InstanceInfo:
+    return await sup.reboot(params.name)
+
+
+async def _pause(sup: Supervisor, params: api.NameParams) -> api.InstanceInfo:
+    return await sup.pause(params.name)
+
+
+async def _resume(sup: Supervisor, params: api.NameParams) -> api.InstanceInfo:
+    return await sup.resume(params.name)
+
+
+async def _cleanup(sup: Supervisor, params: api.NameParams) -> api.Empty:
+    await sup.cleanup(params.name)
+    return api.Empty()
+
+
+async def _list(sup: Supervisor, _: api.NoParams) -> list[api.InstanceSummary]:
+    return sup.list()
+
+
+async def _instance_info(sup: Supervisor, params: api.NameParams) -> api.InstanceInfo:
+    return sup.info(params.name)
+
+
+async def _balloon(sup: Supervisor, params: api.BalloonParams) -> api.InstanceInfo:
+    return await sup.balloon(params.name, params.memory_mib)
+
+
+async def _console(sup: Supervisor, params: api.NameParams) -> dict[str, Any]:
+    return sup.console(params.name)
+
+
+async def _monitor(sup: Supervisor, params: api.MonitorParams) -> api.MonitorResult:
+    return api.MonitorResult(output=await sup.monitor(params.name, params.command))
+
+
+async def _qmp(sup: Supervisor, params: api.QmpParams) -> api.QmpResult:
+    return api.QmpResult(return_=await sup.qmp(params.name, params.command, params.arguments))
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("supervisor.ping", api.NoParams, api.PingResult, _ping, "Is the daemon alive?"),
+        Method(
+            "supervisor.info", api.NoParams, api.SupervisorInfo, _info,
+            "Daemon, QEMU and node information.",
+        ),
+        Method(
+            "supervisor.verify", api.NoParams, api.VerifyResult, _verify,
+            "Check binaries, /dev/kvm, /dev/net/tun and the state dir.",
+        ),
+        Method(
+            "instance.start", api.StartParams, api.InstanceInfo, _start,
+            "Start a spec or a defined instance; returns once QEMU runs.",
+        ),
+        Method(
+            "instance.stop", api.StopParams, api.InstanceInfo, _stop,
+            "ACPI power-down, then kill after timeout_s; force kills at once.",
+        ),
+        Method(
+            "instance.reboot", api.NameParams, api.InstanceInfo, _reboot,
+            "Stop, then start from the saved runtime (same uuid).",
+        ),
+        Method("instance.pause", api.NameParams, api.InstanceInfo, _pause, "Pause the vCPUs."),
+        Method("instance.resume", api.NameParams, api.InstanceInfo, _resume, "Resume the vCPUs."),
+        Method(
+            "instance.cleanup", api.NameParams, api.Empty, _cleanup,
+            "Remove runtime files, uid lease and chroot of a stopped instance.",
+        ),
+        Method(
+            "instance.list", api.NoParams, list[api.InstanceSummary], _list, "Every instance.",
+        ),
+        Method("instance.info", api.NameParams, api.InstanceInfo, _instance_info, "One instance."),
+        Method(
+            "instance.balloon", api.BalloonParams, api.InstanceInfo, _balloon,
+            "Set the balloon target.",
+        ),
+        Method(
+            "instance.console", api.NameParams, api.ConsoleInfo, _console,
+            "How to reach the console (serial socket, VNC or SPICE).",
+        ),
+        Method(
+            "instance.monitor", api.MonitorParams, api.MonitorResult, _monitor,
+            "Run a human-monitor command.",
+        ),
+        Method(
+            "instance.qmp", api.QmpParams, api.QmpResult, _qmp,
+            "Run a QMP command (state-changing ones are refused).",
+        ),
+    )
+}
+
+_ = decode_spec
