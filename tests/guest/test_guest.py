@@ -14,7 +14,7 @@ import logging
 import re
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +28,8 @@ from protocols import qmp
 pytestmark = [pytest.mark.guest, pytest.mark.anyio]
 
 log = logging.getLogger(__name__)
+
+RecordProperty = Callable[[str, object], None]  # the type of the record_property fixture
 
 KERNEL_ARGS = "console=ttyS0 quiet tsc=reliable no_timer_check mitigations=off"
 MIB = 1024 * 1024
@@ -171,7 +173,7 @@ async def boot_guest(
             await proc.wait()
 
 
-async def wait_ready(guest: Guest, record_property: pytest.RecordProperty) -> int:
+async def wait_ready(guest: Guest, record_property: RecordProperty) -> int:
     """Wait for the ready marker, log the time it took; return the offset after it."""
     match = await guest.expect(READY_RE, wait_s=READY_TIMEOUT_S)
     ready_s = time.monotonic() - guest.started
@@ -194,7 +196,7 @@ async def wait_shutdown(events: qmp.EventSubscription) -> qmp.QMPEvent:
 
 
 async def test_console_heartbeat_balloon_eth0_and_typed_poweroff(
-    short_tmp: Path, record_property: pytest.RecordProperty
+    short_tmp: Path, record_property: RecordProperty
 ) -> None:
     extra = [
         "-device", "virtio-balloon-pci,id=balloon0",
@@ -252,7 +254,7 @@ async def test_console_heartbeat_balloon_eth0_and_typed_poweroff(
 
 
 async def test_acpi_power_button_powers_off(
-    short_tmp: Path, record_property: pytest.RecordProperty
+    short_tmp: Path, record_property: RecordProperty
 ) -> None:
     async with (
         boot_guest(short_tmp, []) as guest,
