@@ -1,0 +1,272 @@
+"""The runtime record: everything needed to restart or migrate a running instance as it is.
+
+Ganeti keeps a "KVM runtime" per instance (argv, NICs, hvparams at start, disks) and
+starts it again unchanged on reboot, or hands it to the migration target. The
+`RuntimeRecord` is ours: versioned, typed, with the NIC and disk plans of the command
+line, the capability fingerprint of the QEMU that ran it, and what the host leased for
+it (display port, uid). It is JSON: `save_record` writes it atomically (temporary file,
+fsync, rename, fsync of the directory), `load_record` reads it, and `encode_record` /
+`decode_record` give the string sent to a migration target.
+
+Bad input never crashes: a corrupt or truncated record, one from a future version, or
+Ganeti's own runtime file each raise `RuntimeRecordError`, naming the file (or source)
+and the field at fault.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+
+from supervisor.cmdline import DiskPlan, NicPlan
+from supervisor.errors import InvalidConfigError
+from supervisor.hvparams import HvParams
+from supervisor.spec import InstanceSpec
+from supervisor.statedir import InstancePaths
+
+__all__ = [
+    "RECORD_VERSION",
+    "RuntimeRecord",
+    "RuntimeRecordError",
+    "decode_record",
+    "encode_record",
+    "load_record",
+    "save_record",
+]
+
+#: The version this code writes; it reads this one only (there is no older one yet).
+RECORD_VERSION: Final = 1
+
+
+class RuntimeRecordError(InvalidConfigError):
+    """A runtime record that cannot be used; ``data`` holds ``file`` and ``field``."""
+
+    def __init__(self, source: str, field: str, reason: str) -> None:
+        super().__init__(f"{source}: {field}" if field else source, reason)
+        self.data["file"] = source
+        self.data["field"] = field
+
+
+class RuntimeRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One start of an instance, as it ran."""
+
+    version: int = RECORD_VERSION
+    name: str
+    uuid: str
+    #: The spec as started (uuid and MACs filled in).
+    spec: InstanceSpec
+    #: The hypervisor parameters at start: a reboot reuses them, whatever changed since.
+    hvparams: HvParams
+    #: The argv, with tap fds by name (`supervisor.cmdline.CommandLine.argv_with_fds`).
+    argv: tuple[str, ...]
+    nics: tuple[NicPlan, ...] = ()
+    disks: tuple[DiskPlan, ...] = ()
+    #: ``kvm`` or ``tcg``.
+    accel: str
+    #: `supervisor.capabilities.QemuCapabilities.fingerprint` of the QEMU started.
+    qemu_fingerprint: str
+    qemu_version: tuple[int, int, int]
+    paths: InstancePaths
+    #: Wall-clock start time (seconds since the epoch), once QEMU runs.
+    started_at: float | None = None
+    pid: int | None = None
+    vnc_port: int | None = None
+    spice_port: int | None = None
+    #: The uid leased from the uid pool (``security_model = "pool"``).
+    uid: int | None = None
+
+
+class _Versioned(msgspec.Struct):
+    """Just the version of a record (other fields ignored), read before the rest."""
+
+    version: int | None = None
+
+
+def _enc_hook(value: object) -> object:
+    if isinstance(value, Path):
+        return str(value)
+    raise NotImplementedError(f"cannot encode {type(value).__name__}")
+
+
+def _dec_hook(kind: type, value: object) -> object:
+    if kind is Path and isinstance(value, str):
+        return Path(value)
+    raise NotImplementedError(f"cannot decode {kind.__name__}")
+
+
+_ENCODER: Final = msgspec.json.Encoder(enc_hook=_enc_hook)
+_DECODER: Final = msgspec.json.Decoder(RuntimeRecord, dec_hook=_dec_hook)
+_VERSION_DECODER: Final = msgspec.json.Decoder(_Versioned)
+
+
+def encode_record(record: RuntimeRecord) -> str:
+    """The record as a JSON string (the migration payload)."""
+    return _ENCODER.encode(record).decode()
+
+
+def decode_record(text: str | bytes, *, source: str = "runtime record") -> RuntimeRecord:
+    """Read a record from `text`; `source` names it in errors (a file, ``migration``).
+
+    Raises `RuntimeRecordError` naming the field at fault, e.g. ``nics[0].mac``.
+    """
+    data = text.encode() if isinstance(text, str) else text
+    try:
+        value = msgspec.json.decode(data)
+    except msgspec.DecodeError as error:
+        field = _json_path_at(data, _error_offset(str(error)))
+        raise RuntimeRecordError(source, field, f"not valid JSON: {error}") from None
+    if isinstance(value, list):
+        raise RuntimeRecordError(source, "", _ganeti_refusal(value))
+    if not isinstance(value, dict):
+        raise RuntimeRecordError(
+            source, "", f"a runtime record is a JSON object, not {type(value).__name__}"
+        )
+    try:
+        version = _VERSION_DECODER.decode(data).version
+    except msgspec.ValidationError as error:
+        message, _, _ = str(error).partition(" - at ")
+        raise RuntimeRecordError(source, "version", message) from None
+    if version is None:
+        raise RuntimeRecordError(source, "version", "missing: this is not a runtime record")
+    if version > RECORD_VERSION:
+        raise RuntimeRecordError(
+            source,
+            "version",
+            f"record version {version} was written by a newer kvm-supervisor;"
+            f" this one reads version {RECORD_VERSION}",
+        )
+    if version != RECORD_VERSION:
+        raise RuntimeRecordError(
+            source, "version", f"unknown record version {version} (this one reads {RECORD_VERSION})"
+        )
+    try:
+        record = _DECODER.decode(data)
+    except msgspec.ValidationError as error:
+        message, _, location = str(error).partition(" - at `$")
+        raise RuntimeRecordError(source, location.rstrip("`").lstrip("."), message) from None
+    if record.spec.name != record.name or record.spec.uuid != record.uuid:
+        raise RuntimeRecordError(source, "spec", "name and uuid differ from the record's")
+    return record
+
+
+def _error_offset(message: str) -> int | None:
+    """The byte offset in msgspec's ``... (byte 120)`` decode error message."""
+    _, found, rest = message.rpartition("(byte ")
+    if not found:
+        return None
+    digits = rest.rstrip(")")
+    return int(digits) if digits.isdigit() else None
+
+
+def _json_path_at(data: bytes, offset: int | None) -> str:
+    """The JSON path (``nics[0].mac``) being read at byte `offset` of a broken document.
+
+    A small scanner over the prefix: it tracks the open objects and arrays, the last key
+    of each object and the index in each array. Good enough to point at the field a
+    truncation or a stray byte interrupted.
+    """
+    if offset is None:
+        return ""
+    text = data[:offset].decode(errors="replace")
+    # Each frame: [is_object, key or index, expecting_key]
+    stack: list[list[Any]] = []
+    position = 0
+    while position < len(text):
+        char = text[position]
+        if char == '"':
+            end = position + 1
+            while end < len(text) and text[end] != '"':
+                end += 2 if text[end] == "\\" else 1
+            if stack and stack[-1][0] and stack[-1][2]:
+                stack[-1][1] = text[position + 1 : end]
+            position = end + 1
+            continue
+        if char == "{":
+            stack.append([True, None, True])
+        elif char == "[":
+            stack.append([False, 0, False])
+        elif char in "}]" and stack:
+            stack.pop()
+        elif char == ":" and stack and stack[-1][0]:
+            stack[-1][2] = False
+        elif char == "," and stack:
+            if stack[-1][0]:
+                stack[-1][2] = True
+            else:
+                stack[-1][1] += 1
+        position += 1
+    path = ""
+    for is_object, key, _ in stack:
+        if is_object and key is not None:
+            path += f".{key}"
+        elif not is_object:
+            path += f"[{key}]"
+    return path.lstrip(".")
+
+
+def _ganeti_refusal(value: list[Any]) -> str:
+    """Why a JSON list (Ganeti's runtime format, or garbage) is not converted."""
+    looks_like_ganeti = (
+        3 <= len(value) <= 4
+        and isinstance(value[0], list)
+        and isinstance(value[1], list)
+        and isinstance(value[2], dict)
+    )
+    if not looks_like_ganeti:
+        return "a runtime record is a JSON object, not a list"
+    return (
+        "this is a Ganeti KVM runtime file ([argv, NICs, hvparams, disks]), not a"
+        " kvm-supervisor record, and it cannot be converted: its argv is built for"
+        " Ganeti's own paths and daemons (-pidfile and sockets under /var/run/ganeti,"
+        " -daemonize), it holds no instance uuid, and its disks are Ganeti storage"
+        " objects. Write an instance spec instead: its hvparams keep Ganeti's names,"
+        " so the third element can be copied as the spec's hvparams"
+    )
+
+
+def save_record(path: Path, record: RuntimeRecord) -> None:
+    """Write `record` to `path` atomically: a crash leaves the old file or the new one.
+
+    The data goes to a temporary file in the same directory, is fsynced, renamed over
+    `path`, and the directory is fsynced so the rename itself survives a crash.
+    """
+    directory = path.parent
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(_ENCODER.encode(record))
+            file.write(b"\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o640)
+        os.rename(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory_fd)
+    finally:
+        os.close(directory_fd)
+
+
+def load_record(path: Path) -> RuntimeRecord:
+    """Read the record at `path`.
+
+    Raises FileNotFoundError when there is none, `RuntimeRecordError` naming the file
+    and field when it cannot be used (corrupt, truncated, from a newer version, or
+    Ganeti's format), or when it cannot be read.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise RuntimeRecordError(str(path), "", f"cannot read: {error.strerror}") from None
+    return decode_record(data, source=str(path))
