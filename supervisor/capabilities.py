@@ -40,6 +40,7 @@ from supervisor.spec import InstanceSpec
 __all__ = [
     "NIC_MODELS",
     "SOUND_MODELS",
+    "VGA_MODELS",
     "CapabilityCache",
     "MachineType",
     "QemuCapabilities",
@@ -91,6 +92,15 @@ SOUND_MODELS: Final = {
     "gus": ("gus",),
     "hda": ("intel-hda", "hda-duplex"),
     "sb16": ("sb16",),
+}
+
+#: ``-vga`` cards -> the qdev model each one is.
+VGA_MODELS: Final = {
+    "std": "VGA",
+    "cirrus": "cirrus-vga",
+    "vmware": "vmware-svga",
+    "qxl": "qxl-vga",
+    "virtio": "virtio-vga",
 }
 
 #: ``-usbdevice`` names of the emulated USB devices -> their ``-device`` models.
@@ -536,12 +546,15 @@ def _device_problems(
             )
         elif usb_model is not None and not caps.has_device(usb_model):
             yield InvalidConfigError(f"{HV}.usb_devices", f"QEMU has no {usb_model} device")
-    if (
-        hv.vga
-        and hv.vga != "none"
-        and not any(caps.has_device(model) for model in (hv.vga, f"{hv.vga}-vga", "VGA"))
-    ):
-        yield InvalidConfigError(f"{HV}.vga", f"QEMU has no {hv.vga!r} graphics card")
+    if hv.vga and hv.vga != "none":
+        vga_model = VGA_MODELS.get(hv.vga)
+        if vga_model is None:
+            yield InvalidConfigError(
+                f"{HV}.vga",
+                f"{hv.vga!r} is not one of 'none', {', '.join(map(repr, VGA_MODELS))}",
+            )
+        elif not caps.has_device(vga_model):
+            yield InvalidConfigError(f"{HV}.vga", f"QEMU has no {hv.vga!r} graphics card")
 
 
 def _disk_device_problems(
