@@ -565,6 +565,15 @@ def _disk_device_problems(
         yield InvalidConfigError(
             f"{HV}.disk_type", f"x86 machines have no {hv.disk_type} interface"
         )
+    has_cdrom = bool(hv.cdrom_image_path or hv.cdrom2_image_path)
+    if has_cdrom and hv.cdrom_disk_type in ("sd", "mtd", "pflash"):
+        yield InvalidConfigError(
+            f"{HV}.cdrom_disk_type", f"x86 machines cannot attach CD-ROMs as {hv.cdrom_disk_type}"
+        )
+    if spec.disks and hv.disk_type == "pflash":
+        yield InvalidConfigError(
+            f"{HV}.disk_type", "x86 machines map pflash drives as the firmware, not as disks"
+        )
     if spec.disks and model is not None and not caps.has_device(model):
         yield InvalidConfigError(f"{HV}.disk_type", f"QEMU has no {model} device")
     if spec.disks and hv.disk_type.startswith("scsi"):
@@ -574,7 +583,7 @@ def _disk_device_problems(
                 f"{HV}.scsi_controller_type", f"QEMU has no {controller} device"
             )
     for index, disk in enumerate(spec.disks):
-        if disk.mode == "ro" and hv.disk_type in ("ide", "pflash"):
+        if disk.mode == "ro" and hv.disk_type == "ide":
             yield InvalidConfigError(
                 f"spec.disks[{index}].mode",
                 f"QEMU cannot attach a read-only disk as {hv.disk_type}: use paravirtual or scsi",

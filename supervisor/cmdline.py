@@ -113,7 +113,8 @@ class NicPlan(msgspec.Struct, frozen=True, kw_only=True):
     vlan: int | None = None
     mtu: int | None = None
     netdev_id: str
-    device_id: str
+    #: The ``-device`` id; None with the old ``-net nic`` syntax.
+    device_id: str | None
     #: The qdev model (``virtio-net-pci``) or, with the old ``-net nic``, the model name.
     model: str
     #: Index in the argv of the tap option naming `fd_names`.
@@ -343,6 +344,7 @@ class _Builder:
         self.display_port = spec.network_port or resources.display_port
         self.run_as: str | None = None
         self.scsi_ids = iter(range(256))
+        self.nic_devices = False
 
     def add(self, *args: str) -> None:
         self.argv.extend(args)
@@ -671,8 +673,9 @@ class _Builder:
         hv = self.hv
         paravirtual = hv.nic_type == "paravirtual"
         model = NIC_MODELS[hv.nic_type]
-        if paravirtual and not self.caps.has_device(model):
-            # QEMUs before qdev know the virtio NIC only as -net nic,model=virtio.
+        self.nic_devices = self.caps.netdev and self.caps.has_device(model)
+        if paravirtual and not self.nic_devices:
+            # Without qdev, the virtio NIC is -net nic,model=virtio.
             model = "virtio"
         queues = hv.virtio_net_queues if paravirtual else 1
         for index, nic in enumerate(self.spec.nics):
@@ -685,13 +688,13 @@ class _Builder:
             )
             vhost = hv.vhost_net and paravirtual
             fds = f"fd={fd_names[0]}" if queues == 1 else f"fds={':'.join(fd_names)}"
-            netdev_id, device_id = f"net{index}", f"nic{index}"
-            slot = None
-            if self.caps.netdev:
-                self.add("-netdev", f"tap,id={netdev_id},{fds}{',vhost=on' if vhost else ''}")
+            netdev_id = f"net{index}"
+            vhost_option = ",vhost=on" if vhost else ""
+            if self.nic_devices:
+                self.add("-netdev", f"tap,id={netdev_id},{fds}{vhost_option}")
                 netdev_arg = len(self.argv) - 1
             else:
-                self.add("-net", f"tap,vlan={index},{fds}")
+                self.add("-net", f"tap,vlan={index},name={netdev_id},{fds}{vhost_option}")
                 netdev_arg = len(self.argv) - 1
                 self.add("-net", f"nic,vlan={index},macaddr={nic.mac},model={model}")
             self.nics.append(
@@ -704,14 +707,13 @@ class _Builder:
                     vlan=nic.vlan,
                     mtu=nic.mtu,
                     netdev_id=netdev_id,
-                    device_id=device_id,
+                    device_id=f"nic{index}" if self.nic_devices else None,
                     model=model,
                     netdev_arg=netdev_arg,
                     fd_names=fd_names,
                     vnet_hdr=hv.vnet_hdr and paravirtual,
                     queues=queues,
                     vhost=vhost,
-                    pci_slot=slot,
                 )
             )
 
@@ -759,7 +761,7 @@ class _Builder:
         )
 
     def _nic_devices(self) -> None:
-        if not self.caps.netdev:
+        if not self.nic_devices:
             return
         for position, nic in enumerate(self.nics):
             device = f"{nic.model},netdev={nic.netdev_id},id={nic.device_id},mac={nic.mac}"

@@ -353,6 +353,18 @@ def test_disk_types_this_qemu_and_machine_can_serve(tmp_path: Path) -> None:
     assert problems(spec=disk, disk_type="sd") == [
         "spec.hvparams.disk_type: x86 machines have no sd interface"
     ]
+    assert problems(spec=disk, disk_type="mtd") == [
+        "spec.hvparams.disk_type: x86 machines have no mtd interface"
+    ]
+    assert problems(spec=disk, disk_type="pflash") == [
+        "spec.hvparams.disk_type: x86 machines map pflash drives as the firmware, not as disks"
+    ]
+    # Without disks the disk type does not matter.
+    assert problems(disk_type="sd") == []
+    assert problems(cdrom_image_path="/a.iso", cdrom_disk_type="mtd") == [
+        "spec.hvparams.cdrom_disk_type: x86 machines cannot attach CD-ROMs as mtd"
+    ]
+    assert problems(cdrom_image_path="/a.iso", cdrom_disk_type="scsi-block") == []
     no_megasas = modern_caps(devices=modern_caps().devices - {"megasas"})
     assert problems(no_megasas, spec=disk, disk_type="scsi", scsi_controller_type="megasas") == [
         "spec.hvparams.scsi_controller_type: QEMU has no megasas device"
