@@ -21,15 +21,15 @@ class _Params(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=T
     pass
 
 
-class NoParams(_Params):
+class NoParams(_Params, frozen=True, kw_only=True, forbid_unknown_fields=True):
     pass
 
 
-class NameParams(_Params):
+class NameParams(_Params, frozen=True, kw_only=True, forbid_unknown_fields=True):
     name: InstanceName
 
 
-class StartParams(_Params):
+class StartParams(_Params, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Either a full ``spec`` or the ``name`` of a defined instance."""
 
     spec: InstanceSpec | None = None
@@ -37,34 +37,34 @@ class StartParams(_Params):
     paused: bool = False
 
 
-class StopParams(_Params):
+class StopParams(_Params, frozen=True, kw_only=True, forbid_unknown_fields=True):
     name: InstanceName
     force: bool = False
     timeout_s: Annotated[float, Meta(ge=0, le=86400)] | None = None
 
 
-class BalloonParams(_Params):
+class BalloonParams(_Params, frozen=True, kw_only=True, forbid_unknown_fields=True):
     name: InstanceName
     memory_mib: Annotated[int, Meta(ge=1)]
 
 
-class MonitorParams(_Params):
+class MonitorParams(_Params, frozen=True, kw_only=True, forbid_unknown_fields=True):
     name: InstanceName
     command: Annotated[str, Meta(min_length=1, max_length=4096)]
 
 
-class QmpParams(_Params):
+class QmpParams(_Params, frozen=True, kw_only=True, forbid_unknown_fields=True):
     name: InstanceName
     command: Annotated[str, Meta(min_length=1, max_length=256)]
     arguments: dict[str, Any] | None = None
 
 
-class SubscribeParams(_Params):
+class SubscribeParams(_Params, frozen=True, kw_only=True, forbid_unknown_fields=True):
     instances: list[InstanceName] | None = None
     kinds: list[Annotated[str, Meta(min_length=1)]] | None = None
 
 
-class UnsubscribeParams(_Params):
+class UnsubscribeParams(_Params, frozen=True, kw_only=True, forbid_unknown_fields=True):
     subscription: int
 
 

@@ -455,12 +455,26 @@ def check_host_qemu(
     if kvm is None:
         kvm = probe_kvm()
     return [
+        *_supervision_problems(hv, caps),
         *_display_problems(hv, caps),
         *_machine_problems(hv, caps),
         *_cpu_problems(hv, caps, kvm),
         *_device_problems(spec, hv, caps),
         *_security_problems(hv, caps),
     ]
+
+
+def _supervision_problems(hv: HvParams, caps: QemuCapabilities) -> Iterator[InvalidConfigError]:
+    # The supervisor drives QEMU over QMP and recognises its processes by -uuid.
+    missing = [
+        option for option, present in (("-qmp", caps.qmp), ("-uuid", caps.uuid)) if not present
+    ]
+    if missing:
+        yield InvalidConfigError(
+            f"{HV}.kvm_path",
+            f"QEMU {caps.version_text} at {hv.kvm_path} has no {' or '.join(missing)}:"
+            " kvm-supervisor needs QEMU 0.14 or newer",
+        )
 
 
 def _display_problems(hv: HvParams, caps: QemuCapabilities) -> Iterator[InvalidConfigError]:

@@ -14,11 +14,9 @@ exception groups).
 from __future__ import annotations
 
 import grp
-import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -41,8 +39,8 @@ from supervisor.launcher import Launcher
 from supervisor.process import QemuProcess, adopt
 from supervisor.runtime import RuntimeRecord, load_record
 from supervisor.spec import InstanceSpec
-from supervisor.states import InstanceState
 from supervisor.statedir import StateDir
+from supervisor.states import InstanceState
 
 S = InstanceState
 
@@ -181,28 +179,23 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         try:
             await instance.supervise(process, startup=startup, task_status=task_status)
         finally:
-            with anyio.CancelScope(shield=True):
-                if instance.state in (S.STOPPED, S.CRASHED):
-                    self.launcher.release(instance)
-        while self._should_restart(instance):
-            delay = backoff_delay(recent_crashes(instance.crash_history, RESTART_WINDOW_S))
-            instance.log.info("restarting after crash", delay_s=delay)
-            await anyio.sleep(delay)
-            if instance.state != S.CRASHED or instance.record is None:
-                return
-            try:
-                with instance.operation("restart"):
-                    process = self.launcher.launch(instance, instance.record)
-                    instance.restarts += 1
-                    await instance.supervise(
-                        process, startup=self.launcher.startup_steps(instance, paused=False)
-                    )
-            except SupervisorError as error:
-                instance.log.error("restart failed", error=str(error))
-            finally:
-                with anyio.CancelScope(shield=True):
-                    if instance.state in (S.STOPPED, S.CRASHED):
-                        self.launcher.release(instance)
+            if instance.state in (S.STOPPED, S.CRASHED):
+                self.launcher.release(instance)
+        if not self._should_restart(instance):
+            return
+        delay = backoff_delay(recent_crashes(instance.crash_history, RESTART_WINDOW_S))
+        instance.log.info("restarting after crash", delay_s=delay)
+        await anyio.sleep(delay)
+        if instance.state != S.CRASHED or instance.record is None:
+            return  # started or cleaned up by someone else meanwhile
+        try:
+            async with instance.operation("restart"):
+                record = await self.launcher.renew(instance, instance.record)
+                instance.restarts += 1
+                # The new run gets a task of its own; this one ends here.
+                await self._launch(instance, record, paused=False)
+        except SupervisorError as error:
+            instance.log.error("restart failed", error=str(error))
 
     def _should_restart(self, instance: Instance) -> bool:
         spec = instance.spec()
@@ -247,7 +240,7 @@ class Supervisor(anyio.AsyncContextManagerMixin):
             if not path.exists():
                 raise InstanceNotFound(name)
         instance = self._instance(name, create=True)
-        with instance.operation("start"):
+        async with instance.operation("start"):
             if instance.alive:
                 raise InstanceExists(name, "is already running")
             if spec is None:
@@ -265,7 +258,7 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         self, name: str, *, force: bool = False, timeout_s: float | None = None
     ) -> InstanceInfo:
         instance = self._instance(name)
-        with instance.operation("stop"):
+        async with instance.operation("stop"):
             await instance.stop(
                 force=force,
                 timeout_s=self.config.stop_timeout_s if timeout_s is None else timeout_s,
@@ -279,7 +272,7 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         if record is None or not instance.alive:
             raise InstanceNotRunning(name, str(instance.state))
         paused = instance.state == S.PAUSED
-        with instance.operation("reboot"):
+        async with instance.operation("reboot"):
             await instance.stop(force=False, timeout_s=self.config.stop_timeout_s)
             record = await self.launcher.renew(instance, record)
             await self._launch(instance, record, paused=paused)
@@ -287,13 +280,13 @@ class Supervisor(anyio.AsyncContextManagerMixin):
 
     async def pause(self, name: str) -> InstanceInfo:
         instance = self._instance(name)
-        with instance.operation("pause"):
+        async with instance.operation("pause"):
             await instance.pause()
         return instance.info()
 
     async def resume(self, name: str) -> InstanceInfo:
         instance = self._instance(name)
-        with instance.operation("resume"):
+        async with instance.operation("resume"):
             await instance.resume()
         return instance.info()
 
@@ -304,14 +297,14 @@ class Supervisor(anyio.AsyncContextManagerMixin):
             raise InvalidConfigError(
                 "memory_mib", f"{memory_mib} is above the instance's memory ({spec.memory_mib})"
             )
-        with instance.operation("balloon"):
+        async with instance.operation("balloon"):
             await instance.balloon(memory_mib)
         return instance.info()
 
     async def cleanup(self, name: str) -> None:
         """Remove runtime files, uid lease and chroot; forget an instance with no file."""
         instance = self._instance(name)
-        with instance.operation("cleanup"):
+        async with instance.operation("cleanup"):
             if instance.alive:
                 raise InstanceExists(name, "is running: stop it first")
             self.launcher.release(instance)
@@ -331,7 +324,12 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         ]
 
     def info(self, name: str) -> InstanceInfo:
+        """What the supervisor knows of `name`, without asking QEMU."""
         return self._instance(name).info()
+
+    async def live_info(self, name: str) -> InstanceInfo:
+        """`info`, with memory and vCPUs read from QEMU over QMP while it runs."""
+        return await self._instance(name).live_info()
 
     def console(self, name: str) -> dict[str, Any]:
         return self._instance(name)._console_dict()
@@ -376,6 +374,3 @@ def _group_id(name: str) -> int | None:
         return grp.getgrnam(name).gr_gid
     except KeyError:
         raise InvalidConfigError("control_group", f"no group named {name!r}") from None
-
-
-_ = (os, Path)

@@ -39,7 +39,10 @@ async def serve(config: Config) -> None:
     log = structlog.get_logger("supervisor")
     set_child_subreaper()
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as stop_signals:
-        async with Supervisor(config, serve_control_socket=True) as sup, anyio.create_task_group() as tg:
+        async with (
+            Supervisor(config, serve_control_socket=True) as sup,
+            anyio.create_task_group() as tg,
+        ):
             tg.start_soon(_reap_orphans_on_sigchld)
             log.info(
                 "serving",

@@ -11,13 +11,13 @@ the same connection; one operation at a time per instance (others get `Busy`).
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
+import msgspec
 import structlog
 from anyio.abc import TaskStatus
 
@@ -37,8 +37,8 @@ from supervisor.events import EventBus, make_event
 from supervisor.process import ExitStatus, QemuProcess
 from supervisor.runtime import RuntimeRecord
 from supervisor.spec import InstanceSpec
-from supervisor.states import ALIVE, TERMINAL, InstanceState, can_transition, state_for_qemu_status
 from supervisor.statedir import InstancePaths
+from supervisor.states import ALIVE, TERMINAL, InstanceState, can_transition, state_for_qemu_status
 
 S = InstanceState
 
@@ -54,6 +54,9 @@ REFUSED_QMP_COMMANDS = {
     "balloon": "instance.balloon",
     "qmp_capabilities": "(already negotiated)",
 }
+
+#: How long an operation waits for the one in progress before it gets `Busy`.
+BUSY_WAIT_S = 5.0
 
 #: How long a killed QEMU may take to disappear before we report it as stuck.
 KILL_WAIT_S = 10.0
@@ -81,6 +84,7 @@ class Instance:
         self.started_at: float | None = None
         self.crash_history: list[float] = []
         self._operation: str | None = None
+        self._operation_lock = anyio.Lock()
         self._exited = anyio.Event()
         self._exited.set()
         self._exit_reason: str | None = None
@@ -103,16 +107,23 @@ class Instance:
     def alive(self) -> bool:
         return self.state in ALIVE
 
-    @contextlib.contextmanager
-    def operation(self, what: str) -> Iterator[None]:
-        """Run one operation at a time on this instance; a second one gets `Busy`."""
-        if self._operation is not None:
-            raise Busy(f"instance {self.name!r} is busy with {self._operation}", name=self.name)
+    @contextlib.asynccontextmanager
+    async def operation(self, what: str) -> AsyncIterator[None]:
+        """Run one operation at a time on this instance.
+
+        A second operation waits up to `BUSY_WAIT_S` for the first (so back-to-back
+        calls just queue), then gets `Busy`.
+        """
+        with anyio.move_on_after(BUSY_WAIT_S):
+            await self._operation_lock.acquire()
+        if not self._operation_lock.locked() or self._operation is not None:
+            raise Busy(self.name, self._operation or "another operation")
         self._operation = what
         try:
             yield
         finally:
             self._operation = None
+            self._operation_lock.release()
 
     def require_running(self) -> qmp.QMPClient:
         """The QMP client of a live instance, or `InstanceNotRunning`."""
@@ -174,7 +185,7 @@ class Instance:
             if process.is_alive():
                 process.kill()
             with anyio.move_on_after(KILL_WAIT_S):
-                status = await process.wait_exit()
+                await process.wait_exit()
             self._exit_reason = "start-failed"
             self._handle_exit(process.exit_status or ExitStatus(code=None, signal=None))
         if isinstance(error, HypervisorError | InvalidConfigError):
@@ -282,8 +293,7 @@ class Instance:
                 await self._exited.wait()
             if scope.cancelled_caught:
                 raise OperationTimeout(
-                    f"QEMU of {self.name!r} (pid {process.pid}) did not exit after SIGKILL",
-                    timeout_s=KILL_WAIT_S,
+                    f"exit of QEMU {process.pid} of {self.name!r} after SIGKILL", KILL_WAIT_S
                 )
 
     async def pause(self) -> None:
@@ -313,11 +323,12 @@ class Instance:
     async def human_monitor(self, command: str) -> str:
         client = self.require_running()
         try:
-            return await QMPHumanMonitor(client).command(command)
+            output: str = await QMPHumanMonitor(client).command(command)
         except HMPError as error:
-            raise MonitorError(str(error), **{"class": "HMPError", "desc": str(error)}) from None
+            raise MonitorError("HMPError", str(error)) from None
         except qmp.QMPError as error:
             raise self._monitor_error(error) from None
+        return output
 
     async def _execute(
         self, client: qmp.QMPClient, command: str, arguments: dict[str, Any] | None = None
@@ -329,14 +340,10 @@ class Instance:
 
     def _monitor_error(self, error: qmp.QMPError) -> MonitorError | OperationTimeout:
         if isinstance(error, qmp.QMPTimeoutError):
-            return OperationTimeout(
-                f"QEMU of {self.name!r} did not answer in time", timeout_s=self.config.qmp_timeout_s
-            )
+            return OperationTimeout(f"{error.command} on {self.name!r}", self.config.qmp_timeout_s)
         if isinstance(error, qmp.ExecuteError):
-            return MonitorError(
-                f"{error.command}: {error.desc}", **{"class": error.error_class, "desc": error.desc}
-            )
-        return MonitorError(str(error), **{"class": type(error).__name__, "desc": str(error)})
+            return MonitorError(error.error_class, f"{error.command}: {error.desc}")
+        return MonitorError(type(error).__name__, str(error))
 
     # -- reporting ---------------------------------------------------------------------
 
@@ -356,7 +363,9 @@ class Instance:
                 kind="vnc", host=host, port=record.vnc_port, display=record.vnc_port - 5900
             )
         if record.spice_port is not None:
-            return ConsoleInfo(kind="spice", host=record.hvparams.spice_bind, port=record.spice_port)
+            return ConsoleInfo(
+                kind="spice", host=record.hvparams.spice_bind, port=record.spice_port
+            )
         if record.hvparams.serial_console:
             return ConsoleInfo(kind="serial", socket=str(self.paths.serial_socket))
         return ConsoleInfo(kind="message", message="this instance has no console")
@@ -387,9 +396,26 @@ class Instance:
             accel=record.accel if record else None,
         )
 
-    def _console_dict(self) -> dict[str, Any]:
-        import msgspec
+    async def live_info(self) -> InstanceInfo:
+        """`info`, with memory (the balloon's actual size) and vCPUs asked of QEMU."""
+        info = self.info()
+        client = self.qmp
+        if not self.alive or client is None or client.closed:
+            return info
+        try:
+            vcpus = len(await client.execute("query-cpus-fast"))
+            try:
+                balloon = await client.execute("query-balloon")
+                memory_mib = int(balloon["actual"]) // (1024 * 1024)
+            except qmp.ExecuteError:
+                summary = await client.execute("query-memory-size-summary")
+                memory_mib = int(summary["base-memory"]) // (1024 * 1024)
+        except qmp.QMPError as error:
+            self.log.debug("live info unavailable", error=str(error))
+            return info
+        return msgspec.structs.replace(info, memory_mib=memory_mib, vcpus=vcpus)
 
+    def _console_dict(self) -> dict[str, Any]:
         result: dict[str, Any] = msgspec.to_builtins(self.console())
         return result
 
@@ -402,6 +428,3 @@ def backoff_delay(crashes: int) -> float:
 def recent_crashes(history: list[float], window_s: float) -> int:
     now = time.monotonic()
     return sum(1 for at in history if now - at <= window_s)
-
-
-_ = math

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -17,7 +18,6 @@ from supervisor import api
 from supervisor.core import Supervisor
 from supervisor.errors import InvalidConfigError
 from supervisor.node import node_info, verify_node
-from supervisor.spec import decode_spec
 
 Handler = Callable[[Supervisor, Any], Awaitable[Any]]
 
@@ -36,7 +36,7 @@ async def _ping(sup: Supervisor, _: api.NoParams) -> api.PingResult:
 
 async def _info(sup: Supervisor, _: api.NoParams) -> api.SupervisorInfo:
     qemu = await sup.launcher.qemu_summary()
-    node = node_info(qemu_version=qemu.version)
+    node = node_info(await sup.launcher.hv_version())
     return api.SupervisorInfo(
         version=sup.version,
         pid=os.getpid(),
@@ -54,7 +54,8 @@ async def _info(sup: Supervisor, _: api.NoParams) -> api.SupervisorInfo:
 
 
 async def _verify(sup: Supervisor, _: api.NoParams) -> api.VerifyResult:
-    report = verify_node(state_dir=sup.config.state_dir)
+    qemu = await sup.launcher.qemu_summary()
+    report = verify_node(qemu_path=qemu.path, state_dir=Path(sup.config.state_dir))
     return api.VerifyResult(problems=list(report.problems), warnings=list(report.warnings))
 
 
@@ -90,7 +91,7 @@ async def _list(sup: Supervisor, _: api.NoParams) -> list[api.InstanceSummary]:
 
 
 async def _instance_info(sup: Supervisor, params: api.NameParams) -> api.InstanceInfo:
-    return sup.info(params.name)
+    return await sup.live_info(params.name)
 
 
 async def _balloon(sup: Supervisor, params: api.BalloonParams) -> api.InstanceInfo:
@@ -114,52 +115,84 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("supervisor.ping", api.NoParams, api.PingResult, _ping, "Is the daemon alive?"),
         Method(
-            "supervisor.info", api.NoParams, api.SupervisorInfo, _info,
+            "supervisor.info",
+            api.NoParams,
+            api.SupervisorInfo,
+            _info,
             "Daemon, QEMU and node information.",
         ),
         Method(
-            "supervisor.verify", api.NoParams, api.VerifyResult, _verify,
+            "supervisor.verify",
+            api.NoParams,
+            api.VerifyResult,
+            _verify,
             "Check binaries, /dev/kvm, /dev/net/tun and the state dir.",
         ),
         Method(
-            "instance.start", api.StartParams, api.InstanceInfo, _start,
+            "instance.start",
+            api.StartParams,
+            api.InstanceInfo,
+            _start,
             "Start a spec or a defined instance; returns once QEMU runs.",
         ),
         Method(
-            "instance.stop", api.StopParams, api.InstanceInfo, _stop,
+            "instance.stop",
+            api.StopParams,
+            api.InstanceInfo,
+            _stop,
             "ACPI power-down, then kill after timeout_s; force kills at once.",
         ),
         Method(
-            "instance.reboot", api.NameParams, api.InstanceInfo, _reboot,
+            "instance.reboot",
+            api.NameParams,
+            api.InstanceInfo,
+            _reboot,
             "Stop, then start from the saved runtime (same uuid).",
         ),
         Method("instance.pause", api.NameParams, api.InstanceInfo, _pause, "Pause the vCPUs."),
         Method("instance.resume", api.NameParams, api.InstanceInfo, _resume, "Resume the vCPUs."),
         Method(
-            "instance.cleanup", api.NameParams, api.Empty, _cleanup,
+            "instance.cleanup",
+            api.NameParams,
+            api.Empty,
+            _cleanup,
             "Remove runtime files, uid lease and chroot of a stopped instance.",
         ),
         Method(
-            "instance.list", api.NoParams, list[api.InstanceSummary], _list, "Every instance.",
+            "instance.list",
+            api.NoParams,
+            list[api.InstanceSummary],
+            _list,
+            "Every instance.",
         ),
         Method("instance.info", api.NameParams, api.InstanceInfo, _instance_info, "One instance."),
         Method(
-            "instance.balloon", api.BalloonParams, api.InstanceInfo, _balloon,
+            "instance.balloon",
+            api.BalloonParams,
+            api.InstanceInfo,
+            _balloon,
             "Set the balloon target.",
         ),
         Method(
-            "instance.console", api.NameParams, api.ConsoleInfo, _console,
+            "instance.console",
+            api.NameParams,
+            api.ConsoleInfo,
+            _console,
             "How to reach the console (serial socket, VNC or SPICE).",
         ),
         Method(
-            "instance.monitor", api.MonitorParams, api.MonitorResult, _monitor,
+            "instance.monitor",
+            api.MonitorParams,
+            api.MonitorResult,
+            _monitor,
             "Run a human-monitor command.",
         ),
         Method(
-            "instance.qmp", api.QmpParams, api.QmpResult, _qmp,
+            "instance.qmp",
+            api.QmpParams,
+            api.QmpResult,
+            _qmp,
             "Run a QMP command (state-changing ones are refused).",
         ),
     )
 }
-
-_ = decode_spec

@@ -1,0 +1,371 @@
+"""Turning a spec into a running QEMU, and tidying up after it (Ganeti's start/cleanup path).
+
+`Launcher.prepare` validates the spec (syntax, host, this QEMU), leases what the
+host hands out (display port, pool uid, chroot) and builds the runtime record;
+`Launcher.launch` starts QEMU paused (``-S``) in its own session; the
+`Launcher.startup_steps` then run over QMP (passwords, CPU pinning, balloon,
+``cont``). `Launcher.release` gives everything back after QEMU exits.
+
+The daemon binds QEMU's QMP socket itself and hands QEMU the listening descriptor,
+so the QMP connection is made the moment QEMU is spawned: no waiting for the
+socket file to appear.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from pathlib import Path
+
+import msgspec
+import structlog
+
+from protocols import qmp
+from supervisor.accel import probe_kvm, resolve_accelerator
+from supervisor.api import QemuInfo
+from supervisor.capabilities import CapabilityCache, check_host_qemu
+from supervisor.chroot import create_chroot, remove_chroot
+from supervisor.cmdline import (
+    LaunchResources,
+    build_command_line,
+    interface_addresses,
+    run_as_for_uid,
+    socket_path_problems,
+)
+from supervisor.config import Config
+from supervisor.errors import HypervisorError, InvalidConfigError
+from supervisor.hvparams import HvParams, parse_cpu_mask, resolve_hvparams
+from supervisor.instance import Instance, StartupSteps
+from supervisor.pinning import CpuPinningError, pin_vcpus
+from supervisor.process import QemuProcess, launch
+from supervisor.runtime import RuntimeRecord, save_record
+from supervisor.spec import InstanceSpec, assign_macs, ensure_uuid
+from supervisor.statedir import StateDir
+from supervisor.states import InstanceState
+from supervisor.uidpool import UidPool, UidPoolExhausted
+from supervisor.validation import check_host_basics, check_syntax, raise_first
+
+_log = structlog.get_logger("supervisor.launcher")
+
+QMP_CHARDEV_ID = "qmp-listen"
+
+
+def launch_argv(argv: tuple[str, ...], qmp_listen_fd: int) -> list[str]:
+    """The argv to exec: paused (``-S``), with QMP on an already-listening descriptor.
+
+    The record keeps the path form (``-qmp unix:PATH,server=on,wait=off``), which
+    can be run by hand; QEMU gets the same socket as ``fd=`` instead.
+    """
+    result = [argv[0]]
+    if "-S" not in argv:
+        result.append("-S")
+    args = iter(argv[1:])
+    for arg in args:
+        if arg == "-qmp":
+            spec = next(args)
+            if not spec.startswith("unix:"):
+                raise InvalidConfigError("argv", f"unexpected QMP socket {spec!r}")
+            result += [
+                "-chardev",
+                f"socket,id={QMP_CHARDEV_ID},fd={qmp_listen_fd},server=on,wait=off",
+                "-mon",
+                f"chardev={QMP_CHARDEV_ID},mode=control",
+            ]
+        else:
+            result.append(arg)
+    return result
+
+
+def _listening_socket(path: Path) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(os.fspath(path))
+        os.chmod(path, 0o600)
+        listener.listen(4)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
+def _free_tcp_port(low: int, high: int, taken: set[int]) -> int | None:
+    for port in range(low, high + 1):
+        if port in taken:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        return port
+    return None
+
+
+class Launcher:
+    """Start-up and clean-up of instances for one `Supervisor`."""
+
+    def __init__(self, config: Config, state_dir: StateDir, *, group_id: int | None) -> None:
+        self.config = config
+        self.state_dir = state_dir
+        self.group_id = group_id
+        self.capabilities = CapabilityCache()
+        self.kvm = probe_kvm()
+        self.uid_pool = (
+            UidPool(state_dir.uid_lease_dir, config.uid_ranges()) if config.uid_pool else None
+        )
+        self._leased_ports: dict[str, int] = {}
+
+    async def qemu_summary(self) -> QemuInfo:
+        """The default QEMU binary, its version and the accelerator a default instance gets."""
+        hv = resolve_hvparams(self.config.hvparams, {})
+        try:
+            caps = await self.capabilities.get(hv.kvm_path)
+            version: str | None = caps.version_text
+        except HypervisorError:
+            version = None
+        accel = "kvm" if self.kvm.usable_for_stock_guests else "tcg"
+        if hv.kvm_flag == "enabled":
+            accel = "kvm"
+        elif hv.kvm_flag == "disabled":
+            accel = "tcg"
+        return QemuInfo(path=hv.kvm_path, version=version, accel=accel)
+
+    async def hv_version(self) -> tuple[int, int, int]:
+        hv = resolve_hvparams(self.config.hvparams, {})
+        try:
+            return (await self.capabilities.get(hv.kvm_path)).version
+        except HypervisorError:
+            return (0, 0, 0)
+
+    # -- start ---------------------------------------------------------------------------
+
+    async def prepare(
+        self, instance: Instance, spec: InstanceSpec, *, known_uuid: str | None
+    ) -> RuntimeRecord:
+        """Validate `spec`, lease what it needs and build its runtime record.
+
+        Raises `InvalidConfigError` naming the field at fault (nothing is leased then)
+        and `HypervisorError` when QEMU cannot be probed.
+        """
+        if spec.uuid is None and known_uuid is not None:
+            spec = msgspec.structs.replace(spec, uuid=known_uuid)
+        spec = assign_macs(ensure_uuid(spec))
+        if spec.nics:
+            raise InvalidConfigError(
+                "spec.nics",
+                "NIC set-up (taps, bridges, routes) is not available yet: start the instance "
+                "without NICs",
+            )
+        hv = resolve_hvparams(self.config.hvparams, spec.hvparams)
+        raise_first(check_syntax(spec, hv))
+        raise_first(check_host_basics(spec, hv))
+        if hv.security_model == "pool" and self.uid_pool is None:
+            raise InvalidConfigError(
+                "spec.hvparams.security_model", "pool, but the daemon config has no uid_pool"
+            )
+        caps = await self.capabilities.get(hv.kvm_path)
+        raise_first(check_host_qemu(spec, hv, caps, kvm=self.kvm))
+        paths = self.state_dir.instance(spec.name)
+        raise_first(socket_path_problems(spec, hv, paths))
+        accel = resolve_accelerator(hv.kvm_flag, self.kvm, instance=spec.name)
+        paths = self.state_dir.create_instance_dir(spec.name, group_id=self.group_id)
+        uid = None
+        try:
+            resources, uid = self._lease(spec, hv)
+            command = build_command_line(spec, hv, caps, paths, accel, resources=resources)
+            if hv.use_chroot:
+                create_chroot(paths.chroot)
+        except BaseException:
+            self._release_leases(spec.name, uid)
+            raise
+        return RuntimeRecord(
+            name=spec.name,
+            uuid=spec.uuid or "",
+            spec=spec,
+            hvparams=hv,
+            argv=command.argv,
+            nics=command.nics,
+            disks=command.disks,
+            accel=str(command.accel),
+            qemu_fingerprint=caps.fingerprint,
+            qemu_version=caps.version,
+            paths=paths,
+            vnc_port=command.display_port if hv.vnc_bind_address else None,
+            spice_port=command.display_port if hv.spice_bind else None,
+            uid=uid,
+        )
+
+    def _lease(self, spec: InstanceSpec, hv: HvParams) -> tuple[LaunchResources, int | None]:
+        display_port = None
+        if (hv.vnc_bind_address or hv.spice_bind) and spec.network_port is None:
+            low, high = self.config.display_port_range
+            display_port = _free_tcp_port(low, high, set(self._leased_ports.values()))
+            if display_port is None:
+                raise InvalidConfigError("display_port_range", f"no free port in {low}-{high}")
+            self._leased_ports[spec.name] = display_port
+        uid = None
+        pool_user = None
+        if hv.security_model == "pool":
+            assert self.uid_pool is not None
+            try:
+                uid = self.uid_pool.request(spec.name).uid
+            except UidPoolExhausted as error:
+                raise InvalidConfigError("uid_pool", str(error)) from None
+            pool_user = run_as_for_uid(uid)
+        vnc_address = spice_address = None
+        if hv.vnc_bind_address and not _is_ip_or_path(hv.vnc_bind_address):
+            vnc_address = _first_address(hv.vnc_bind_address, 4, "vnc_bind_address")
+        if hv.spice_bind and not _is_ip_or_path(hv.spice_bind):
+            spice_address = _first_address(hv.spice_bind, hv.spice_ip_version, "spice_bind")
+        return (
+            LaunchResources(
+                display_port=display_port,
+                pool_user=pool_user,
+                vnc_address=vnc_address,
+                spice_address=spice_address,
+            ),
+            uid,
+        )
+
+    async def renew(self, instance: Instance, record: RuntimeRecord) -> RuntimeRecord:
+        """The record for a restart of the same run (reboot): same argv, leases taken again."""
+        if record.uid is not None and self.uid_pool is not None:
+            self.uid_pool.request(record.name)
+        port = record.vnc_port or record.spice_port
+        if port is not None and record.spec.network_port is None:
+            self._leased_ports[record.name] = port
+        self.state_dir.create_instance_dir(record.name, group_id=self.group_id)
+        if record.hvparams.use_chroot:
+            create_chroot(record.paths.chroot)
+        return msgspec.structs.replace(record, pid=None, started_at=None)
+
+    def launch(self, instance: Instance, record: RuntimeRecord) -> QemuProcess:
+        """Spawn QEMU paused for `record` and save the record with its pid.
+
+        Raises `HypervisorError` when QEMU cannot be executed.
+        """
+        paths = record.paths
+        for stale in (paths.hmp_socket, paths.serial_socket, paths.pid_file):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        listener = _listening_socket(paths.qmp_socket)
+        try:
+            argv = launch_argv(record.argv, listener.fileno())
+            try:
+                process = launch(argv, log_path=paths.qemu_log, pass_fds=(listener.fileno(),))
+            except OSError as error:
+                raise HypervisorError(
+                    f"cannot execute {argv[0]}: {error.strerror}", stderr=str(error)
+                ) from None
+        finally:
+            listener.close()
+        started = msgspec.structs.replace(record, pid=process.pid, started_at=time.time())
+        save_record(paths.runtime_record, started)
+        instance.record = started
+        instance.started_at = started.started_at
+        instance.set_state(InstanceState.STARTING, "start requested", pid=process.pid)
+        instance.log.info("launched", pid=process.pid, accel=record.accel)
+        return process
+
+    def startup_steps(self, instance: Instance, *, paused: bool) -> StartupSteps:
+        """What runs over QMP between spawn and ``cont`` (Ganeti's post-start steps)."""
+
+        async def run(client: qmp.QMPClient) -> None:
+            record = instance.record
+            assert record is not None and instance.process is not None
+            hv = record.hvparams
+            self._share_console(record)
+            if hv.vnc_password_file:
+                await client.execute(
+                    "set_password",
+                    {"protocol": "vnc", "password": _secret(hv.vnc_password_file)},
+                )
+            if hv.spice_password_file:
+                await client.execute(
+                    "set_password",
+                    {"protocol": "spice", "password": _secret(hv.spice_password_file)},
+                )
+            try:
+                await pin_vcpus(client, instance.process.pid, parse_cpu_mask(hv.cpu_mask))
+            except CpuPinningError as error:
+                raise InvalidConfigError("spec.hvparams.cpu_mask", str(error)) from None
+            startup_mib = record.spec.startup_memory_mib
+            if startup_mib is not None and startup_mib < record.spec.memory_mib:
+                await client.execute("balloon", {"value": startup_mib * 1024 * 1024})
+            if paused:
+                instance.qemu_status = "paused"
+                instance.set_state(InstanceState.PAUSED, "started paused")
+            else:
+                await client.execute("cont")
+                instance.qemu_status = "running"
+                instance.set_state(InstanceState.RUNNING, "started")
+
+        return run
+
+    def _share_console(self, record: RuntimeRecord) -> None:
+        """Serial console socket: mode 0660 and the control group (API.md §1)."""
+        serial = record.paths.serial_socket
+        with contextlib.suppress(FileNotFoundError):
+            if self.group_id is not None:
+                os.chown(serial, -1, self.group_id)
+            os.chmod(serial, 0o660)
+
+    # -- clean-up ------------------------------------------------------------------------
+
+    def release(self, instance: Instance) -> None:
+        """Give back what a run held: uid lease, display port, sockets, pid file, chroot.
+
+        The runtime record stays (``stop`` keeps it); `forget` removes it.
+        """
+        record = instance.record
+        self._release_leases(instance.name, record.uid if record else None)
+        paths = instance.paths
+        for leftover in (*paths.sockets, paths.pid_file):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+        if record is not None and record.hvparams.use_chroot:
+            quarantined = remove_chroot(
+                paths.chroot, quarantine_dir=self.state_dir.quarantine_dir, name=instance.name
+            )
+            if quarantined is not None:
+                instance.log.warning("chroot not empty: quarantined", path=str(quarantined))
+
+    def _release_leases(self, name: str, uid: int | None) -> None:
+        self._leased_ports.pop(name, None)
+        if uid is not None and self.uid_pool is not None:
+            self.uid_pool.release(uid, owner=name)
+
+    def forget(self, instance: Instance) -> None:
+        """Remove the instance's runtime dir, record and serial log included."""
+        self.state_dir.remove_instance_dir(instance.name)
+
+
+def _secret(path: str) -> str:
+    try:
+        return Path(path).read_text().strip("\n")
+    except OSError as error:
+        raise InvalidConfigError("spec.hvparams", f"{path}: {error.strerror}") from None
+
+
+def _is_ip_or_path(value: str) -> bool:
+    if value.startswith("/"):
+        return True
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in value else socket.AF_INET, value)
+    except OSError:
+        return False
+    return True
+
+
+def _first_address(interface: str, ip_version: int, field: str) -> str:
+    v4, v6 = interface_addresses(interface)
+    addresses = v6 if ip_version == 6 else v4
+    if not addresses:
+        raise InvalidConfigError(
+            f"spec.hvparams.{field}", f"interface {interface!r} has no IPv{ip_version} address"
+        )
+    return addresses[0]

@@ -1,0 +1,132 @@
+"""The embedded supervisor with the real test guest: start, info, pause, stop, reboot, crash."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import anyio
+import pytest
+
+from supervisor import Supervisor
+from supervisor.config import Config
+from supervisor.errors import InstanceExists, InstanceNotFound, InvalidConfigError
+from supervisor.events import SupervisorEvent
+
+from .conftest import READY, guest_spec, wait_for_serial, wait_gone
+
+pytestmark = [pytest.mark.anyio, pytest.mark.guest]
+
+
+async def next_state(events: object, state: str, timeout_s: float = 60) -> SupervisorEvent:
+    with anyio.fail_after(timeout_s):
+        async for event in events:  # type: ignore[attr-defined]
+            if event.kind == "instance.state" and event.data["state"] == state:
+                return event  # type: ignore[no-any-return]
+    raise AssertionError(f"no {state} event")
+
+
+async def test_start_info_uuid_pause_resume_and_acpi_stop(config: Config) -> None:
+    async with Supervisor(config) as sup, sup.events(kinds=["instance.state", "qmp."]) as events:
+        info = await sup.start(guest_spec("vm1", vcpus=2))
+        assert info.state == "running"
+        assert info.pid is not None
+        assert info.uuid is not None
+        paths = sup.instance("vm1").paths
+        await wait_for_serial(paths.serial_log, READY)
+
+        live = await sup.live_info("vm1")
+        assert (live.memory_mib, live.vcpus, live.pid) == (96, 2, info.pid)
+        uuid = await sup.qmp("vm1", "query-uuid")
+        assert uuid["UUID"] == info.uuid
+
+        assert (await sup.pause("vm1")).state == "paused"
+        assert (await sup.qmp("vm1", "query-status"))["status"] == "paused"
+        assert (await sup.resume("vm1")).state == "running"
+
+        with pytest.raises(InstanceExists):
+            await sup.start(guest_spec("vm1"))
+
+        stopped = await sup.stop("vm1", timeout_s=60)
+        assert stopped.state == "stopped"
+        assert stopped.reason == "guest-shutdown"
+        assert stopped.pid is None
+        event = await next_state(events, "stopped")
+        assert event.data["reason"] == "guest-shutdown"
+        wait_gone(info.pid)
+
+
+async def test_typed_poweroff_force_stop_and_reboot_keeps_uuid(config: Config) -> None:
+    async with Supervisor(config) as sup, sup.events(kinds=["instance.state"]) as events:
+        info = await sup.start(guest_spec("vm2"))
+        paths = sup.instance("vm2").paths
+        await wait_for_serial(paths.serial_log, READY)
+
+        stream = await anyio.connect_unix(paths.serial_socket)
+        async with stream:
+            await stream.send(b"\npoweroff\n")
+            event = await next_state(events, "stopped")
+        assert event.data["reason"] == "guest-shutdown"
+
+        info = await sup.start(name="vm2")
+        first_uuid = info.uuid
+        rebooted = await sup.reboot("vm2")
+        assert rebooted.uuid == first_uuid
+        assert rebooted.pid != info.pid
+        assert (await sup.qmp("vm2", "query-uuid"))["UUID"] == first_uuid
+
+        killed = await sup.stop("vm2", force=True)
+        assert (killed.state, killed.reason) == ("stopped", "killed")
+
+
+async def test_kill_9_is_a_crash_and_restart_policy_restarts(config: Config) -> None:
+    async with Supervisor(config) as sup, sup.events(kinds=["instance.state"]) as events:
+        info = await sup.start(guest_spec("vm3", restart="on-crash"))
+        assert info.pid is not None
+        os.kill(info.pid, signal.SIGKILL)
+        crashed = await next_state(events, "crashed")
+        assert crashed.data["signal"] == signal.SIGKILL
+        restarted = await next_state(events, "running")
+        assert restarted.data["reason"] == "started"
+        again = sup.info("vm3")
+        assert again.restarts == 1
+        assert again.pid not in (None, info.pid)
+        await sup.stop("vm3", force=True)
+
+
+async def test_bad_specs_are_refused_with_the_field(config: Config) -> None:
+    async with Supervisor(config) as sup:
+        with pytest.raises(InvalidConfigError) as error:
+            await sup.start(guest_spec("bad", hvparams={"serial_speed": 1234}))
+        assert error.value.path == "spec.hvparams.serial_speed"
+        with pytest.raises(InstanceNotFound):
+            await sup.start(name="nope")
+        assert sup.list()[0].state == "stopped"
+
+
+async def test_cpu_pinning_and_balloon(config: Config) -> None:
+    async with Supervisor(config) as sup:
+        info = await sup.start(
+            guest_spec("vm4", vcpus=2, hvparams={"cpu_mask": "1:0"}),
+        )
+        assert info.pid is not None
+        vcpus = await sup.qmp("vm4", "query-cpus-fast")
+        allowed = {
+            cpu["cpu-index"]: _cpus_allowed(info.pid, cpu["thread-id"]) for cpu in vcpus
+        }
+        assert allowed == {0: "1", 1: "0"}
+
+        await wait_for_serial(sup.instance("vm4").paths.serial_log, READY)
+        await sup.balloon("vm4", 64)
+        with anyio.fail_after(30):
+            while (await sup.qmp("vm4", "query-balloon"))["actual"] > 64 * 2**20:
+                await anyio.sleep(0.2)
+        await sup.stop("vm4", force=True)
+
+
+def _cpus_allowed(pid: int, tid: int) -> str:
+    for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError("no Cpus_allowed_list")
