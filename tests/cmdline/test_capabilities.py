@@ -293,6 +293,14 @@ def test_a_plain_instance_passes() -> None:
     assert problems() == []
 
 
+def test_qemu_must_be_supervisable() -> None:
+    assert problems(modern_caps(qmp=False, uuid=False)) == [
+        "spec.hvparams.kvm_path: QEMU 7.2.0 (fixed test capabilities) at"
+        " /usr/bin/qemu-system-x86_64 has no -qmp or -uuid: kvm-supervisor needs QEMU 0.14"
+        " or newer"
+    ]
+
+
 def test_spice_needs_qemu_support() -> None:
     assert problems(modern_caps(spice=False), spice_bind="127.0.0.1") == [
         "spec.hvparams.spice_bind: QEMU 7.2.0 (fixed test capabilities) at"
