@@ -118,7 +118,7 @@ def decode_record(text: str | bytes, *, source: str = "runtime record") -> Runti
     try:
         value = msgspec.json.decode(data)
     except msgspec.DecodeError as error:
-        field = _json_path_at(data, _error_offset(str(error)))
+        field = _json_path_at(data, _error_offset(str(error), len(data)))
         raise RuntimeRecordError(source, field, f"not valid JSON: {error}") from None
     if isinstance(value, list):
         raise RuntimeRecordError(source, "", _ganeti_refusal(value))
@@ -154,8 +154,10 @@ def decode_record(text: str | bytes, *, source: str = "runtime record") -> Runti
     return record
 
 
-def _error_offset(message: str) -> int | None:
-    """The byte offset in msgspec's ``... (byte 120)`` decode error message."""
+def _error_offset(message: str, size: int) -> int | None:
+    """Where msgspec's decode error happened: ``... (byte 120)``, or the end if truncated."""
+    if "truncated" in message:
+        return size
     _, found, rest = message.rpartition("(byte ")
     if not found:
         return None
@@ -201,8 +203,9 @@ def _json_path_at(data: bytes, offset: int | None) -> str:
                 stack[-1][1] += 1
         position += 1
     path = ""
-    for is_object, key, _ in stack:
-        if is_object and key is not None:
+    for is_object, key, expecting_key in stack:
+        # Between two members (expecting a key) the object itself is the field.
+        if is_object and key is not None and not expecting_key:
             path += f".{key}"
         elif not is_object:
             path += f"[{key}]"
