@@ -7,13 +7,14 @@ What it does, all in one run:
 
 * installs libvirt from Debian's packages if it is missing (``libvirt-daemon``,
   ``libvirt-daemon-driver-qemu``, ``libvirt-clients``, without recommends: 8 packages);
-* starts its own privileged ``libvirtd`` in the foreground, as a child of this script,
-  in a private mount namespace: /etc/libvirt, /run/libvirt, /var/{lib,cache,log}/libvirt,
-  /etc/passwd and /etc/group are bind-mounted from a temp dir there, so the daemon's
-  config, state and sockets are its own (its sockets are in the temp dir) and nothing of
-  the host's changes. Its QEMUs run as root, without cgroups, namespaces or a security
-  driver, like the supervisor's test setup; /etc/passwd gets a ``libvirt-qemu`` user
-  because libvirtd insists on resolving it before reading qemu.conf;
+* starts its own privileged ``libvirtd`` in the foreground, under this script (with a
+  prompt zombie reaper in between, see ``REAPER``), in a private mount namespace where
+  /etc/libvirt, /run/libvirt, /var/{lib,cache,log}/libvirt, /etc/passwd and /etc/group
+  are bind-mounted from a temp dir: the daemon's config, state and sockets are its own
+  (the sockets are in the temp dir). On the host, only the empty mount points are made
+  if missing, and removed at the end. Its QEMUs run as root, without cgroups, namespaces
+  or a security driver; its /etc/passwd has a ``libvirt-qemu`` user because libvirtd
+  resolves that name before it reads qemu.conf;
 * measures libvirtd's RSS once started, idle (after one client asked for the QEMU
   capabilities, as any long-running daemon has), and with 10 running test guests
   (96 MiB, TCG, kernel and initrd direct boot, no disks, serial console to a file);
@@ -59,7 +60,7 @@ KERNEL_ARGS = "console=ttyS0 quiet tsc=reliable no_timer_check mitigations=off"
 GUEST_MIB = 96
 GUESTS = 10
 CREATE_SAMPLES = 5
-CRASH_SAMPLES = 3
+CRASH_SAMPLES = 7
 READY_TIMEOUT_S = 180.0
 VIRSH_TIMEOUT_S = 120.0
 # The host paths the private daemon sees replaced by its own directories.
@@ -162,7 +163,7 @@ stdio_handler = "file"
 """
 
 # $1 is the temp dir: bind its directories over the host's, then become libvirtd
-# (unshare and sh exec, so the daemon keeps the pid this script started).
+# (unshare and sh exec, so libvirtd keeps the pid the reaper below forked).
 NAMESPACE_SCRIPT = """\
 set -e
 mount --bind "$1/etc" /etc/libvirt
@@ -173,6 +174,35 @@ mount --bind "$1/log" /var/log/libvirt
 mount --bind "$1/passwd" /etc/passwd
 mount --bind "$1/group" /etc/group
 exec libvirtd -f "$1/etc/libvirtd.conf" -p "$1/libvirtd.pid"
+"""
+
+# libvirtd's parent: a child subreaper that reaps every orphan at once. libvirt
+# daemonizes QEMU, and after QEMU dies it reports the domain stopped only once the
+# process is gone (reaped). Left to this machine's pid 1, which reaps every ~2 s, the
+# crash event takes ~1.5 s; under systemd, or the supervisor (a subreaper itself), the
+# reaping is immediate. Even so libvirt may see the monitor's EOF before the zombie is
+# reaped, and then polls every 200 ms: samples are ~10 ms or ~210 ms, hence several.
+# This process forwards SIGTERM to libvirtd and exits with it.
+REAPER = """\
+import ctypes, os, signal, sys
+if ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+    sys.exit("prctl(PR_SET_CHILD_SUBREAPER) failed")
+daemon = os.fork()
+if daemon == 0:
+    try:
+        os.execvp(sys.argv[1], sys.argv[1:])
+    finally:
+        os._exit(127)
+running = True
+def forward(signum, frame):
+    if running:
+        os.kill(daemon, signum)
+signal.signal(signal.SIGTERM, forward)
+while True:
+    pid, status = os.wait()
+    if pid == daemon:
+        running = False
+        sys.exit(os.waitstatus_to_exitcode(status) % 256)
 """
 
 
@@ -191,7 +221,8 @@ class PrivateLibvirtd:
         self.socket = workdir / "sock" / "libvirt-sock"
         self.uri = f"qemu:///system?socket={self.socket}"
         self.created_mount_points: list[Path] = []
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | None = None  # the reaper
+        self.daemon_pid: int | None = None
         self.started_domains: set[str] = set()
 
     # lifecycle
@@ -229,14 +260,16 @@ class PrivateLibvirtd:
                 self.created_mount_points.append(mount_point)
         with (self.workdir / "libvirtd.log").open("wb") as daemon_log:
             self.proc = subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                 NAMESPACE_SCRIPT, "sh", str(self.workdir)],
+                [sys.executable, "-c", REAPER, "unshare", "--mount", "--propagation", "private",
+                 "sh", "-c", NAMESPACE_SCRIPT, "sh", str(self.workdir)],
                 stdin=subprocess.DEVNULL,
                 stdout=daemon_log,
                 stderr=daemon_log,
+                start_new_session=True,  # ^C reaches this script only: it cleans up in order
             )  # fmt: skip
         deadline = time.monotonic() + 30
-        while not self.socket.exists():
+        pid_file = self.workdir / "libvirtd.pid"
+        while not (self.socket.exists() and pid_file.exists()):
             if self.proc.poll() is not None:
                 raise LibvirtUnavailable(
                     f"libvirtd exited with {self.proc.returncode}: {self.log_tail()}"
@@ -244,19 +277,28 @@ class PrivateLibvirtd:
             if time.monotonic() > deadline:
                 raise LibvirtUnavailable(f"libvirtd made no socket in 30 s: {self.log_tail()}")
             time.sleep(0.05)
-        exe = os.readlink(f"/proc/{self.pid}/exe")
-        if Path(exe).name != "libvirtd":
-            raise LibvirtUnavailable(f"pid {self.pid} is {exe}, not libvirtd")
+        self.daemon_pid = int(pid_file.read_text())
+        if not self._is_libvirtd(self.daemon_pid):
+            raise LibvirtUnavailable(f"pid {self.daemon_pid} from {pid_file} is not libvirtd")
+
+    @staticmethod
+    def _is_libvirtd(pid: int) -> bool:
+        try:
+            return Path(os.readlink(f"/proc/{pid}/exe")).name == "libvirtd"
+        except OSError:
+            return False
 
     def stop(self) -> None:
         """Destroy this run's domains, stop the daemon, kill leftover QEMUs by pid."""
         if self.proc is not None and self.proc.poll() is None:
             for name in sorted(self.started_domains):
                 self.virsh("destroy", name, check=False, timeout=30)
-            self.proc.terminate()
+            self.proc.terminate()  # forwarded to libvirtd
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
+                if self.daemon_pid is not None and self._is_libvirtd(self.daemon_pid):
+                    os.kill(self.daemon_pid, signal.SIGKILL)
                 self.proc.kill()
                 self.proc.wait()
         for name in self.started_domains:
@@ -271,8 +313,9 @@ class PrivateLibvirtd:
 
     @property
     def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        """libvirtd's pid."""
+        assert self.daemon_pid is not None
+        return self.daemon_pid
 
     def log_tail(self) -> str:
         try:
@@ -547,7 +590,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--guests", type=int, default=GUESTS, help="guests for the RSS figure")
     args = parser.parse_args(argv)
-    anchors = measure(args.guests)
+    try:
+        anchors = measure(args.guests)
+    except KeyboardInterrupt:  # measure() has cleaned up on the way out
+        log("interrupted")
+        return 130
     if args.json:
         print(table(anchors), file=sys.stderr)
         print(msgspec.json.encode(anchors).decode())
