@@ -112,9 +112,7 @@ async def test_cpu_pinning_and_balloon(config: Config) -> None:
         )
         assert info.pid is not None
         vcpus = await sup.qmp("vm4", "query-cpus-fast")
-        allowed = {
-            cpu["cpu-index"]: _cpus_allowed(info.pid, cpu["thread-id"]) for cpu in vcpus
-        }
+        allowed = {cpu["cpu-index"]: _cpus_allowed(info.pid, cpu["thread-id"]) for cpu in vcpus}
         assert allowed == {0: "1", 1: "0"}
 
         await wait_for_serial(sup.instance("vm4").paths.serial_log, READY)

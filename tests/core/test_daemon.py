@@ -1,0 +1,278 @@
+"""`kvm-supervisor serve` as a real process: CLI verbs, bad input, adoption after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import GUEST_DIR
+
+from .conftest import FAST_KERNEL_ARGS, GUEST_MIB, kill_leftover_qemus, wait_gone
+
+pytestmark = [pytest.mark.guest]
+
+CLI = [sys.executable, "-m", "supervisor.cli"]
+
+
+class Daemon:
+    """A `kvm-supervisor serve` child process with its own config and state dir."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.config = state_dir / "supervisor.toml"
+        self.socket = state_dir / "control.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = state_dir / "daemon.log"
+
+    def write_config(self, **extra: Any) -> None:
+        defs = self.state_dir / "defs"
+        defs.mkdir(exist_ok=True)
+        lines = [
+            f'state_dir = "{self.state_dir}"',
+            f'instances_dir = "{defs}"',
+            "stop_timeout_s = 30",
+            *(f"{key} = {json.dumps(value)}" for key, value in extra.items()),
+            "[hvparams]",
+            f'kernel_path = "{GUEST_DIR / "vmlinuz"}"',
+            f'initrd_path = "{GUEST_DIR / "initrd.img"}"',
+            f'kernel_args = "{FAST_KERNEL_ARGS}"',
+            "serial_console = true",
+        ]
+        self.config.write_text("\n".join(lines) + "\n")
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [*CLI, "serve", "--config", str(self.config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("ab"),
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited: {self.log.read_text()[-2000:]}")
+            if self.cli("ping").returncode == 0:
+                return
+            time.sleep(0.05)
+        raise TimeoutError("daemon did not answer ping")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+
+    def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [*CLI, *args, "--config", str(self.config)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"{args}: {result.returncode} {result.stderr}")
+        return result
+
+    def cli_json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json", check=True).stdout)
+
+
+@pytest.fixture
+def daemon(state_dir: Path) -> Iterator[Daemon]:
+    d = Daemon(state_dir)
+    d.write_config()
+    try:
+        yield d
+    finally:
+        d.kill(signal.SIGTERM)
+        kill_leftover_qemus(state_dir)
+
+
+def write_instance(daemon: Daemon, name: str, **fields: Any) -> Path:
+    path = daemon.state_dir / "defs" / f"{name}.toml"
+    body = {"memory_mib": GUEST_MIB, **fields}
+    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in body.items()))
+    return path
+
+
+def wait_for_file_text(path: Path, text: bytes, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_bytes():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{text!r} not in {path}")
+
+
+def console_session(
+    daemon: Daemon, name: str, typed: bytes, until: bytes, timeout_s: float = 30
+) -> bytes:
+    """Attach with `kvm-supervisor console`, type, read until the echo, detach with Ctrl-]."""
+    proc = subprocess.Popen(
+        [*CLI, "console", name, "--config", str(daemon.config)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    output = b""
+    try:
+        proc.stdin.write(b"\n" + typed)
+        proc.stdin.flush()
+        deadline = time.monotonic() + timeout_s
+        os.set_blocking(proc.stdout.fileno(), False)
+        while until not in output and time.monotonic() < deadline:
+            output += proc.stdout.read() or b""
+            time.sleep(0.05)
+        proc.stdin.write(b"\x1d")
+        proc.stdin.flush()
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    return output
+
+
+def rpc_lines(sock_path: Path, payload: bytes, *, expect: int) -> list[dict[str, Any]]:
+    """Send raw bytes to the control socket and read `expect` response lines."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(str(sock_path))
+        sock.sendall(payload)
+        data = b""
+        while data.count(b"\n") < expect:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return [json.loads(line) for line in data.splitlines() if line.strip()]
+
+
+def test_cli_verbs_against_the_daemon(daemon: Daemon) -> None:
+    write_instance(daemon, "alpha")
+    daemon.start()
+    assert daemon.cli_json("ping")["version"]
+    info = daemon.cli_json("info")
+    assert info["qemu"]["version"].startswith("7.2")
+    assert info["node"]["cpu_count"] == os.cpu_count()
+    verify = daemon.cli_json("verify")
+    assert verify["problems"] == []
+    assert daemon.cli_json("list") == [{"name": "alpha", "state": "stopped", "pid": None}]
+
+    started = daemon.cli_json("start", "alpha")
+    assert started["state"] == "running"
+    table = daemon.cli("list", check=True).stdout
+    assert "alpha" in table and "running" in table
+
+    shown = daemon.cli_json("show", "alpha")
+    assert shown["pid"] == started["pid"]
+    assert Path(shown["serial_log"]).name == "serial.log"
+    assert daemon.cli_json("pause", "alpha")["state"] == "paused"
+    assert daemon.cli_json("resume", "alpha")["state"] == "running"
+    out = daemon.cli("monitor", "alpha", "info", "status", check=True).stdout
+    assert "VM status: running" in out
+    qmp = daemon.cli_json("qmp", "alpha", "query-status")
+    assert qmp["return"]["status"] == "running"
+    refused = daemon.cli("qmp", "alpha", "quit")
+    assert refused.returncode == 1 and "instance.stop" in refused.stderr
+    assert daemon.cli_json("balloon", "alpha", "80")["name"] == "alpha"
+    wait_for_file_text(Path(shown["serial_log"]), b"KVS-GUEST-READY")
+    assert b"console-42" in console_session(
+        daemon, "alpha", b"echo console-$((6*7))\n", b"console-42"
+    )
+    stopped = daemon.cli_json("stop", "alpha", "--force")
+    assert stopped["state"] == "stopped"
+    assert daemon.cli_json("cleanup", "alpha") == {}
+    missing = daemon.cli("show", "nope")
+    assert missing.returncode == 1 and "not found" in missing.stderr
+    usage = daemon.cli("start")
+    assert usage.returncode == 2
+
+
+def test_unreachable_daemon_exit_status(daemon: Daemon) -> None:
+    result = daemon.cli("ping")
+    assert result.returncode == 3
+    assert result.stdout == ""
+
+
+def test_bad_rpc_input_gets_errors_and_the_daemon_keeps_serving(daemon: Daemon) -> None:
+    daemon.start()
+    sock = daemon.socket
+    garbage = rpc_lines(sock, b"this is not json\n", expect=1)
+    assert garbage[0]["error"]["code"] == -32700
+    unknown = rpc_lines(sock, b'{"jsonrpc":"2.0","id":1,"method":"no.such"}\n', expect=1)
+    assert unknown[0]["error"]["code"] == -32601
+    bad_params = rpc_lines(
+        sock,
+        b'{"jsonrpc":"2.0","id":2,"method":"instance.info","params":{"name":"../x"}}\n',
+        expect=1,
+    )
+    assert bad_params[0]["error"]["code"] == -32602
+    assert bad_params[0]["error"]["data"]["path"] == "name"
+    wrong_type = rpc_lines(
+        sock,
+        b'{"jsonrpc":"2.0","id":3,"method":"instance.start","params":'
+        b'{"spec":{"name":"x","nics":[{"mac":"zz"}]}}}\n',
+        expect=1,
+    )
+    assert wrong_type[0]["error"]["data"]["path"] == "spec.nics[0].mac"
+    not_found = rpc_lines(
+        sock,
+        b'{"jsonrpc":"2.0","id":4,"method":"instance.info","params":{"name":"ghost"}}\n',
+        expect=1,
+    )
+    assert not_found[0]["error"]["code"] == 1
+    semantic = rpc_lines(
+        sock,
+        b'{"jsonrpc":"2.0","id":5,"method":"instance.start","params":'
+        b'{"spec":{"name":"x","hvparams":{"serial_speed":1234}}}}\n',
+        expect=1,
+    )
+    assert semantic[0]["error"]["code"] == 7
+    assert semantic[0]["error"]["data"]["path"] == "spec.hvparams.serial_speed"
+    batch = rpc_lines(
+        sock,
+        b'[{"jsonrpc":"2.0","id":6,"method":"supervisor.ping"},'
+        b'{"jsonrpc":"2.0","method":"supervisor.ping"},5]\n',
+        expect=1,
+    )
+    assert sorted(str(r.get("id")) for r in batch[0]) == ["6", "None"]
+    oversize = rpc_lines(sock, b"[" + b" " * (2 * 1024 * 1024) + b"]\n", expect=1)
+    assert oversize[0]["error"]["code"] == -32600
+    discover = rpc_lines(sock, b'{"jsonrpc":"2.0","id":7,"method":"rpc.discover"}\n', expect=1)
+    names = {m["name"] for m in discover[0]["result"]["methods"]}
+    assert {"instance.start", "events.subscribe"} <= names
+    assert daemon.cli_json("ping")["version"]
+
+
+def test_kill_9_daemon_then_restart_adopts_running_vms(daemon: Daemon) -> None:
+    for name in ("a1", "a2", "a3"):
+        write_instance(daemon, name, autostart=True)
+    daemon.start()
+    before = {i["name"]: i["pid"] for i in daemon.cli_json("list")}
+    assert all(before.values())
+    daemon.kill(signal.SIGKILL)
+    for pid in before.values():
+        os.kill(pid, 0)  # still there: the VMs outlive their daemon
+    daemon.start()
+    after = {i["name"]: (i["state"], i["pid"]) for i in daemon.cli_json("list")}
+    assert after == {name: ("running", pid) for name, pid in before.items()}
+    assert daemon.cli_json("pause", "a2")["state"] == "paused"
+    stopped = daemon.cli_json("stop", "a1", "--force")
+    assert stopped["state"] == "stopped"
+    wait_gone(before["a1"])
+    for name in ("a2", "a3"):
+        daemon.cli("stop", name, "--force", check=True)
