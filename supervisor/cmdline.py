@@ -960,9 +960,17 @@ async def argv_for_spec_file(path: Path, config: Config) -> list[str]:
     uuid gets a fresh one (``start`` keeps its own); a display without
     ``network_port`` gets the first free port of the configured range, and a
     ``pool`` instance the first free uid, neither leased. Taps appear by fd name.
-    Raises `InvalidConfigError` naming the field at fault, `HypervisorError` when QEMU
-    cannot be probed.
+    Raises `InvalidConfigError` naming the field at fault (and, in ``data["file"]``,
+    the spec file), `HypervisorError` when QEMU cannot be probed.
     """
+    try:
+        return await _argv_for_spec_file(path, config)
+    except InvalidConfigError as error:
+        error.data.setdefault("file", str(path))
+        raise
+
+
+async def _argv_for_spec_file(path: Path, config: Config) -> list[str]:
     spec = assign_macs(ensure_uuid(load_instance_file(path)))
     hv = validated_hvparams(spec, config.hvparams)
     caps = await probe_qemu(hv.kvm_path)

@@ -6,6 +6,12 @@ machine's QEMU (for the pure tests and the golden argv files).
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
+import tempfile
+import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +120,53 @@ def ganeti_caps(help_file: str, *, devices: str = "") -> QemuCapabilities:
     help_text = (GANETI / help_file).read_text()
     machine_text = "Supported machines are:\npc         Standard PC (default)\n"
     return parse_capabilities("/usr/bin/kvm", help_text, machine_text, devices)
+
+
+def _qmp(sock: socket.socket, reader: Any, command: str) -> Any:
+    sock.sendall(json.dumps({"execute": command}).encode() + b"\n")
+    while True:
+        message = json.loads(reader.readline())
+        if "event" not in message:
+            return message
+
+
+def run_paused(argv: list[str], qmp_socket: Path, pass_fds: list[int]) -> str:
+    """Start QEMU with -S, check it over QMP, quit it; return its stderr."""
+    with tempfile.TemporaryFile() as stderr, ExitStack() as stack:
+        process = subprocess.Popen(
+            [*argv, "-S"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            pass_fds=pass_fds,
+        )
+        try:
+            deadline = time.monotonic() + 15
+            sock = socket.socket(socket.AF_UNIX)
+            stack.callback(sock.close)
+            while True:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    stderr.seek(0)
+                    message = stderr.read().decode(errors="replace")
+                    raise AssertionError(f"QEMU exited with {process.returncode}: {message}")
+                try:
+                    # The socket file appears at bind(), a moment before QEMU listens.
+                    sock.connect(str(qmp_socket))
+                except (FileNotFoundError, ConnectionRefusedError):
+                    time.sleep(0.01)
+                    continue
+                break
+            sock.settimeout(10)
+            reader = stack.enter_context(sock.makefile("r"))
+            assert "QMP" in json.loads(reader.readline())
+            assert _qmp(sock, reader, "qmp_capabilities") == {"return": {}}
+            status = _qmp(sock, reader, "query-status")["return"]
+            assert status["status"] == "prelaunch", status
+            assert _qmp(sock, reader, "quit") == {"return": {}}
+            assert process.wait(timeout=10) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        stderr.seek(0)
+        return stderr.read().decode(errors="replace")

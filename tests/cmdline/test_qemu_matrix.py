@@ -11,14 +11,12 @@ hypervisor parameter at least once; the two this host cannot honour (``vhost_net
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import socket
 import struct
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -40,6 +38,8 @@ from supervisor.hvparams import PARAMETER_NAMES, resolve_hvparams
 from supervisor.spec import assign_macs, decode_spec
 from supervisor.statedir import StateDir
 from supervisor.validation import check_host_basics, check_syntax
+
+from . import run_paused
 
 pytestmark = pytest.mark.qemu
 
@@ -195,56 +195,6 @@ def _open_tap(queues: int, vnet_hdr: bool) -> list[int]:
             os.close(fd)
         raise
     return fds
-
-
-def _qmp(sock: socket.socket, reader: Any, command: str) -> Any:
-    sock.sendall(json.dumps({"execute": command}).encode() + b"\n")
-    while True:
-        message = json.loads(reader.readline())
-        if "event" not in message:
-            return message
-
-
-def run_paused(argv: list[str], qmp_socket: Path, pass_fds: list[int]) -> str:
-    """Start QEMU with -S, check it over QMP, quit it; return its stderr."""
-    with tempfile.TemporaryFile() as stderr, ExitStack() as stack:
-        process = subprocess.Popen(
-            [*argv, "-S"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            pass_fds=pass_fds,
-        )
-        try:
-            deadline = time.monotonic() + 15
-            sock = socket.socket(socket.AF_UNIX)
-            stack.callback(sock.close)
-            while True:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    stderr.seek(0)
-                    message = stderr.read().decode(errors="replace")
-                    raise AssertionError(f"QEMU exited with {process.returncode}: {message}")
-                try:
-                    # The socket file appears at bind(), a moment before QEMU listens.
-                    sock.connect(str(qmp_socket))
-                except (FileNotFoundError, ConnectionRefusedError):
-                    time.sleep(0.01)
-                    continue
-                break
-            sock.settimeout(10)
-            reader = stack.enter_context(sock.makefile("r"))
-            assert "QMP" in json.loads(reader.readline())
-            assert _qmp(sock, reader, "qmp_capabilities") == {"return": {}}
-            status = _qmp(sock, reader, "query-status")["return"]
-            assert status["status"] == "prelaunch", status
-            assert _qmp(sock, reader, "quit") == {"return": {}}
-            assert process.wait(timeout=10) == 0
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        stderr.seek(0)
-        return stderr.read().decode(errors="replace")
 
 
 def _combinations(f: Files) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
