@@ -343,7 +343,8 @@ class _Builder:
         self.pci = _PciSlots(_pci_bus(self.machine), hv.kvm_pci_reservations)
         self.display_port = spec.network_port or resources.display_port
         self.run_as: str | None = None
-        self.scsi_ids = iter(range(256))
+        # The LSI controller has 7 targets (the 8th id is its own); the others use 255.
+        self.scsi_ids = iter(range(7 if hv.scsi_controller_type == "lsi" else 255))
         self.nic_devices = False
 
     def add(self, *args: str) -> None:
@@ -352,7 +353,7 @@ class _Builder:
     def build(self) -> CommandLine:
         if self.spec.uuid is None:
             raise InvalidConfigError("spec.uuid", "the instance has no uuid yet")
-        self._identity()
+        self._identity(self.spec.uuid)
         self._machine()
         self._memory_and_cpus()
         self._lifecycle()
@@ -382,12 +383,11 @@ class _Builder:
 
     # -- the machine ---------------------------------------------------------------
 
-    def _identity(self) -> None:
+    def _identity(self, uuid: str) -> None:
         name = self.spec.name
         self.add("-name", f"{name},debug-threads=on" if self.caps.name_debug_threads else name)
         if self.caps.uuid:
-            assert self.spec.uuid is not None
-            self.add("-uuid", self.spec.uuid)
+            self.add("-uuid", uuid)
 
     def _machine(self) -> None:
         hv, caps = self.hv, self.caps
@@ -739,7 +739,13 @@ class _Builder:
             device = f"{disk.model},drive={disk.drive_id},id={disk.device_id}"
             slot = scsi_id = None
             if disk.model.startswith("scsi"):
-                scsi_id = next(self.scsi_ids)
+                scsi_id = next(self.scsi_ids, None)
+                if scsi_id is None:
+                    raise InvalidConfigError(
+                        f"{HV}.scsi_controller_type",
+                        f"{self.hv.scsi_controller_type} has no SCSI target left for"
+                        f" {disk.kind} {disk.index}",
+                    )
                 device += f",bus={_SCSI_BUS},channel=0,scsi-id={scsi_id},lun=0"
             elif disk.model.endswith("-pci"):
                 placement, slot = self.pci.take(f"{disk.kind} {disk.index}")

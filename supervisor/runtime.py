@@ -23,6 +23,7 @@ from typing import Any, Final
 
 import msgspec
 
+from supervisor.accel import Accelerator
 from supervisor.cmdline import DiskPlan, NicPlan
 from supervisor.errors import InvalidConfigError
 from supervisor.hvparams import HvParams
@@ -66,8 +67,7 @@ class RuntimeRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     argv: tuple[str, ...]
     nics: tuple[NicPlan, ...] = ()
     disks: tuple[DiskPlan, ...] = ()
-    #: ``kvm`` or ``tcg``.
-    accel: str
+    accel: Accelerator
     #: `supervisor.capabilities.QemuCapabilities.fingerprint` of the QEMU started.
     qemu_fingerprint: str
     qemu_version: tuple[int, int, int]

@@ -417,6 +417,11 @@ def test_errors_name_the_field() -> None:
     assert _error(spec={"nics": [{"link": "br0"}, {"link": "br1"}]}, kvm_pci_reservations=31) == (
         "spec.hvparams.kvm_pci_reservations: no PCI slot left for NIC 1: lower kvm_pci_reservations"
     )
+    eight = {"disks": [{"path": f"/d{index}.img"} for index in range(8)]}
+    assert _error(spec=eight, disk_type="scsi-hd") == (
+        "spec.hvparams.scsi_controller_type: lsi has no SCSI target left for disk 7"
+    )
+    build(eight, disk_type="scsi-hd", scsi_controller_type="virtio-scsi-pci")
     assert _error(caps=modern_caps(default_machine=None)) == (
         "spec.hvparams.machine_version: QEMU names no default machine type: set one"
     )
