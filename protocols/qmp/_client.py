@@ -1,0 +1,457 @@
+"""The anyio shell around :class:`~protocols.qmp._core.QMPProtocol`: one socket, one
+reader task, one writer task, one task enforcing deadlines, any number of callers and
+event subscribers.
+
+After the handshake, the tasks read and write the raw socket themselves, waiting with
+``anyio.wait_readable``/``wait_writable``: fewer wake-ups per reply than the socket
+stream, which is used for connecting, the handshake and closing.
+
+Writes happen without awaiting whenever the socket takes the bytes at once, which is
+nearly always; the writer task only drains what the socket refused. Either way one
+command's bytes are written whole and in order, and the file descriptors it carries
+go out in the same ``sendmsg`` as its first byte, so no other command can come between
+a ``getfd`` and its descriptor.
+"""
+
+from __future__ import annotations
+
+import array
+import heapq
+import math
+import os
+import socket
+from collections import deque
+from collections.abc import AsyncGenerator, Collection, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Final
+
+import anyio
+from anyio.abc import SocketAttribute, UNIXSocketStream
+
+from ._core import (
+    CAPABILITIES_COMMAND,
+    NEED_DATA,
+    ConnectionClosed,
+    ErrorReply,
+    Greeting,
+    QMPEvent,
+    QMPProtocol,
+    QMPVersion,
+    ReturnReply,
+)
+from ._errors import ConnectionLostError, ExecuteError, QMPTimeoutError
+from ._subscription import DEFAULT_MAX_BUFFER, EventSubscription
+
+DEFAULT_TIMEOUT: Final = 10.0
+_RECEIVE_BYTES: Final = 65536
+
+
+_NO_REPLY: Final = object()
+_STALE_EXPIRIES: Final = 1024
+
+
+class _PendingCall:
+    """A command waiting for its reply; ``done`` is set by the reply, the deadline or the
+    loss of the connection, and the fields say which."""
+
+    __slots__ = ("done", "error", "timed_out", "value")
+
+    def __init__(self, done: anyio.Event) -> None:
+        self.done = done
+        self.value: Any = _NO_REPLY
+        self.error: ErrorReply | None = None
+        self.timed_out = False
+
+
+class _Outgoing:
+    """Bytes the socket has not taken yet; ``started`` once some of them went out."""
+
+    __slots__ = ("data", "fds", "started")
+
+    def __init__(self, data: bytes, fds: Sequence[int], *, started: bool) -> None:
+        self.data = data
+        self.fds = fds
+        self.started = started
+
+
+class QMPClient:
+    """A negotiated QMP connection; obtain one with :func:`connect`.
+
+    Any number of tasks may call :meth:`execute` at once and hold event subscriptions.
+    Methods raise plain exceptions, never exception groups.
+    """
+
+    def __init__(
+        self, stream: UNIXSocketStream, protocol: QMPProtocol, version: QMPVersion, timeout: float
+    ) -> None:
+        self._stream = stream
+        self._socket: socket.socket = stream.extra(SocketAttribute.raw_socket)
+        self._protocol = protocol
+        self._version = version
+        self._timeout = timeout
+        self._calls: dict[int, _PendingCall] = {}
+        # One task enforces every deadline: a cancel scope per call would cost more than
+        # the rest of a call's work. Entries of answered calls are dropped lazily.
+        self._expiries: list[tuple[float, int]] = []
+        self._expiry_target = math.inf
+        self._expiry_wakeup: anyio.Event | None = None
+        self._subscriptions: list[EventSubscription] = []
+        self._send_queue: deque[_Outgoing] = deque()
+        self._writer_wakeup: anyio.Event | None = None
+        self._closed = anyio.Event()
+        # The backend's own Event class: anyio.Event() looks the backend up on every call,
+        # a noticeable share of a call's cost.
+        self._new_event: type[anyio.Event] = type(self._closed)
+        self._loss_message: str | None = None
+        self._loss_cause: BaseException | None = None
+        self._background = anyio.CancelScope()
+
+    @property
+    def version(self) -> QMPVersion:
+        """QEMU's version, from the greeting."""
+        return self._version
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is gone (lost, or the ``async with`` block ended)."""
+        return self._loss_message is not None
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is gone; return at once if it already is.
+
+        On cancellation, nothing happens to the connection.
+        """
+        await self._closed.wait()
+
+    async def execute(
+        self,
+        command: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - per-call deadline, fixed by API.md §7
+        fds: Sequence[int] = (),
+    ) -> Any:
+        """Run a QMP command and return QEMU's ``return`` value.
+
+        Args:
+            command: the command name, e.g. ``"query-status"``.
+            arguments: the command's arguments, JSON-encodable.
+            timeout: seconds to wait for the reply; ``None`` uses the connection's
+                default (see :func:`connect`), ``math.inf`` waits for ever.
+            fds: file descriptors passed to QEMU with this command (``getfd``,
+                ``add-fd``). They are sent with the command's first byte or not at all,
+                and not used after this call returns or raises, so the caller may close
+                them then; QEMU holds its own duplicates.
+
+        Raises:
+            ExecuteError: QEMU answered with an error.
+            QMPTimeoutError: no reply within the deadline. QEMU may still run the
+                command; its late reply is discarded.
+            ConnectionLostError: the connection is gone or went away before the reply.
+            TypeError: ``arguments`` holds a value JSON cannot represent.
+
+        On cancellation the call is abandoned like on a timeout: a command not yet
+        written is withdrawn, one already written may still run and its reply is
+        discarded.
+        """
+        if self._loss_message is not None:
+            raise self._connection_lost_error()
+        command_id, data = self._protocol.send_command(command, arguments)
+        call = _PendingCall(self._new_event())
+        calls = self._calls
+        calls[command_id] = call
+        delay = self._timeout if timeout is None else timeout
+        if delay != math.inf:
+            self._expire_after(command_id, delay)
+        queued: _Outgoing | None = None
+        try:
+            queued = self._write(data, fds)
+            await call.done.wait()
+        finally:
+            del calls[command_id]
+            if queued is not None and not queued.started and self._loss_message is None:
+                self._send_queue.remove(queued)
+        if call.error is not None:
+            raise ExecuteError(command, call.error.error_class, call.error.desc)
+        if call.value is not _NO_REPLY:
+            return call.value
+        if call.timed_out:
+            raise QMPTimeoutError(command, delay)
+        raise self._connection_lost_error()
+
+    def events(
+        self, names: Collection[str] | None = None, *, max_buffer: int = DEFAULT_MAX_BUFFER
+    ) -> EventSubscription:
+        """Subscribe to QEMU's events.
+
+        Use it as ``async with client.events({"STOP", "RESUME"}) as events:``, then
+        ``async for event in events:``. Only events that arrive after the ``async
+        with`` is entered are received. See :class:`EventSubscription`.
+
+        Args:
+            names: the event names to receive, e.g. ``{"SHUTDOWN"}``; ``None`` for all.
+            max_buffer: how many events to hold for a subscriber that does not keep up;
+                more are dropped, counted in ``dropped`` and reported by an
+                :class:`EventsDropped` item.
+        """
+        return EventSubscription(names, max_buffer, self._attach, self._detach)
+
+    def _expire_after(self, command_id: int, delay: float) -> None:
+        deadline = anyio.current_time() + delay
+        expiries = self._expiries
+        if len(expiries) > 2 * len(self._calls) + _STALE_EXPIRIES:
+            expiries[:] = [entry for entry in expiries if entry[1] in self._calls]
+            heapq.heapify(expiries)
+        heapq.heappush(expiries, (deadline, command_id))
+        if deadline < self._expiry_target and self._expiry_wakeup is not None:
+            self._expiry_wakeup.set()
+            self._expiry_wakeup = None
+
+    async def _expire_calls(self) -> None:
+        """Time out calls whose deadline passed; sleeps until the earliest one."""
+        expiries = self._expiries
+        calls = self._calls
+        while True:
+            now = anyio.current_time()
+            while expiries and (expiries[0][0] <= now or expiries[0][1] not in calls):
+                _, command_id = heapq.heappop(expiries)
+                call = calls.get(command_id)
+                if call is not None:
+                    call.timed_out = True
+                    call.done.set()
+            self._expiry_target = expiries[0][0] if expiries else math.inf
+            self._expiry_wakeup = wakeup = anyio.Event()
+            with anyio.CancelScope(deadline=self._expiry_target):
+                await wakeup.wait()
+
+    def _attach(self, subscription: EventSubscription) -> None:
+        self._subscriptions.append(subscription)
+        if self._loss_message is not None:
+            subscription.connection_lost(self._connection_lost_error)
+
+    def _detach(self, subscription: EventSubscription) -> None:
+        self._subscriptions.remove(subscription)
+
+    def _write(self, data: bytes, fds: Sequence[int]) -> _Outgoing | None:
+        """Write a command now if nothing is queued before it, and queue what is left.
+
+        Returns the queued remainder, if any. Marks the connection lost on a socket
+        error.
+        """
+        if self._send_queue:
+            outgoing = _Outgoing(data, fds, started=False)
+        else:
+            try:
+                sent = self._send_some(data, fds)
+            except OSError as exc:
+                self._lose("the QMP socket failed", exc)
+                return None
+            if sent == len(data):
+                return None
+            outgoing = _Outgoing(data[sent:], fds if sent == 0 else (), started=sent > 0)
+        self._send_queue.append(outgoing)
+        if self._writer_wakeup is not None:
+            self._writer_wakeup.set()
+            self._writer_wakeup = None
+        return outgoing
+
+    def _send_some(self, data: bytes, fds: Sequence[int]) -> int:
+        """Write what the socket takes without blocking; return how many bytes that was."""
+        # MSG_NOSIGNAL: an embedding program may not ignore SIGPIPE as Python does.
+        try:
+            if fds:
+                rights = array.array("i", fds)
+                return self._socket.sendmsg(
+                    [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)], socket.MSG_NOSIGNAL
+                )
+            return self._socket.send(data, socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            return 0
+
+    async def _run_background(self) -> None:
+        with self._background:
+            async with anyio.create_task_group() as task_group:
+                task_group.start_soon(self._read_messages)
+                task_group.start_soon(self._write_queued)
+                task_group.start_soon(self._expire_calls)
+
+    async def _read_messages(self) -> None:
+        protocol = self._protocol
+        calls = self._calls
+        subscriptions = self._subscriptions
+        sock = self._socket
+        try:
+            while True:
+                # Waiting before every read, rather than only when the socket is empty,
+                # keeps a flood of events from starving the other tasks.
+                await anyio.wait_readable(sock)
+                try:
+                    data = sock.recv(_RECEIVE_BYTES)
+                except BlockingIOError:
+                    continue
+                protocol.receive_data(data)
+                while (event := protocol.next_event()) is not NEED_DATA:
+                    if isinstance(event, ReturnReply):
+                        call = calls.get(event.id)
+                        if call is not None:
+                            call.value = event.value
+                            call.done.set()
+                    elif isinstance(event, QMPEvent):
+                        for subscription in subscriptions:
+                            subscription.publish(event)
+                    elif isinstance(event, ErrorReply):
+                        call = calls.get(event.id)
+                        if call is not None:
+                            call.error = event
+                            call.done.set()
+                    elif isinstance(event, ConnectionClosed):
+                        self._lose("QEMU closed the QMP connection", None)
+                        return
+        except Exception as exc:
+            # The first failure of a background task is the root cause every caller sees.
+            self._lose("the QMP connection failed", exc)
+
+    async def _write_queued(self) -> None:
+        queue = self._send_queue
+        try:
+            while True:
+                if not queue:
+                    self._writer_wakeup = wakeup = anyio.Event()
+                    await wakeup.wait()
+                    continue
+                outgoing = queue[0]
+                sent = self._send_some(outgoing.data, outgoing.fds)
+                if sent:
+                    outgoing.started = True
+                    outgoing.fds = ()
+                    outgoing.data = outgoing.data[sent:]
+                if outgoing.data:
+                    await anyio.wait_writable(self._socket)
+                else:
+                    queue.popleft()
+        except Exception as exc:
+            self._lose("the QMP socket failed", exc)
+
+    def _lose(self, message: str, cause: BaseException | None) -> None:
+        """Fail every pending call and subscription, and stop the background tasks."""
+        if self._loss_message is not None:
+            return
+        self._loss_message = message
+        self._loss_cause = cause
+        for call in self._calls.values():
+            call.done.set()
+        for subscription in self._subscriptions:
+            subscription.connection_lost(self._connection_lost_error)
+        self._send_queue.clear()
+        self._background.cancel()
+        self._closed.set()
+
+    def _connection_lost_error(self) -> ConnectionLostError:
+        error = ConnectionLostError(self._loss_message)
+        error.__cause__ = self._loss_cause
+        return error
+
+
+class _Session(anyio.AsyncContextManagerMixin):
+    def __init__(self, path: str | os.PathLike[str], timeout: float) -> None:
+        self._path = path
+        self._timeout = timeout
+
+    @asynccontextmanager
+    async def __asynccontextmanager__(self) -> AsyncGenerator[QMPClient]:
+        stream, protocol, version = await _handshake(self._path, self._timeout)
+        client = QMPClient(stream, protocol, version, self._timeout)
+        body_error: BaseException | None = None
+        try:
+            async with anyio.create_task_group() as task_group:
+                task_group.start_soon(client._run_background)
+                try:
+                    yield client
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except BaseException as exc:
+                    # The task group would wrap the body's exception in an exception
+                    # group; the background tasks never raise, so it leaves unwrapped.
+                    body_error = exc
+                finally:
+                    client._lose("the QMP client was closed", None)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+        if body_error is not None:
+            raise body_error
+
+
+def connect(
+    path: str | os.PathLike[str], *, timeout: float = DEFAULT_TIMEOUT
+) -> AbstractAsyncContextManager[QMPClient]:
+    """Connect to QEMU's QMP unix socket: an async context manager yielding a
+    :class:`QMPClient`.
+
+    Entering reads the greeting (skipping events sent before it) and negotiates
+    capabilities, enabling ``oob`` when QEMU offers it. Leaving closes the socket:
+    calls still pending in other tasks and event iterators then raise
+    :class:`ConnectionLostError`. Losing the connection never makes leaving raise;
+    an exception from the block's body leaves as it is, not in an exception group.
+
+    Args:
+        path: the socket QEMU listens on (``-qmp unix:PATH,server=on``).
+        timeout: the deadline of the handshake, and the default deadline of
+            :meth:`QMPClient.execute`, in seconds (``math.inf`` for none).
+
+    Raises (on entering):
+        OSError: the socket cannot be connected (missing, refused).
+        QMPTimeoutError: the handshake did not finish within ``timeout``.
+        ProtocolError: the server's greeting or negotiation reply was not valid QMP.
+        ExecuteError: QEMU refused ``qmp_capabilities``.
+        ConnectionLostError: QEMU closed the connection during the handshake.
+
+    Cancellation while entering closes the socket.
+    """
+    return _Session(path, timeout)
+
+
+async def _handshake(
+    path: str | os.PathLike[str], deadline_s: float
+) -> tuple[UNIXSocketStream, QMPProtocol, QMPVersion]:
+    protocol = QMPProtocol()
+    with anyio.move_on_after(deadline_s):
+        stream = await anyio.connect_unix(path)
+        try:
+            version = await _negotiate(stream, protocol)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+            raise
+        return stream, protocol, version
+    raise QMPTimeoutError(None, deadline_s)
+
+
+async def _negotiate(stream: UNIXSocketStream, protocol: QMPProtocol) -> QMPVersion:
+    greeting = await _next_handshake_event(stream, protocol)
+    assert isinstance(greeting, Greeting)
+    arguments = {"enable": ["oob"]} if "oob" in greeting.capabilities else None
+    _, data = protocol.send_command(CAPABILITIES_COMMAND, arguments)
+    await stream.send(data)
+    reply = await _next_handshake_event(stream, protocol)
+    if isinstance(reply, ErrorReply):
+        raise ExecuteError(CAPABILITIES_COMMAND, reply.error_class, reply.desc)
+    return greeting.version
+
+
+async def _next_handshake_event(
+    stream: UNIXSocketStream, protocol: QMPProtocol
+) -> Greeting | ReturnReply | ErrorReply:
+    """The next greeting or reply; the core rejects any that is out of place."""
+    while True:
+        event = protocol.next_event()
+        if event is NEED_DATA:
+            try:
+                protocol.receive_data(await stream.receive(_RECEIVE_BYTES))
+            except anyio.EndOfStream:
+                protocol.receive_data(b"")
+        elif isinstance(event, ConnectionClosed):
+            raise ConnectionLostError("QEMU closed the QMP connection during the handshake")
+        elif not isinstance(event, QMPEvent):
+            # Events before negotiation have no subscriber yet.
+            return event
