@@ -51,6 +51,7 @@ __all__ = [
     "parse_machine_help",
     "parse_version",
     "probe_qemu",
+    "scsi_controller_model",
     "usb_device_model",
 ]
 
