@@ -43,7 +43,7 @@ import pwd
 import shlex
 import socket
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Final, Literal
 
@@ -911,8 +911,11 @@ def run_as_for_uid(uid: int) -> str:
         return f"{uid}:{uid}"
 
 
-def _free_port(low: int, high: int) -> int | None:
+def free_port(low: int, high: int, taken: Collection[int] = ()) -> int | None:
+    """The first TCP port of ``low..high`` that is not in `taken` and can be bound now."""
     for port in range(low, high + 1):
+        if port in taken:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             try:
                 probe.bind(("0.0.0.0", port))
@@ -922,11 +925,25 @@ def _free_port(low: int, high: int) -> int | None:
     return None
 
 
+def bind_addresses(hv: HvParams) -> tuple[str | None, str | None]:
+    """The addresses of the interfaces named by ``vnc_bind_address`` and ``spice_bind``.
+
+    None for a bind that is already an IP (or a VNC socket dir) or is not set.
+    """
+    vnc_address = spice_address = None
+    vnc = hv.vnc_bind_address
+    if vnc and _ip_version(vnc) is None and not vnc.startswith("/"):
+        vnc_address = _interface_address(vnc, 4, f"{HV}.vnc_bind_address")
+    if hv.spice_bind and _ip_version(hv.spice_bind) is None:
+        spice_address = _interface_address(hv.spice_bind, hv.spice_ip_version, f"{HV}.spice_bind")
+    return vnc_address, spice_address
+
+
 def _resources_for(spec: InstanceSpec, hv: HvParams, config: Config) -> LaunchResources:
     """What the daemon would lease for `spec` now, without leasing anything."""
     display_port = None
     if (hv.vnc_bind_address or hv.spice_bind) and spec.network_port is None:
-        display_port = _free_port(*config.display_port_range)
+        display_port = free_port(*config.display_port_range)
         if display_port is None:
             low, high = config.display_port_range
             raise InvalidConfigError("display_port_range", f"no free port in {low}-{high}")
@@ -943,12 +960,7 @@ def _resources_for(spec: InstanceSpec, hv: HvParams, config: Config) -> LaunchRe
         if uid is None:
             raise InvalidConfigError("uid_pool", "no free uid in the pool")
         pool_user = run_as_for_uid(uid)
-    vnc_address = spice_address = None
-    vnc = hv.vnc_bind_address
-    if vnc and _ip_version(vnc) is None and not vnc.startswith("/"):
-        vnc_address = _interface_address(hv.vnc_bind_address, 4, f"{HV}.vnc_bind_address")
-    if hv.spice_bind and _ip_version(hv.spice_bind) is None:
-        spice_address = _interface_address(hv.spice_bind, hv.spice_ip_version, f"{HV}.spice_bind")
+    vnc_address, spice_address = bind_addresses(hv)
     return LaunchResources(
         display_port=display_port,
         pool_user=pool_user,

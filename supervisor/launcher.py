@@ -29,8 +29,9 @@ from supervisor.capabilities import CapabilityCache, check_host_qemu
 from supervisor.chroot import create_chroot, remove_chroot
 from supervisor.cmdline import (
     LaunchResources,
+    bind_addresses,
     build_command_line,
-    interface_addresses,
+    free_port,
     run_as_for_uid,
     socket_path_problems,
 )
@@ -90,19 +91,6 @@ def _listening_socket(path: Path) -> socket.socket:
         listener.close()
         raise
     return listener
-
-
-def _free_tcp_port(low: int, high: int, taken: set[int]) -> int | None:
-    for port in range(low, high + 1):
-        if port in taken:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-        return port
-    return None
 
 
 class Launcher:
@@ -190,7 +178,7 @@ class Launcher:
             argv=command.argv,
             nics=command.nics,
             disks=command.disks,
-            accel=str(command.accel),
+            accel=command.accel,
             qemu_fingerprint=caps.fingerprint,
             qemu_version=caps.version,
             paths=paths,
@@ -203,7 +191,7 @@ class Launcher:
         display_port = None
         if (hv.vnc_bind_address or hv.spice_bind) and spec.network_port is None:
             low, high = self.config.display_port_range
-            display_port = _free_tcp_port(low, high, set(self._leased_ports.values()))
+            display_port = free_port(low, high, set(self._leased_ports.values()))
             if display_port is None:
                 raise InvalidConfigError("display_port_range", f"no free port in {low}-{high}")
             self._leased_ports[spec.name] = display_port
@@ -216,11 +204,7 @@ class Launcher:
             except UidPoolExhausted as error:
                 raise InvalidConfigError("uid_pool", str(error)) from None
             pool_user = run_as_for_uid(uid)
-        vnc_address = spice_address = None
-        if hv.vnc_bind_address and not _is_ip_or_path(hv.vnc_bind_address):
-            vnc_address = _first_address(hv.vnc_bind_address, 4, "vnc_bind_address")
-        if hv.spice_bind and not _is_ip_or_path(hv.spice_bind):
-            spice_address = _first_address(hv.spice_bind, hv.spice_ip_version, "spice_bind")
+        vnc_address, spice_address = bind_addresses(hv)
         return (
             LaunchResources(
                 display_port=display_port,
@@ -349,23 +333,3 @@ def _secret(path: str) -> str:
         return Path(path).read_text().strip("\n")
     except OSError as error:
         raise InvalidConfigError("spec.hvparams", f"{path}: {error.strerror}") from None
-
-
-def _is_ip_or_path(value: str) -> bool:
-    if value.startswith("/"):
-        return True
-    try:
-        socket.inet_pton(socket.AF_INET6 if ":" in value else socket.AF_INET, value)
-    except OSError:
-        return False
-    return True
-
-
-def _first_address(interface: str, ip_version: int, field: str) -> str:
-    v4, v6 = interface_addresses(interface)
-    addresses = v6 if ip_version == 6 else v4
-    if not addresses:
-        raise InvalidConfigError(
-            f"spec.hvparams.{field}", f"interface {interface!r} has no IPv{ip_version} address"
-        )
-    return addresses[0]
