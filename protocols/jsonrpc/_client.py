@@ -1,0 +1,259 @@
+"""A minimal async JSON-RPC client of the control socket, for the CLI and tests.
+
+One reader task routes responses to their callers by id (calls may run concurrently)
+and queues server notifications for :meth:`RPCClient.notifications`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+from collections.abc import AsyncGenerator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Final, Self
+
+import anyio
+import msgspec
+from anyio.abc import SocketAttribute, UNIXSocketStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from msgspec import UNSET
+
+from ._codec import decode_server_line, encode_message
+from ._errors import ProtocolError, RPCConnectionLostError, RPCError
+from ._framing import LineFramer, Oversize
+from ._messages import ErrorResponse, Notification, Request, Response
+
+DEFAULT_CLIENT_MAX_LINE_BYTES: Final = 64 * 1024 * 1024
+DEFAULT_MAX_NOTIFICATIONS: Final = 1024
+_RECEIVE_BYTES: Final = 65536
+_ENCODER: Final = msgspec.json.Encoder()
+
+
+def connect_unix(
+    path: str | os.PathLike[str],
+    *,
+    max_line_bytes: int = DEFAULT_CLIENT_MAX_LINE_BYTES,
+    max_notifications: int = DEFAULT_MAX_NOTIFICATIONS,
+) -> RPCClient:
+    """Connect to a JSON-RPC server's unix socket (the daemon's control socket).
+
+    Use it as ``async with connect_unix(path) as client:``. Leaving the block closes the
+    connection (calls still pending in other tasks raise
+    :exc:`RPCConnectionLostError`) and never raises because the connection was lost; an
+    exception from the block leaves as it is, not in an exception group.
+
+    :param max_line_bytes: the longest line accepted from the server; a longer one is a
+        protocol error that ends the connection.
+    :param max_notifications: how many notifications to hold for a consumer that does
+        not keep up; more are dropped and counted in
+        :attr:`RPCClient.notifications_dropped`.
+    :raises OSError: on entering, the socket cannot be connected (missing, refused).
+    """
+    return RPCClient(path, max_line_bytes=max_line_bytes, max_notifications=max_notifications)
+
+
+class _PendingCall:
+    __slots__ = ("done", "reply")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.reply: Response | ErrorResponse | None = None
+
+
+class RPCClient(anyio.AsyncContextManagerMixin):
+    """A connection to a JSON-RPC 2.0 server; see :func:`connect_unix`."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_line_bytes: int = DEFAULT_CLIENT_MAX_LINE_BYTES,
+        max_notifications: int = DEFAULT_MAX_NOTIFICATIONS,
+    ) -> None:
+        self._path = path
+        self._max_line_bytes = max_line_bytes
+        self._ids = itertools.count(1)
+        self._calls: dict[int, _PendingCall] = {}
+        self._send_lock = anyio.Lock()
+        self._socket: socket.socket | None = None
+        self._loss: str | None = "the client is not connected"
+        self._loss_cause: BaseException | None = None
+        self._notifications_dropped = 0
+        self._notifications_in: MemoryObjectSendStream[Notification]
+        self._notifications_out: MemoryObjectReceiveStream[Notification]
+        self._notifications_in, self._notifications_out = anyio.create_memory_object_stream[
+            Notification
+        ](max_notifications)
+
+    @property
+    def notifications_dropped(self) -> int:
+        """How many notifications were dropped because the consumer did not keep up."""
+        return self._notifications_dropped
+
+    @asynccontextmanager
+    async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
+        body_error: BaseException | None = None
+        try:
+            stream = await anyio.connect_unix(self._path)
+            self._socket = stream.extra(SocketAttribute.raw_socket)
+            self._loss = None
+            try:
+                async with anyio.create_task_group() as task_group:
+                    task_group.start_soon(self._read_messages, stream)
+                    try:
+                        yield self
+                    except anyio.get_cancelled_exc_class():
+                        raise
+                    except BaseException as exc:
+                        # The task group would wrap it in an exception group; the reader
+                        # never raises, so re-raising it afterwards keeps it bare.
+                        body_error = exc
+                    finally:
+                        self._lose("the client was closed", None)
+                        task_group.cancel_scope.cancel()
+            finally:
+                await anyio.aclose_forcefully(stream)
+        finally:
+            self._notifications_in.close()
+            self._notifications_out.close()
+        if body_error is not None:
+            raise body_error
+
+    async def call(self, method: str, params: Any = None) -> Any:
+        """Call a method and return its result (decoded JSON: dicts, lists, ...).
+
+        :param params: the params (by name: a mapping or a Struct), or ``None`` for none.
+        :raises RPCError: the server answered with an error.
+        :raises RPCConnectionLostError: the connection is gone, or went away before the
+            answer.
+        :raises TypeError: ``params`` holds something JSON cannot represent.
+
+        On cancellation the call is abandoned; if it was sent, the server still runs it
+        and its answer is discarded.
+        """
+        encoded = UNSET if params is None else msgspec.Raw(_ENCODER.encode(params))
+        request_id = next(self._ids)
+        line = encode_message(Request(jsonrpc="2.0", method=method, params=encoded, id=request_id))
+        pending = _PendingCall()
+        self._calls[request_id] = pending
+        try:
+            await self._send(line)
+            await pending.done.wait()
+        finally:
+            del self._calls[request_id]
+        reply = pending.reply
+        if reply is None:
+            raise self._connection_lost_error()
+        if isinstance(reply, ErrorResponse):
+            error = reply.error
+            raise RPCError(error.code, error.message, None if error.data is UNSET else error.data)
+        return reply.result
+
+    def notifications(self) -> NotificationStream:
+        """The server's notifications, oldest first, as an async iterator.
+
+        Notifications are queued from the moment the connection opens, whether or not
+        anyone iterates; meant for one consumer at a time.
+        """
+        return NotificationStream(self._notifications_out, self._connection_lost_error)
+
+    async def _send(self, line: bytes) -> None:
+        """Write a whole line; a line cut short by cancellation ends the connection, since
+        the server would read its rest glued to the next one."""
+        sock = self._socket
+        if self._loss is not None or sock is None:
+            raise self._connection_lost_error()
+        async with self._send_lock:
+            view = memoryview(line)
+            while view:
+                try:
+                    # MSG_NOSIGNAL: an embedding program may not ignore SIGPIPE as Python does.
+                    view = view[sock.send(view, socket.MSG_NOSIGNAL) :]
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    self._lose("the control socket failed", exc)
+                    raise self._connection_lost_error() from None
+                if view:
+                    try:
+                        await anyio.wait_writable(sock)
+                    except BaseException:
+                        if len(view) < len(line):
+                            self._lose("a request was cut short by cancellation", None)
+                        raise
+
+    async def _read_messages(self, stream: UNIXSocketStream) -> None:
+        framer = LineFramer(self._max_line_bytes)
+        try:
+            while True:
+                try:
+                    data = await stream.receive(_RECEIVE_BYTES)
+                except anyio.EndOfStream:
+                    data = b""
+                for line in framer.feed(data):
+                    self._dispatch_line(line)
+                if not data:
+                    self._lose("the server closed the connection", None)
+                    return
+        except Exception as exc:
+            # The first failure is the root cause every caller sees.
+            self._lose("the connection failed", exc)
+
+    def _dispatch_line(self, line: bytes | Oversize) -> None:
+        if isinstance(line, Oversize):
+            raise ProtocolError(f"server sent a line over {line.max_line_bytes} bytes")
+        if not line.strip():
+            return
+        for message in decode_server_line(line):
+            if isinstance(message, Notification):
+                try:
+                    self._notifications_in.send_nowait(message)
+                except anyio.WouldBlock:
+                    self._notifications_dropped += 1
+                continue
+            pending = self._calls.get(message.id) if isinstance(message.id, int) else None
+            if pending is not None:
+                pending.reply = message
+                pending.done.set()
+
+    def _lose(self, reason: str, cause: BaseException | None) -> None:
+        """Fail every pending call and end the notifications, once."""
+        if self._loss is not None:
+            return
+        self._loss = reason
+        self._loss_cause = cause
+        for pending in self._calls.values():
+            pending.done.set()
+        self._notifications_in.close()
+
+    def _connection_lost_error(self) -> RPCConnectionLostError:
+        error = RPCConnectionLostError(self._loss)
+        error.__cause__ = self._loss_cause
+        return error
+
+
+class NotificationStream:
+    """Async iterator over a client's notifications; see :meth:`RPCClient.notifications`.
+
+    Once the queued notifications are consumed and the connection is gone (whatever the
+    reason, the client's closing included), it raises :exc:`RPCConnectionLostError`.
+    """
+
+    def __init__(
+        self,
+        queue: MemoryObjectReceiveStream[Notification],
+        end_error: Callable[[], RPCConnectionLostError],
+    ) -> None:
+        self._queue = queue
+        self._end_error = end_error
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Notification:
+        """Wait for the next notification; on cancellation nothing is consumed."""
+        try:
+            return await self._queue.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise self._end_error() from None
