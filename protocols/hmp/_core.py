@@ -50,10 +50,10 @@ DEFAULT_MAX_REPLY_BYTES: Final = 16 * 1024 * 1024
 
 _LINE_PROMPT: Final = b"\n" + PROMPT
 _BANNER_START: Final = b"QEMU "
-# CSI sequences (cursor moves, line erase), two-byte escapes, and every C0 control but
-# tab and newline (the monitor ends lines with CRLF).
+# CSI sequences (cursor moves, line erase), other escape sequences, and every C0 control
+# but tab and newline (the monitor ends lines with CRLF).
 _TERMINAL_CONTROL: Final = re.compile(
-    rb"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]|[\x00-\x08\x0b-\x1f\x7f]"
+    rb"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[ -/]*[0-~]|[\x00-\x08\x0b-\x1f\x7f]"
 )
 _FORBIDDEN_IN_COMMAND: Final = re.compile(r"[\x00-\x1f\x7f]")
 # HMP has no error channel: these are the shapes QEMU 7.2 gives its failures (hmp
