@@ -16,6 +16,7 @@ a ``getfd`` and its descriptor.
 from __future__ import annotations
 
 import array
+import contextlib
 import heapq
 import math
 import os
@@ -289,6 +290,9 @@ class QMPClient:
                     data = sock.recv(_RECEIVE_BYTES)
                 except BlockingIOError:
                     continue
+                except ConnectionResetError:
+                    # QEMU went away with commands of ours unread: a close, to us.
+                    data = b""
                 protocol.receive_data(data)
                 while (event := protocol.next_event()) is not NEED_DATA:
                     if isinstance(event, ReturnReply):
@@ -344,6 +348,10 @@ class QMPClient:
             subscription.connection_lost(self._connection_lost_error)
         self._send_queue.clear()
         self._background.cancel()
+        # Nothing reads or writes from now on: let the peer know at once, not only when
+        # the ``async with`` block ends and the socket is closed.
+        with contextlib.suppress(OSError):
+            self._socket.shutdown(socket.SHUT_RDWR)
         self._closed.set()
 
     def _connection_lost_error(self) -> ConnectionLostError:
