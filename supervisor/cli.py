@@ -230,7 +230,7 @@ async def _events(args: argparse.Namespace) -> int:
     async with connect_unix(_socket_path(args)) as client:
         await client.call("events.subscribe", params)
         async for notification in client.notifications():
-            event = notification.get("params", {})
+            event = notification.params if isinstance(notification.params, dict) else {}
             if args.json:
                 _print_json(event)
             else:

@@ -34,6 +34,8 @@ from supervisor.openrpc import openrpc_document
 
 _log = structlog.get_logger("supervisor.rpc")
 
+Response = jsonrpc.Response | jsonrpc.ErrorResponse
+
 
 def peer_uid_gid(sock: socket.socket) -> tuple[int, int, int]:
     """``(pid, uid, gid)`` of the process at the other end of a unix socket."""
@@ -79,7 +81,7 @@ class _Connection:
     async def handle_line(self, line: bytes) -> None:
         incoming = jsonrpc.decode_incoming(line)
         if incoming.is_batch:
-            self.tg.start_soon(self._answer_batch, incoming)
+            self.tg.start_soon(self._answer_batch, incoming.items)
             return
         for item in incoming.items:
             self.tg.start_soon(self._answer_one, item)
@@ -87,49 +89,46 @@ class _Connection:
     async def _answer_one(self, item: jsonrpc.Incoming) -> None:
         response = await self._dispatch(item)
         if response is not None:
-            await self.send(response)
+            await self.send(jsonrpc.encode_message(response))
 
-    async def _answer_batch(self, incoming: jsonrpc.IncomingBatch) -> None:
-        responses: list[bytes | None] = [None] * len(incoming.items)
+    async def _answer_batch(self, items: list[jsonrpc.Incoming]) -> None:
+        responses: list[Response | None] = [None] * len(items)
 
         async def answer(index: int, item: jsonrpc.Incoming) -> None:
             responses[index] = await self._dispatch(item)
 
         async with anyio.create_task_group() as tg:
-            for index, item in enumerate(incoming.items):
+            for index, item in enumerate(items):
                 tg.start_soon(answer, index, item)
         batch = jsonrpc.encode_batch([r for r in responses if r is not None])
         if batch is not None:
             await self.send(batch)
 
-    async def _dispatch(self, item: jsonrpc.Incoming) -> bytes | None:
-        """The encoded response to one request (None for a notification)."""
+    async def _dispatch(self, item: jsonrpc.Incoming) -> Response | None:
+        """The response to one request (None for a notification)."""
         if isinstance(item, jsonrpc.ErrorResponse):
-            return jsonrpc.encode_message(item)
+            return item
         request = item
-        log = self.log.bind(method=request.method, request_id=request.id)
+        request_id = None if isinstance(request.id, msgspec.UnsetType) else request.id
+        log = self.log.bind(method=request.method, request_id=request_id)
+        response: Response
         try:
             result = await self._call(request)
         except SupervisorError as error:
             log.info("request failed", code=error.code, error=str(error))
-            response: Any = jsonrpc.error_response(
-                request.id, error.code, str(error), error.data or None
-            )
+            response = jsonrpc.error_response(request_id, error.code, str(error), error.data)
         except jsonrpc.RPCError as error:
-            response = jsonrpc.error_response(request.id, error.code, error.message, error.data)
+            response = jsonrpc.error_response(request_id, error.code, error.message, error.data)
         except Exception as error:
             log.exception("request crashed")
             response = jsonrpc.error_response(
-                request.id,
+                request_id,
                 jsonrpc.ErrorCode.INTERNAL_ERROR,
                 f"internal error: {type(error).__name__}: {error}",
-                None,
             )
         else:
-            response = jsonrpc.result_response(request.id, result)
-        if request.is_notification:
-            return None
-        return jsonrpc.encode_message(response)
+            response = jsonrpc.result_response(request_id, result)
+        return None if request.is_notification else response
 
     async def _call(self, request: jsonrpc.Request) -> Any:
         if request.method == "events.subscribe":
@@ -219,7 +218,8 @@ async def _serve_connection(sup: Supervisor, stream: SocketStream) -> None:
                     try:
                         line = await receiver.receive_until(b"\n", max_bytes)
                     except anyio.DelimiterNotFound:
-                        await connection.send(jsonrpc.oversize_response(max_bytes))
+                        oversize = jsonrpc.oversize_response(max_bytes)
+                        await connection.send(jsonrpc.encode_message(oversize))
                         break
                     except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError):
                         break
