@@ -11,12 +11,14 @@ connection is dropped and the command after it starts on a fresh one.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Final, Protocol, Self
 
 import anyio
-from anyio.abc import UNIXSocketStream
+import anyio.lowlevel
+from anyio.abc import SocketAttribute, UNIXSocketStream
 
 from protocols import qmp
 
@@ -109,6 +111,7 @@ class HMPClient(anyio.AsyncContextManagerMixin):
         self._max_reply_bytes = max_reply_bytes
         self._lock = anyio.Lock()
         self._stream: UNIXSocketStream | None = None
+        self._socket: socket.socket | None = None
         self._connection = HMPConnection(max_reply_bytes=max_reply_bytes)
         self._banner = ""
         self._loss: str | None = None
@@ -171,24 +174,24 @@ class HMPClient(anyio.AsyncContextManagerMixin):
         """Send one command and read its reply; the caller holds the lock."""
         if self._loss is not None:
             raise HMPConnectionLostError(self._loss)
-        stream = self._stream
-        if stream is None:
+        sock = self._socket
+        if sock is None:
             try:
-                stream = await self._connect()
+                sock = await self._connect()
             except OSError as exc:
                 raise await self._lose("the monitor socket cannot be reconnected") from exc
         connection = self._connection
         if connection.abandoned_pending:
             try:
-                await self._discard_abandoned(stream)
+                await self._discard_abandoned(sock)
             except BaseException:
                 # Silent through a whole deadline more: start afresh next time.
                 await self._drop_connection()
                 raise
         data = connection.send_command(text)
         try:
-            await stream.send(data)
-        except (anyio.BrokenResourceError, OSError) as exc:
+            await _send_all(sock, data)
+        except OSError as exc:
             raise await self._lose("the monitor socket failed") from exc
         except BaseException:
             # Part of the command may sit in QEMU's line editor: only a new connection
@@ -196,7 +199,7 @@ class HMPClient(anyio.AsyncContextManagerMixin):
             await self._drop_connection()
             raise
         try:
-            event = await self._receive_event(stream)
+            event = await self._receive_event(sock)
         except HMPProtocolError:
             await self._drop_connection()
             raise
@@ -207,19 +210,20 @@ class HMPClient(anyio.AsyncContextManagerMixin):
             raise await self._lose(f"QEMU closed the monitor connection during {text!r}")
         return event
 
-    async def _discard_abandoned(self, stream: UNIXSocketStream) -> None:
+    async def _discard_abandoned(self, sock: socket.socket) -> None:
         """Read and drop the late replies of commands whose callers gave up."""
         while self._connection.abandoned_pending:
-            if isinstance(await self._receive_event(stream), Closed):
+            if isinstance(await self._receive_event(sock), Closed):
                 raise await self._lose("QEMU closed the monitor connection")
 
-    async def _connect(self) -> UNIXSocketStream:
+    async def _connect(self) -> socket.socket:
         """Open a connection and read the banner; leaves nothing open if that fails."""
         stream = await anyio.connect_unix(self._path)
         self._stream = stream
+        self._socket = sock = stream.extra(SocketAttribute.raw_socket)
         self._connection = HMPConnection(max_reply_bytes=self._max_reply_bytes)
         try:
-            banner = await self._receive_event(stream)
+            banner = await self._receive_event(sock)
         except BaseException:
             await self._drop_connection()
             raise
@@ -227,16 +231,12 @@ class HMPClient(anyio.AsyncContextManagerMixin):
             await self._drop_connection()
             raise HMPConnectionLostError("QEMU closed the monitor connection before its banner")
         self._banner = banner.text
-        return stream
+        return sock
 
-    async def _receive_event(self, stream: UNIXSocketStream) -> Event:
+    async def _receive_event(self, sock: socket.socket) -> Event:
         connection = self._connection
         while (event := connection.next_event()) is NEED_DATA:
-            try:
-                data = await stream.receive(_RECEIVE_BYTES)
-            except (anyio.EndOfStream, anyio.BrokenResourceError):
-                data = b""
-            connection.receive_data(data)
+            connection.receive_data(await _receive(sock))
         return event
 
     async def _lose(self, reason: str) -> HMPConnectionLostError:
@@ -247,8 +247,37 @@ class HMPClient(anyio.AsyncContextManagerMixin):
 
     async def _drop_connection(self) -> None:
         stream, self._stream = self._stream, None
+        self._socket = None
         if stream is not None:
             await anyio.aclose_forcefully(stream)
+
+
+# The raw socket is read and written directly: anyio's asyncio socket stream may log an
+# InvalidStateError when a receive is cancelled just as data arrives, which is exactly
+# what a deadline does.
+
+
+async def _receive(sock: socket.socket) -> bytes:
+    """Bytes from the socket, ``b""`` at its end (a reset counts as the end)."""
+    while True:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        try:
+            return sock.recv(_RECEIVE_BYTES)
+        except BlockingIOError:
+            await anyio.wait_readable(sock)
+        except OSError:
+            return b""
+
+
+async def _send_all(sock: socket.socket, data: bytes) -> None:
+    """Write all of ``data``; raises OSError if the socket failed."""
+    view = memoryview(data)
+    while view:
+        try:
+            # MSG_NOSIGNAL: an embedding program may not ignore SIGPIPE as Python does.
+            view = view[sock.send(view, socket.MSG_NOSIGNAL) :]
+        except BlockingIOError:
+            await anyio.wait_writable(sock)
 
 
 class QMPExecutor(Protocol):

@@ -275,15 +275,21 @@ class HMPConnection:
         return Banner(banner)
 
     def _find_prompt(self) -> int | None:
-        """Offset where a prompt starting a line begins, or None (the buffer is checked)."""
-        if self._buffer.startswith(PROMPT):
+        """Offset where a prompt starting a line begins, or None if none has come yet.
+
+        :raises HMPProtocolError: the text before the prompt is, or is bound to be, longer
+            than the limit (however the bytes were chunked).
+        """
+        buffer = self._buffer
+        if buffer.startswith(PROMPT):
             return 0
-        found = self._buffer.find(_LINE_PROMPT, self._prompt_search_from)
+        found = buffer.find(_LINE_PROMPT, self._prompt_search_from)
+        # A prompt within the limit would be complete at this length.
+        if (found < 0 and len(buffer) >= self._max_reply_bytes + len(PROMPT)) or (
+            found >= self._max_reply_bytes
+        ):
+            raise HMPProtocolError(f"monitor reply exceeds {self._max_reply_bytes} bytes")
         if found >= 0:
             return found + 1
-        if len(self._buffer) > self._max_reply_bytes:
-            raise HMPProtocolError(
-                f"monitor reply exceeds {self._max_reply_bytes} bytes without a prompt"
-            )
-        self._prompt_search_from = max(0, len(self._buffer) - len(_LINE_PROMPT) + 1)
+        self._prompt_search_from = max(0, len(buffer) - len(_LINE_PROMPT) + 1)
         return None

@@ -9,14 +9,14 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Final, Self
 
 import anyio
 import msgspec
-from anyio.abc import SocketAttribute, UNIXSocketStream
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.abc import SocketAttribute
 from msgspec import UNSET
 
 from ._codec import decode_server_line, encode_message
@@ -79,44 +79,35 @@ class RPCClient(anyio.AsyncContextManagerMixin):
         self._socket: socket.socket | None = None
         self._loss: str | None = "the client is not connected"
         self._loss_cause: BaseException | None = None
-        self._notifications_dropped = 0
-        self._notifications_in: MemoryObjectSendStream[Notification]
-        self._notifications_out: MemoryObjectReceiveStream[Notification]
-        self._notifications_in, self._notifications_out = anyio.create_memory_object_stream[
-            Notification
-        ](max_notifications)
+        self._notifications = NotificationStream(max_notifications, self._connection_lost_error)
 
     @property
     def notifications_dropped(self) -> int:
         """How many notifications were dropped because the consumer did not keep up."""
-        return self._notifications_dropped
+        return self._notifications.dropped
 
     @asynccontextmanager
     async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
         body_error: BaseException | None = None
+        stream = await anyio.connect_unix(self._path)
+        self._socket = sock = stream.extra(SocketAttribute.raw_socket)
+        self._loss = None
         try:
-            stream = await anyio.connect_unix(self._path)
-            self._socket = stream.extra(SocketAttribute.raw_socket)
-            self._loss = None
-            try:
-                async with anyio.create_task_group() as task_group:
-                    task_group.start_soon(self._read_messages, stream)
-                    try:
-                        yield self
-                    except anyio.get_cancelled_exc_class():
-                        raise
-                    except BaseException as exc:
-                        # The task group would wrap it in an exception group; the reader
-                        # never raises, so re-raising it afterwards keeps it bare.
-                        body_error = exc
-                    finally:
-                        self._lose("the client was closed", None)
-                        task_group.cancel_scope.cancel()
-            finally:
-                await anyio.aclose_forcefully(stream)
+            async with anyio.create_task_group() as task_group:
+                task_group.start_soon(self._read_messages, sock)
+                try:
+                    yield self
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except BaseException as exc:
+                    # The task group would wrap it in an exception group; the reader
+                    # never raises, so re-raising it afterwards keeps it bare.
+                    body_error = exc
+                finally:
+                    self._lose("the client was closed", None)
+                    task_group.cancel_scope.cancel()
         finally:
-            self._notifications_in.close()
-            self._notifications_out.close()
+            await anyio.aclose_forcefully(stream)
         if body_error is not None:
             raise body_error
 
@@ -156,7 +147,7 @@ class RPCClient(anyio.AsyncContextManagerMixin):
         Notifications are queued from the moment the connection opens, whether or not
         anyone iterates; meant for one consumer at a time.
         """
-        return NotificationStream(self._notifications_out, self._connection_lost_error)
+        return self._notifications
 
     async def _send(self, line: bytes) -> None:
         """Write a whole line; a line cut short by cancellation ends the connection, since
@@ -183,14 +174,19 @@ class RPCClient(anyio.AsyncContextManagerMixin):
                             self._lose("a request was cut short by cancellation", None)
                         raise
 
-    async def _read_messages(self, stream: UNIXSocketStream) -> None:
+    async def _read_messages(self, sock: socket.socket) -> None:
+        # The raw socket rather than the stream: anyio's asyncio socket stream may log an
+        # InvalidStateError when a receive is cancelled just as data arrives.
         framer = LineFramer(self._max_line_bytes)
         try:
             while True:
+                # Waiting before every read keeps a flood of notifications from starving
+                # the other tasks.
+                await anyio.wait_readable(sock)
                 try:
-                    data = await stream.receive(_RECEIVE_BYTES)
-                except anyio.EndOfStream:
-                    data = b""
+                    data = sock.recv(_RECEIVE_BYTES)
+                except BlockingIOError:
+                    continue
                 for line in framer.feed(data):
                     self._dispatch_line(line)
                 if not data:
@@ -207,10 +203,7 @@ class RPCClient(anyio.AsyncContextManagerMixin):
             return
         for message in decode_server_line(line):
             if isinstance(message, Notification):
-                try:
-                    self._notifications_in.send_nowait(message)
-                except anyio.WouldBlock:
-                    self._notifications_dropped += 1
+                self._notifications.publish(message)
                 continue
             pending = self._calls.get(message.id) if isinstance(message.id, int) else None
             if pending is not None:
@@ -225,7 +218,7 @@ class RPCClient(anyio.AsyncContextManagerMixin):
         self._loss_cause = cause
         for pending in self._calls.values():
             pending.done.set()
-        self._notifications_in.close()
+        self._notifications.end()
 
     def _connection_lost_error(self) -> RPCConnectionLostError:
         error = RPCConnectionLostError(self._loss)
@@ -236,24 +229,45 @@ class RPCClient(anyio.AsyncContextManagerMixin):
 class NotificationStream:
     """Async iterator over a client's notifications; see :meth:`RPCClient.notifications`.
 
-    Once the queued notifications are consumed and the connection is gone (whatever the
-    reason, the client's closing included), it raises :exc:`RPCConnectionLostError`.
+    Holds up to ``max_buffer`` notifications; more are dropped and counted in
+    ``dropped``. Once the held ones are consumed and the connection is gone (whatever
+    the reason, the client's closing included), it raises the error ``end_error`` makes.
     """
 
-    def __init__(
-        self,
-        queue: MemoryObjectReceiveStream[Notification],
-        end_error: Callable[[], RPCConnectionLostError],
-    ) -> None:
-        self._queue = queue
+    def __init__(self, max_buffer: int, end_error: Callable[[], RPCConnectionLostError]) -> None:
+        self._max_buffer = max_buffer
         self._end_error = end_error
+        self._held: deque[Notification] = deque()
+        self._wakeup: anyio.Event | None = None
+        self._ended = False
+        self.dropped = 0
+
+    def publish(self, notification: Notification) -> None:
+        """Hold a notification for the consumer, or count it dropped if the buffer is full."""
+        if len(self._held) >= self._max_buffer:
+            self.dropped += 1
+            return
+        self._held.append(notification)
+        self._wake()
+
+    def end(self) -> None:
+        """No more notifications will come: the consumer ends after the held ones."""
+        self._ended = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+            self._wakeup = None
 
     def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> Notification:
         """Wait for the next notification; on cancellation nothing is consumed."""
-        try:
-            return await self._queue.receive()
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
-            raise self._end_error() from None
+        while not self._held:
+            if self._ended:
+                raise self._end_error()
+            self._wakeup = wakeup = anyio.Event()
+            await wakeup.wait()
+        return self._held.popleft()

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any, Final, Literal, TypeVar
 
 import msgspec
-from msgspec import UNSET
+from msgspec import UNSET, UnsetType
 
 from ._errors import ErrorCode, ProtocolError, RPCError
 from ._messages import (
@@ -49,11 +49,11 @@ class _AnyServerMessage(msgspec.Struct):
     """Any message a server may send; :func:`_classify` tells which it is."""
 
     jsonrpc: Literal["2.0"]
-    id: RequestId | msgspec.UnsetType = UNSET
-    result: Any | msgspec.UnsetType = UNSET
-    error: ErrorObject | msgspec.UnsetType = UNSET
-    method: str | msgspec.UnsetType = UNSET
-    params: Any | msgspec.UnsetType = UNSET
+    id: RequestId | UnsetType = UNSET
+    result: Any | UnsetType = UNSET
+    error: ErrorObject | UnsetType = UNSET
+    method: str | UnsetType = UNSET
+    params: Any = UNSET
 
 
 _SERVER_DECODER: Final = msgspec.json.Decoder(_AnyServerMessage | list[_AnyServerMessage])
@@ -97,7 +97,7 @@ def _checked(request: Request) -> Incoming:
     params = request.params
     if params is not UNSET and bytes(memoryview(params)[:1]) not in (b"{", b"["):
         reason = "`params` must be an object or an array"
-        return _invalid_request(request.id if request.id is not UNSET else None, reason)
+        return _invalid_request(request.id, reason)
     return request
 
 
@@ -113,7 +113,7 @@ def _unreadable(data: bytes | msgspec.Raw, exc: msgspec.ValidationError) -> Erro
     return _invalid_request(request_id, str(exc))
 
 
-def _invalid_request(request_id: RequestId, reason: str) -> ErrorResponse:
+def _invalid_request(request_id: RequestId | UnsetType, reason: str) -> ErrorResponse:
     return error_response(
         request_id, ErrorCode.INVALID_REQUEST, f"Invalid request: {reason}", {"reason": reason}
     )
@@ -172,16 +172,23 @@ def field_path(message: str) -> tuple[str, str]:
 
 
 def error_response(
-    request_id: RequestId, code: int, message: str, data: Any = None
+    request_id: RequestId | UnsetType, code: int, message: str, data: Any = None
 ) -> ErrorResponse:
-    """An error response; ``data=None`` leaves ``data`` out."""
+    """An error response; ``data=None`` leaves ``data`` out.
+
+    ``request_id`` may be a notification's absent id (``null`` then), so that a server can
+    build its answer before checking :attr:`Request.is_notification`, which gets none.
+    """
     error = ErrorObject(code=int(code), message=message, data=UNSET if data is None else data)
-    return ErrorResponse(error=error, id=request_id)
+    return ErrorResponse(error=error, id=None if request_id is UNSET else request_id)
 
 
-def result_response(request_id: RequestId, result: Any) -> Response:
-    """A successful response; ``result`` is anything msgspec can encode (Structs too)."""
-    return Response(result=result, id=request_id)
+def result_response(request_id: RequestId | UnsetType, result: Any) -> Response:
+    """A successful response; ``result`` is anything msgspec can encode (Structs too).
+
+    ``request_id`` as for :func:`error_response`.
+    """
+    return Response(result=result, id=None if request_id is UNSET else request_id)
 
 
 def oversize_response(max_line_bytes: int) -> ErrorResponse:

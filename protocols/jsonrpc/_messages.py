@@ -34,7 +34,8 @@ class ErrorObject(msgspec.Struct, kw_only=True, frozen=True):
 
     code: int
     message: str
-    data: Any | UnsetType = UNSET
+    data: Any = UNSET
+    """``UNSET`` when absent."""
 
 
 class Response(msgspec.Struct, kw_only=True, frozen=True):
@@ -58,7 +59,8 @@ class Notification(msgspec.Struct, kw_only=True, frozen=True):
 
     jsonrpc: Literal["2.0"] = "2.0"
     method: str
-    params: Any | UnsetType = UNSET
+    params: Any = UNSET
+    """``UNSET`` when absent."""
 
 
 class EventParams(msgspec.Struct, kw_only=True, frozen=True):

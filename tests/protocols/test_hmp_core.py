@@ -157,10 +157,23 @@ def test_reply_over_the_limit_is_a_protocol_error_for_good() -> None:
     connection.receive_data(BANNER)
     events(connection)
     connection.send_command("help")
-    connection.receive_data(echo("help") + b"x" * 101)
+    # 106 bytes could still be 99 of output and a prompt: not yet known to be too long.
+    connection.receive_data(echo("help") + b"x" * 106)
+    assert connection.next_event() is NEED_DATA
+    connection.receive_data(b"x")
     with pytest.raises(HMPProtocolError, match="exceeds 100 bytes"):
         connection.next_event()
     with pytest.raises(HMPProtocolError):
+        connection.next_event()
+
+
+def test_complete_reply_over_the_limit_is_refused_too() -> None:
+    connection = HMPConnection(max_reply_bytes=100)
+    connection.receive_data(BANNER)
+    events(connection)
+    connection.send_command("help")
+    connection.receive_data(reply("help", "y" * 99))
+    with pytest.raises(HMPProtocolError, match="exceeds 100 bytes"):
         connection.next_event()
 
 
@@ -172,6 +185,26 @@ def test_reply_at_the_limit_is_accepted() -> None:
     output = "y" * 98
     connection.receive_data(reply("help", output))
     assert events(connection) == [Reply("help", output)]
+
+
+@given(
+    lines=st.lists(st.integers(min_value=0, max_value=40), min_size=1, max_size=6),
+    cut_fractions=st.lists(st.floats(min_value=0, max_value=1), max_size=20),
+)
+def test_the_limit_does_not_depend_on_chunking(
+    lines: list[int], cut_fractions: list[float]
+) -> None:
+    output = "\n".join("z" * size for size in lines)
+    data = BANNER + reply("info mtree", output)
+    output_bytes = len(output) + 2 * len(lines)
+    connection = HMPConnection(max_reply_bytes=60)
+    connection.send_command("info mtree")
+    cuts = [int(fraction * len(data)) for fraction in cut_fractions]
+    if output_bytes > 60:
+        with pytest.raises(HMPProtocolError):
+            feed_in_chunks(connection, data, cuts)
+    else:
+        assert feed_in_chunks(connection, data, cuts)[1:] == [Reply("info mtree", output)]
 
 
 @pytest.mark.parametrize(

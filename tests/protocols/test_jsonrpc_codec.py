@@ -396,6 +396,13 @@ def test_error_response_leaves_out_absent_data() -> None:
     )
 
 
+def test_responses_built_for_a_notification_carry_a_null_id() -> None:
+    request = single(b'{"jsonrpc": "2.0", "method": "m"}')
+    assert isinstance(request, Request)
+    assert result_response(request.id, 1).id is None
+    assert error_response(request.id, 5, "failed").id is None
+
+
 def test_oversize_response() -> None:
     response = oversize_response(1024)
     assert response.id is None
@@ -478,7 +485,10 @@ def test_server_message_round_trip(message: Response | ErrorResponse | Notificat
 
 
 def test_server_batch_round_trip() -> None:
-    messages = [result_response(1, True), error_response(2, 1, "no such instance")]
+    messages: list[Response | ErrorResponse] = [
+        result_response(1, True),
+        error_response(2, 1, "no such instance"),
+    ]
     line = encode_batch(messages)
     assert line is not None
     assert decode_server_line(line) == messages
