@@ -6,11 +6,12 @@ After the handshake, the tasks read and write the raw socket themselves, waiting
 ``anyio.wait_readable``/``wait_writable``: fewer wake-ups per reply than the socket
 stream, which is used for connecting, the handshake and closing.
 
-Writes happen without awaiting whenever the socket takes the bytes at once, which is
-nearly always; the writer task only drains what the socket refused. Either way one
-command's bytes are written whole and in order, and the file descriptors it carries
-go out in the same ``sendmsg`` as its first byte, so no other command can come between
-a ``getfd`` and its descriptor.
+A lone command is written by its caller, without awaiting, when the socket takes it at
+once. The writer task writes the rest: what the socket refused, and the commands of
+callers woken together by one read of replies, gathered into one ``sendmsg``. Either way
+commands go out whole and in order, and the file descriptors a command carries go out
+with its first byte, in a ``sendmsg`` that starts with it, so no other command can come
+between a ``getfd`` and its descriptor.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from __future__ import annotations
 import array
 import contextlib
 import heapq
+import itertools
 import math
 import os
 import socket
+import time
 from collections import deque
 from collections.abc import AsyncGenerator, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -45,10 +48,11 @@ from ._subscription import DEFAULT_MAX_BUFFER, EventSubscription
 
 DEFAULT_TIMEOUT: Final = 10.0
 _RECEIVE_BYTES: Final = 65536
-
-
-_NO_REPLY: Final = object()
+_MAX_BATCH: Final = 512
+"""Commands per sendmsg, well under the kernel's 1024 buffers."""
 _STALE_EXPIRIES: Final = 1024
+"""Deadlines of answered calls tolerated before they are swept out."""
+_NO_REPLY: Final = object()
 
 
 class _PendingCall:
@@ -92,13 +96,15 @@ class QMPClient:
         self._timeout = timeout
         self._calls: dict[int, _PendingCall] = {}
         # One task enforces every deadline: a cancel scope per call would cost more than
-        # the rest of a call's work. Entries of answered calls are dropped lazily.
+        # the rest of a call's work. Entries of answered calls are dropped lazily. Deadlines
+        # are in time.monotonic() seconds, the cheapest clock to read once per call.
         self._expiries: list[tuple[float, int]] = []
         self._expiry_target = math.inf
         self._expiry_wakeup: anyio.Event | None = None
         self._subscriptions: list[EventSubscription] = []
         self._send_queue: deque[_Outgoing] = deque()
         self._writer_wakeup: anyio.Event | None = None
+        self._coalescing = False
         self._closed = anyio.Event()
         # The backend's own Event class: anyio.Event() looks the backend up on every call,
         # a noticeable share of a call's cost.
@@ -198,7 +204,7 @@ class QMPClient:
         return EventSubscription(names, max_buffer, self._attach, self._detach)
 
     def _expire_after(self, command_id: int, delay: float) -> None:
-        deadline = anyio.current_time() + delay
+        deadline = time.monotonic() + delay
         expiries = self._expiries
         if len(expiries) > 2 * len(self._calls) + _STALE_EXPIRIES:
             expiries[:] = [entry for entry in expiries if entry[1] in self._calls]
@@ -213,7 +219,7 @@ class QMPClient:
         expiries = self._expiries
         calls = self._calls
         while True:
-            now = anyio.current_time()
+            now = time.monotonic()
             while expiries and (expiries[0][0] <= now or expiries[0][1] not in calls):
                 _, command_id = heapq.heappop(expiries)
                 call = calls.get(command_id)
@@ -222,24 +228,25 @@ class QMPClient:
                     call.done.set()
             self._expiry_target = expiries[0][0] if expiries else math.inf
             self._expiry_wakeup = wakeup = anyio.Event()
-            with anyio.CancelScope(deadline=self._expiry_target):
+            with anyio.move_on_after(self._expiry_target - now):
                 await wakeup.wait()
 
     def _attach(self, subscription: EventSubscription) -> None:
         self._subscriptions.append(subscription)
         if self._loss_message is not None:
-            subscription.connection_lost(self._connection_lost_error)
+            subscription._connection_lost(self._connection_lost_error)
 
     def _detach(self, subscription: EventSubscription) -> None:
         self._subscriptions.remove(subscription)
 
     def _write(self, data: bytes, fds: Sequence[int]) -> _Outgoing | None:
-        """Write a command now if nothing is queued before it, and queue what is left.
+        """Write a command now if nothing is queued before it and no batch is being
+        gathered, and queue what is left.
 
         Returns the queued remainder, if any. Marks the connection lost on a socket
         error.
         """
-        if self._send_queue:
+        if self._send_queue or self._coalescing:
             outgoing = _Outgoing(data, fds, started=False)
         else:
             try:
@@ -251,10 +258,13 @@ class QMPClient:
                 return None
             outgoing = _Outgoing(data[sent:], fds if sent == 0 else (), started=sent > 0)
         self._send_queue.append(outgoing)
+        self._wake_writer()
+        return outgoing
+
+    def _wake_writer(self) -> None:
         if self._writer_wakeup is not None:
             self._writer_wakeup.set()
             self._writer_wakeup = None
-        return outgoing
 
     def _send_some(self, data: bytes, fds: Sequence[int]) -> int:
         """Write what the socket takes without blocking; return how many bytes that was."""
@@ -283,6 +293,7 @@ class QMPClient:
         sock = self._socket
         try:
             while True:
+                completed = 0
                 # Waiting before every read, rather than only when the socket is empty,
                 # keeps a flood of events from starving the other tasks.
                 await anyio.wait_readable(sock)
@@ -300,17 +311,24 @@ class QMPClient:
                         if call is not None:
                             call.value = event.value
                             call.done.set()
+                            completed += 1
                     elif isinstance(event, QMPEvent):
                         for subscription in subscriptions:
-                            subscription.publish(event)
+                            subscription._publish(event)
                     elif isinstance(event, ErrorReply):
                         call = calls.get(event.id)
                         if call is not None:
                             call.error = event
                             call.done.set()
+                            completed += 1
                     elif isinstance(event, ConnectionClosed):
                         self._lose("QEMU closed the QMP connection", None)
                         return
+                if completed > 1:
+                    # The callers just woken are likely to send again at once, and mostly
+                    # run before the writer: one write for all of that instead of one each.
+                    self._coalescing = True
+                    self._wake_writer()
         except Exception as exc:
             # The first failure of a background task is the root cause every caller sees.
             self._lose("the QMP connection failed", exc)
@@ -319,22 +337,47 @@ class QMPClient:
         queue = self._send_queue
         try:
             while True:
+                self._coalescing = False
                 if not queue:
-                    self._writer_wakeup = wakeup = anyio.Event()
+                    self._writer_wakeup = wakeup = self._new_event()
                     await wakeup.wait()
                     continue
-                outgoing = queue[0]
-                sent = self._send_some(outgoing.data, outgoing.fds)
-                if sent:
+                # The head and the commands after it, up to the next one carrying
+                # descriptors: those must be the first bytes of a sendmsg of their own.
+                batch = [queue[0]]
+                for outgoing in itertools.islice(queue, 1, _MAX_BATCH):
+                    if outgoing.fds:
+                        break
+                    batch.append(outgoing)
+                unaccounted = self._send_batch(batch)
+                for outgoing in batch:
+                    if not unaccounted:
+                        break
                     outgoing.started = True
                     outgoing.fds = ()
-                    outgoing.data = outgoing.data[sent:]
-                if outgoing.data:
-                    await anyio.wait_writable(self._socket)
-                else:
+                    if unaccounted < len(outgoing.data):
+                        outgoing.data = outgoing.data[unaccounted:]
+                        break
+                    unaccounted -= len(outgoing.data)
                     queue.popleft()
+                else:
+                    continue
+                await anyio.wait_writable(self._socket)
         except Exception as exc:
             self._lose("the QMP socket failed", exc)
+
+    def _send_batch(self, batch: list[_Outgoing]) -> int:
+        """Write what the socket takes of a batch without blocking; return the byte count."""
+        ancillary = []
+        if batch[0].fds:
+            rights = array.array("i", batch[0].fds)
+            ancillary.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, rights))
+        try:
+            return self._socket.sendmsg(
+                [outgoing.data for outgoing in batch], ancillary, socket.MSG_NOSIGNAL
+            )
+        except BlockingIOError:
+            return 0
 
     def _lose(self, message: str, cause: BaseException | None) -> None:
         """Fail every pending call and subscription, and stop the background tasks."""
@@ -345,7 +388,7 @@ class QMPClient:
         for call in self._calls.values():
             call.done.set()
         for subscription in self._subscriptions:
-            subscription.connection_lost(self._connection_lost_error)
+            subscription._connection_lost(self._connection_lost_error)
         self._send_queue.clear()
         self._background.cancel()
         # Nothing reads or writes from now on: let the peer know at once, not only when

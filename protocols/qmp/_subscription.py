@@ -117,8 +117,8 @@ class EventSubscription:
             self._wakeup = wakeup = anyio.Event()
             await wakeup.wait()
 
-    def publish(self, event: QMPEvent) -> None:
-        """Buffer an event if it matches the filter; never blocks. For the reader."""
+    def _publish(self, event: QMPEvent) -> None:
+        """Buffer an event if it matches the filter; never blocks. Called by the reader."""
         if self._names is not None and event.name not in self._names:
             return
         items = self._items
@@ -135,8 +135,8 @@ class EventSubscription:
         else:
             items.append(EventsDropped(1))
 
-    def connection_lost(self, error: Callable[[], ConnectionLostError]) -> None:
-        """Let the iterator raise ``error()`` once drained. For the connection."""
+    def _connection_lost(self, error: Callable[[], ConnectionLostError]) -> None:
+        """Let the iterator raise ``error()`` once drained. Called by the client."""
         self._connection_lost_error = error
         self._wake()
 
