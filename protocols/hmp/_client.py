@@ -109,7 +109,7 @@ class HMPClient(anyio.AsyncContextManagerMixin):
         self._path = path
         self._timeout = timeout
         self._max_reply_bytes = max_reply_bytes
-        self._lock = anyio.Lock()
+        self._lock = anyio.Lock(fast_acquire=True)
         self._stream: UNIXSocketStream | None = None
         self._socket: socket.socket | None = None
         self._connection = HMPConnection(max_reply_bytes=max_reply_bytes)

@@ -75,7 +75,7 @@ class RPCClient(anyio.AsyncContextManagerMixin):
         self._max_line_bytes = max_line_bytes
         self._ids = itertools.count(1)
         self._calls: dict[int, _PendingCall] = {}
-        self._send_lock = anyio.Lock()
+        self._send_lock = anyio.Lock(fast_acquire=True)
         self._socket: socket.socket | None = None
         self._loss: str | None = "the client is not connected"
         self._loss_cause: BaseException | None = None
