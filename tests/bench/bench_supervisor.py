@@ -43,6 +43,7 @@ import importlib
 import itertools
 import json
 import os
+import select
 import shutil
 import signal
 import statistics
@@ -67,6 +68,7 @@ GUEST_MIB = 96
 START_SAMPLES = 7
 CLI_START_SAMPLES = 3
 CRASH_SAMPLES = 7
+CRASH_RUN_S = 0.3  # how long a guest runs before its QEMU is killed
 INFO_CLIENTS = 20
 INFO_CALLS = 50
 INFO_WARMUP_CALLS = 5
@@ -402,14 +404,14 @@ class Bench:
     def instance_dir(self, name: str) -> Path:
         return self.daemon.state_dir / "instances" / name
 
-    def bare_argv(self, name: str) -> list[str]:
+    def bare_argv(self, name: str, *, daemonize: bool = True) -> list[str]:
         """The instance's argv from its runtime record, paths moved to the scratch dir."""
         record = json.loads((self.instance_dir(name) / "runtime.json").read_text())
         own = str(self.instance_dir(name))
         argv = [arg.replace(own, str(self.scratch)) for arg in record["argv"]]
         if any(str(self.daemon.state_dir / "instances") in arg for arg in argv):
             raise RuntimeError(f"the bare argv still names the state dir: {argv}")
-        return [*argv, "-daemonize"]
+        return [*argv, "-daemonize"] if daemonize else argv
 
     def run_bare(self, argv: list[str]) -> float:
         """Run the argv with -daemonize; the parent's wall time; then kill the QEMU."""
@@ -425,8 +427,36 @@ class Bench:
             wait_gone(pid)
         return elapsed
 
+    def bare_kill_floor(self, argv: list[str]) -> float:
+        """Run the argv bare for as long as a crash sample runs; kill -9 -> pidfd readable."""
+        for leftover in self.scratch.iterdir():
+            leftover.unlink()
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            time.sleep(CRASH_RUN_S)
+            pidfd = os.pidfd_open(proc.pid)
+            try:
+                poller = select.poll()
+                poller.register(pidfd, select.POLLIN)
+                killed = time.perf_counter()
+                os.kill(proc.pid, signal.SIGKILL)
+                poller.poll(10_000)
+                return time.perf_counter() - killed
+            finally:
+                os.close(pidfd)
+        finally:
+            proc.kill()
+            proc.wait()
+
     async def start_ours(self, name: str) -> tuple[float, dict[str, float]]:
-        """`instance.start` until its reply; the breakdown from the state events."""
+        """`instance.start` until its reply; where the time went, from the reply's
+        ``started_at`` (taken right after the spawn) and the ``instance.state`` events."""
         sent_wall = time.time()
         sent = time.perf_counter()
         info = await self.rpc.call("instance.start", {"spec": spec(name)})
@@ -436,12 +466,13 @@ class Bench:
             raise RuntimeError(f"instance.start returned state {info['state']}")
         starting = await self.events.wait_event(state_event(name, "starting", sent), 10)
         running = await self.events.wait_event(state_event(name, "running", sent), 10)
-        spawned_at = starting.params["timestamp"]
+        spawned_at = info["started_at"]
         running_at = running.params["timestamp"]
         breakdown = {
-            "request -> spawned": spawned_at - sent_wall,
-            "spawned -> running": running_at - spawned_at,
-            "running -> reply": replied_wall - running_at,
+            "request -> QEMU spawned": spawned_at - sent_wall,
+            "spawned -> 'starting' published": starting.params["timestamp"] - spawned_at,
+            "spawned -> 'running' published": running_at - spawned_at,
+            "'running' -> reply received": replied_wall - running_at,
         }
         return elapsed, breakdown
 
@@ -495,19 +526,25 @@ class Bench:
         name = "crash"
         latencies: list[float] = []
         published: list[float] = []
-        for _ in range(CRASH_SAMPLES):
+        floor: list[float] = []
+        for i in range(CRASH_SAMPLES):
             info = await self.rpc.call("instance.start", {"spec": spec(name)})
-            await asyncio.sleep(0.3)
+            if i == 0:
+                argv = self.bare_argv(name, daemonize=False)
+            await asyncio.sleep(CRASH_RUN_S)
             killed_wall = time.time()
             killed = time.perf_counter()
             os.kill(info["pid"], signal.SIGKILL)
             event = await self.events.wait_event(state_event(name, "crashed", killed), 10)
             latencies.append(ms(event.arrived - killed))
             published.append(ms(event.params["timestamp"] - killed_wall))
+            floor.append(ms(await asyncio.to_thread(self.bare_kill_floor, argv)))
         await self.rpc.call("instance.cleanup", {"name": name})
         log(f"crash event (ms): {', '.join(f'{x:.2f}' for x in latencies)}")
+        log(f"bare kill -9 -> pidfd readable (ms): {', '.join(f'{x:.2f}' for x in floor)}")
         self.figures["crash_ms"] = latencies
         self.figures["crash_published_ms"] = published
+        self.figures["crash_floor_ms"] = floor
 
     # 3. instance.info under 20 clients ------------------------------------------------
 
@@ -521,41 +558,60 @@ class Bench:
             if i >= INFO_WARMUP_CALLS:
                 single.append(ms(time.perf_counter() - started))
 
+        loaded, calls_per_s = await self.under_load("instance.info", {"name": name})
+        pings, ping_calls_per_s = await self.under_load("supervisor.ping", None)
+        await self.stop(name)
+        await self.rpc.call("instance.cleanup", {"name": name})
+        self.figures["info_single_ms"] = single
+        self.figures["info_loaded_ms"] = loaded
+        self.figures["info_calls_per_s"] = calls_per_s
+        self.figures["ping_loaded_ms"] = pings
+        self.figures["ping_calls_per_s"] = ping_calls_per_s
+        log(
+            f"instance.info: 1 client p50 {statistics.median(single):.2f} ms; "
+            f"{INFO_CLIENTS} clients p50 {statistics.median(loaded):.2f} ms, "
+            f"p99 {percentile(loaded, 99):.2f} ms, {calls_per_s:.0f} calls/s; "
+            f"supervisor.ping, {INFO_CLIENTS} clients: p50 {statistics.median(pings):.2f} ms"
+        )
+
+    async def under_load(
+        self, method: str, params: dict[str, Any] | None
+    ) -> tuple[list[float], float]:
+        """`INFO_CLIENTS` connections calling `method` at once, `INFO_CALLS` times each:
+        every call's latency (ms) and the calls per second. Also keeps the daemon's and
+        this process's CPU time per call (µs) in the figures."""
         clients = [await Client.connect(self.daemon.socket) for _ in range(INFO_CLIENTS)]
         go = asyncio.Event()
 
         async def one_client(client: Client) -> list[float]:
             for _ in range(INFO_WARMUP_CALLS):
-                await client.call("instance.info", {"name": name})
+                await client.call(method, params)
             await go.wait()
             samples = []
             for _ in range(INFO_CALLS):
                 started = time.perf_counter()
-                await client.call("instance.info", {"name": name})
+                await client.call(method, params)
                 samples.append(ms(time.perf_counter() - started))
             return samples
 
         try:
             tasks = [asyncio.create_task(one_client(client)) for client in clients]
             await asyncio.sleep(0.5)  # every client connected and warmed up
+            daemon_cpu = cpu_seconds(self.daemon.pid)
+            own_cpu = time.process_time()
             began = time.perf_counter()
             go.set()
             results = await asyncio.gather(*tasks)
             wall = time.perf_counter() - began
+            daemon_cpu = cpu_seconds(self.daemon.pid) - daemon_cpu
+            own_cpu = time.process_time() - own_cpu
         finally:
             for client in clients:
                 await client.close()
-        loaded = [x for samples in results for x in samples]
-        await self.stop(name)
-        await self.rpc.call("instance.cleanup", {"name": name})
-        self.figures["info_single_ms"] = single
-        self.figures["info_loaded_ms"] = loaded
-        self.figures["info_calls_per_s"] = len(loaded) / wall
-        log(
-            f"instance.info: 1 client p50 {statistics.median(single):.2f} ms; "
-            f"{INFO_CLIENTS} clients p50 {statistics.median(loaded):.2f} ms, "
-            f"p99 {percentile(loaded, 99):.2f} ms, {len(loaded) / wall:.0f} calls/s"
-        )
+        samples = [x for result in results for x in result]
+        self.figures[f"{method} daemon_cpu_us_per_call"] = daemon_cpu / len(samples) * 1e6
+        self.figures[f"{method} client_cpu_us_per_call"] = own_cpu / len(samples) * 1e6
+        return samples, len(samples) / wall
 
     # 4. and 5. 20 guests: RSS and idle CPU ------------------------------------------------
 
@@ -646,7 +702,10 @@ def _read_bytes(path: Path) -> bytes:
 async def run_bench(daemon: Daemon, cpu_window_s: float) -> dict[str, Any]:
     daemon.spawn()
     await daemon.wait_ready()
-    figures: dict[str, Any] = {"rss_started_mib": rss_mib(daemon.pid)}
+    figures: dict[str, Any] = {
+        "rss_started_mib": rss_mib(daemon.pid),
+        "loadavg_before": os.getloadavg()[0],
+    }
     bench = Bench(daemon)
     try:
         await bench.open()
@@ -655,6 +714,7 @@ async def run_bench(daemon: Daemon, cpu_window_s: float) -> dict[str, Any]:
         figures["rss_idle_mib"] = rss_mib(daemon.pid)
         await bench.measure_crash()
         await bench.measure_info()
+        figures["loadavg_before_guests"] = os.getloadavg()[0]
         await bench.measure_guests(cpu_window_s)
     finally:
         await bench.close()
@@ -801,21 +861,34 @@ def format_notes(figures: dict[str, Any], anchors: Any) -> str:
     breakdown = figures["start_breakdown_ms"]
     lines = [
         f"kvm-supervisor daemon vs bare QEMU ({QEMU}, TCG) and libvirt; "
-        f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}",
+        f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}; load average "
+        f"{figures['loadavg_before']:.1f} at the start, {figures['loadavg_before_guests']:.1f} "
+        f"before the {GUESTS} guests (other work on the machine skews every figure)",
         f"libvirt anchors: {anchors.source}"
         + (f" (libvirt {anchors.libvirt_version})" if anchors.libvirt_version else "")
         + (f"; note: {anchors.reason}" if anchors.reason else ""),
         f"start via RPC (ms): {samples(figures['start_ms'])}",
         f"bare -daemonize (ms): {samples(figures['bare_ms'])}",
-        "start breakdown, medians from the instance.state events (ms): "
+        "start breakdown, medians (ms; the 'starting' event follows the runtime record's "
+        "fsync, while QEMU initialises): "
         + ", ".join(f"{part} {value:.1f}" for part, value in breakdown.items()),
         f"kvm-supervisor start --spec (ms): {samples(figures['cli_start_ms'], 0)}",
         f"crash event at the subscriber (ms): {samples(figures['crash_ms'], 2)}; "
-        f"published by the daemon (daemon clock) p50 "
-        f"{statistics.median(figures['crash_published_ms']):.2f}",
+        f"p50 {statistics.median(figures['crash_ms']):.2f}; published by the daemon "
+        f"(daemon clock) p50 {statistics.median(figures['crash_published_ms']):.2f}; bare QEMU "
+        f"kill -9 -> pidfd readable (the kernel's part) p50 "
+        f"{statistics.median(figures['crash_floor_ms']):.2f}",
         f"instance.info: {len(figures['info_loaded_ms'])} calls from {INFO_CLIENTS} clients, "
         f"{figures['info_calls_per_s']:.0f} calls/s; 1 client: "
-        f"{len(figures['info_single_ms'])} calls",
+        f"{len(figures['info_single_ms'])} calls; supervisor.ping from {INFO_CLIENTS} clients "
+        f"(no QMP): p50 {statistics.median(figures['ping_loaded_ms']):.2f} ms, "
+        f"p99 {percentile(figures['ping_loaded_ms'], 99):.2f} ms, "
+        f"{figures['ping_calls_per_s']:.0f} calls/s",
+        "CPU per call under that load (µs; daemon / this benchmark's clients): instance.info "
+        f"{figures['instance.info daemon_cpu_us_per_call']:.0f} / "
+        f"{figures['instance.info client_cpu_us_per_call']:.0f}, supervisor.ping "
+        f"{figures['supervisor.ping daemon_cpu_us_per_call']:.0f} / "
+        f"{figures['supervisor.ping client_cpu_us_per_call']:.0f}",
         f"daemon RSS: {figures['rss_started_mib']:.1f} MiB started, "
         f"{figures['rss_idle_mib']:.1f} idle, {figures['rss_guests_running_mib']:.1f} once "
         f"{GUESTS} guests were running, {figures['rss_guests_after_window_mib']:.1f} "
