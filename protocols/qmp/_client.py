@@ -2,9 +2,9 @@
 reader task, one writer task, one task enforcing deadlines, any number of callers and
 event subscribers.
 
-After the handshake, the tasks read and write the raw socket themselves, waiting with
-``anyio.wait_readable``/``wait_writable``: fewer wake-ups per reply than the socket
-stream, which is used for connecting, the handshake and closing.
+Reads and writes go to the raw socket, waiting with ``anyio.wait_readable`` and
+``wait_writable``: fewer wake-ups per reply than the socket stream, which serves to
+connect, to send ``qmp_capabilities`` and to close.
 
 A lone command is written by its caller, without awaiting, when the socket takes it at
 once. The writer task writes the rest: what the socket refused, and the commands of
@@ -87,10 +87,9 @@ class QMPClient:
     """
 
     def __init__(
-        self, stream: UNIXSocketStream, protocol: QMPProtocol, version: QMPVersion, timeout: float
+        self, sock: socket.socket, protocol: QMPProtocol, version: QMPVersion, timeout: float
     ) -> None:
-        self._stream = stream
-        self._socket: socket.socket = stream.extra(SocketAttribute.raw_socket)
+        self._socket = sock
         self._protocol = protocol
         self._version = version
         self._timeout = timeout
@@ -294,17 +293,7 @@ class QMPClient:
         try:
             while True:
                 completed = 0
-                # Waiting before every read, rather than only when the socket is empty,
-                # keeps a flood of events from starving the other tasks.
-                await anyio.wait_readable(sock)
-                try:
-                    data = sock.recv(_RECEIVE_BYTES)
-                except BlockingIOError:
-                    continue
-                except ConnectionResetError:
-                    # QEMU went away with commands of ours unread: a close, to us.
-                    data = b""
-                protocol.receive_data(data)
+                protocol.receive_data(await _receive(sock))
                 while (event := protocol.next_event()) is not NEED_DATA:
                     if isinstance(event, ReturnReply):
                         call = calls.get(event.id)
@@ -411,7 +400,9 @@ class _Session(anyio.AsyncContextManagerMixin):
     @asynccontextmanager
     async def __asynccontextmanager__(self) -> AsyncGenerator[QMPClient]:
         stream, protocol, version = await _handshake(self._path, self._timeout)
-        client = QMPClient(stream, protocol, version, self._timeout)
+        client = QMPClient(
+            stream.extra(SocketAttribute.raw_socket), protocol, version, self._timeout
+        )
         body_error: BaseException | None = None
         try:
             async with anyio.create_task_group() as task_group:
@@ -497,12 +488,27 @@ async def _next_handshake_event(
     while True:
         event = protocol.next_event()
         if event is NEED_DATA:
-            try:
-                protocol.receive_data(await stream.receive(_RECEIVE_BYTES))
-            except anyio.EndOfStream:
-                protocol.receive_data(b"")
+            protocol.receive_data(await _receive(stream.extra(SocketAttribute.raw_socket)))
         elif isinstance(event, ConnectionClosed):
             raise ConnectionLostError("QEMU closed the QMP connection during the handshake")
         elif not isinstance(event, QMPEvent):
             # Events before negotiation have no subscriber yet.
             return event
+
+
+async def _receive(sock: socket.socket) -> bytes:
+    """Wait for bytes and read them; ``b""`` once the peer has closed the connection.
+
+    Waits before every read, rather than only when the socket is empty, so that a flood
+    of events cannot starve the other tasks. Reads the raw socket rather than through
+    the stream: fewer wake-ups per read, and a cancelled wait leaves nothing behind.
+    """
+    while True:
+        await anyio.wait_readable(sock)
+        try:
+            return sock.recv(_RECEIVE_BYTES)
+        except BlockingIOError:
+            continue
+        except ConnectionResetError:
+            # QEMU went away with commands of ours unread: a close, to us.
+            return b""

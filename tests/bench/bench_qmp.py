@@ -206,9 +206,12 @@ async def serve_flood(stream: SocketStream) -> None:
 async def flood_rss(path: Path, subscribe_and_flood: Callable[[Path], Awaitable[Any]]) -> Any:
     listener = await anyio.create_unix_listener(path)
     async with listener, anyio.create_task_group() as task_group:
-        task_group.start_soon(listener.serve, serve_flood)
+
+        async def serve_one() -> None:
+            await serve_flood(await listener.accept())
+
+        task_group.start_soon(serve_one)
         result = await subscribe_and_flood(path)
-        task_group.cancel_scope.cancel()
     path.unlink()
     return result
 
