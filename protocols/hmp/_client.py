@@ -185,19 +185,17 @@ class HMPClient(anyio.AsyncContextManagerMixin):
             try:
                 await self._discard_abandoned(sock)
             except BaseException:
-                # Silent through a whole deadline more: start afresh next time.
+                # The late reply outlasted this command too: use a fresh connection next time.
                 await self._drop_connection()
                 raise
         data = connection.send_command(text)
         try:
-            await _send_all(sock, data)
+            # Never blocks: a command goes out only once its predecessor's reply is in, so
+            # the socket buffer is empty. MSG_NOSIGNAL: an embedding program may not ignore
+            # SIGPIPE as Python does.
+            sock.sendall(data, socket.MSG_NOSIGNAL)
         except OSError as exc:
             raise await self._lose("the monitor socket failed") from exc
-        except BaseException:
-            # Part of the command may sit in QEMU's line editor: only a new connection
-            # is sure to start on an empty line.
-            await self._drop_connection()
-            raise
         try:
             event = await self._receive_event(sock)
         except HMPProtocolError:
@@ -252,7 +250,7 @@ class HMPClient(anyio.AsyncContextManagerMixin):
             await anyio.aclose_forcefully(stream)
 
 
-# The raw socket is read and written directly: anyio's asyncio socket stream may log an
+# The raw socket is used directly: anyio's asyncio socket stream may log an
 # InvalidStateError when a receive is cancelled just as data arrives, which is exactly
 # what a deadline does.
 
@@ -267,17 +265,6 @@ async def _receive(sock: socket.socket) -> bytes:
             await anyio.wait_readable(sock)
         except OSError:
             return b""
-
-
-async def _send_all(sock: socket.socket, data: bytes) -> None:
-    """Write all of ``data``; raises OSError if the socket failed."""
-    view = memoryview(data)
-    while view:
-        try:
-            # MSG_NOSIGNAL: an embedding program may not ignore SIGPIPE as Python does.
-            view = view[sock.send(view, socket.MSG_NOSIGNAL) :]
-        except BlockingIOError:
-            await anyio.wait_writable(sock)
 
 
 class QMPExecutor(Protocol):

@@ -165,7 +165,7 @@ class RPCClient(anyio.AsyncContextManagerMixin):
                     pass
                 except OSError as exc:
                     self._lose("the control socket failed", exc)
-                    raise self._connection_lost_error() from None
+                    raise self._connection_lost_error() from exc
                 if view:
                     try:
                         await anyio.wait_writable(sock)
@@ -199,8 +199,6 @@ class RPCClient(anyio.AsyncContextManagerMixin):
     def _dispatch_line(self, line: bytes | Oversize) -> None:
         if isinstance(line, Oversize):
             raise ProtocolError(f"server sent a line over {line.max_line_bytes} bytes")
-        if not line.strip():
-            return
         for message in decode_server_line(line):
             if isinstance(message, Notification):
                 self._notifications.publish(message)

@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
 from conftest import PausedQemu
 
@@ -117,6 +118,43 @@ async def test_silent_monitor_is_dropped_and_the_next_command_reconnects(
         os.kill(paused_qemu.pid, signal.SIGCONT)
         assert await monitor.command("print 3") == "0x3"
         assert await monitor.command("print 4") == "0x4"
+
+
+async def test_qemu_dying_before_a_late_reply(paused_qemu: PausedQemu) -> None:
+    async with hmp.connect(paused_qemu.hmp_path) as monitor:
+        os.kill(paused_qemu.pid, signal.SIGSTOP)
+        with pytest.raises(hmp.HMPTimeoutError):
+            await monitor.command("print 1", timeout=0.2)
+        paused_qemu.kill()
+        with pytest.raises(hmp.HMPConnectionLostError, match="closed the monitor connection"):
+            await monitor.command("print 2")
+
+
+async def test_qemu_dying_after_the_connection_was_dropped(paused_qemu: PausedQemu) -> None:
+    async with hmp.connect(paused_qemu.hmp_path) as monitor:
+        os.kill(paused_qemu.pid, signal.SIGSTOP)
+        for number in (1, 2):
+            with pytest.raises(hmp.HMPTimeoutError):
+                await monitor.command(f"print {number}", timeout=0.2)
+        paused_qemu.kill()
+        with pytest.raises(hmp.HMPConnectionLostError, match="cannot be reconnected") as caught:
+            await monitor.command("print 3")
+        assert isinstance(caught.value.__cause__, ConnectionRefusedError)
+
+
+async def test_peer_closing_before_the_banner(short_tmp: Path) -> None:
+    """Fault injection: a server that hangs up at once."""
+    path = short_tmp / "hangs-up.sock"
+
+    async def hang_up(listener: anyio.abc.SocketListener) -> None:
+        accepted = await listener.accept()
+        await accepted.aclose()
+
+    async with await anyio.create_unix_listener(path) as listener, anyio.create_task_group() as tg:
+        tg.start_soon(hang_up, listener)
+        with pytest.raises(hmp.HMPConnectionLostError, match="before its banner"):
+            async with hmp.connect(path):
+                pytest.fail("the server hung up")
 
 
 async def test_qemu_killed_mid_command(paused_qemu: PausedQemu) -> None:

@@ -229,6 +229,26 @@ async def test_notifications_beyond_the_buffer_are_dropped_and_counted(socket_pa
         assert client.notifications_dropped == 3
 
 
+async def test_consumer_waiting_for_notifications(socket_path: Path) -> None:
+    received: list[Any] = []
+
+    async def consume(client: RPCClient) -> None:
+        async for notification in client.notifications():
+            received.append(notification.params["data"])
+            if len(received) == 2:
+                return
+
+    async with (
+        RPCServer(socket_path),
+        connect_unix(socket_path) as client,
+        anyio.create_task_group() as task_group,
+    ):
+        task_group.start_soon(consume, client)
+        await anyio.wait_all_tasks_blocked()
+        await client.call("emit", {"count": 2})
+    assert received == [{"n": 0}, {"n": 1}]
+
+
 async def test_server_closing_fails_the_pending_call_and_later_ones(socket_path: Path) -> None:
     async with RPCServer(socket_path), connect_unix(socket_path) as client:
         with pytest.raises(RPCConnectionLostError, match="server closed the connection"):
@@ -288,6 +308,31 @@ async def test_body_error_leaves_bare(socket_path: Path) -> None:
         with pytest.raises(KeyError):
             async with connect_unix(socket_path):
                 raise KeyError("from the body")
+
+
+async def test_cancelling_the_body_closes_quietly(socket_path: Path) -> None:
+    async with RPCServer(socket_path):
+        with anyio.move_on_after(0.1) as scope:
+            async with connect_unix(socket_path) as client:
+                await anyio.sleep_forever()
+        assert scope.cancelled_caught
+        with pytest.raises(RPCConnectionLostError, match="client was closed"):
+            await client.call("add", {"a": 1, "b": 2})
+
+
+async def test_writing_to_a_closed_connection_fails_with_the_socket_error(
+    socket_path: Path,
+) -> None:
+    """Fault injection: the server hangs up before the client's reader notices."""
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(socket_path))
+        server.listen()
+        async with connect_unix(socket_path) as client:
+            accepted, _ = server.accept()
+            accepted.close()
+            with pytest.raises(RPCConnectionLostError, match="socket failed") as caught:
+                await client.call("add", {"a": 1, "b": 2})
+            assert isinstance(caught.value.__cause__, BrokenPipeError)
 
 
 async def test_calls_after_the_block_fail(socket_path: Path) -> None:
