@@ -10,6 +10,9 @@ Usage::
             async for event in events:
                 ...
 
+Subscriptions yield :class:`QMPEvent` items, and an :class:`EventsDropped` item where
+their bounded buffer overflowed. ``await qmp.wait_closed()`` returns when QEMU goes away.
+
 Errors are plain exceptions (never exception groups), all :class:`QMPError`:
 :class:`ExecuteError` (QEMU's error class and description), :class:`QMPTimeoutError`
 (also a :class:`TimeoutError`), :class:`ConnectionLostError` (``__cause__`` holds the

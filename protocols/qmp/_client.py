@@ -142,8 +142,9 @@ class QMPClient:
         Args:
             command: the command name, e.g. ``"query-status"``.
             arguments: the command's arguments, JSON-encodable.
-            timeout: seconds to wait for the reply; ``None`` uses the connection's
-                default (see :func:`connect`), ``math.inf`` waits for ever.
+            timeout: seconds to wait for the reply, in real (monotonic) time rather
+                than the event loop's clock; ``None`` uses the connection's default (see
+                :func:`connect`), ``math.inf`` waits for ever.
             fds: file descriptors passed to QEMU with this command (``getfd``,
                 ``add-fd``). They are sent with the command's first byte or not at all,
                 and not used after this call returns or raises, so the caller may close
