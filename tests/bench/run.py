@@ -115,13 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     banner("summary")
-    for name, status, seconds in results:
-        outcome = {None: "interrupted", 0: "ok"}.get(status, f"CRASHED (exit status {status})")
+    for name, code, seconds in results:
+        outcome = {None: "interrupted", 0: "ok"}.get(code, f"CRASHED (exit status {code})")
         print(f"  {name:<24} {outcome:<28} {seconds:6.1f} s")
     if interrupted:
         return 130
     print("  (figures, not assertions: a missed target does not fail the run)")
-    return 1 if any(status != 0 for _, status, _ in results) else 0
+    return 1 if any(code != 0 for _, code, _ in results) else 0
 
 
 if __name__ == "__main__":
