@@ -86,12 +86,19 @@ def guest_spec(name: str, **fields: Any) -> InstanceSpec:
     return decode_spec({"name": name, "memory_mib": GUEST_MIB, **fields})
 
 
-async def wait_for_serial(log: Path, pattern: re.Pattern[bytes], timeout_s: float = 90) -> None:
-    """Wait until `pattern` shows in the serial log (QEMU's chardev logfile)."""
+async def wait_for_serial(
+    log: Path, pattern: re.Pattern[bytes], timeout_s: float = 90, *, since_end: bool = False
+) -> None:
+    """Wait until `pattern` shows in the serial log (QEMU's chardev logfile).
+
+    With `since_end`, only what is appended from now on counts (the log is appended to
+    across restarts of the instance).
+    """
+    start = log.stat().st_size if since_end and log.exists() else 0
     with anyio.fail_after(timeout_s):
         while True:
             with contextlib.suppress(FileNotFoundError):
-                if pattern.search(log.read_bytes()):
+                if pattern.search(log.read_bytes(), start):
                     return
             await anyio.sleep(0.1)
 

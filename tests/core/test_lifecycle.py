@@ -71,6 +71,8 @@ async def test_typed_poweroff_force_stop_and_reboot_keeps_uuid(config: Config) -
 
         info = await sup.start(name="vm2")
         first_uuid = info.uuid
+        # A reboot is an ACPI stop first: it needs the booted guest's acpid.
+        await wait_for_serial(paths.serial_log, READY, since_end=True)
         rebooted = await sup.reboot("vm2")
         assert rebooted.uuid == first_uuid
         assert rebooted.pid != info.pid
@@ -116,10 +118,12 @@ async def test_cpu_pinning_and_balloon(config: Config) -> None:
         assert allowed == {0: "1", 1: "0"}
 
         await wait_for_serial(sup.instance("vm4").paths.serial_log, READY)
-        await sup.balloon("vm4", 64)
+        # 80 of 96 MiB: the guest has ~40 MiB free, and a deeper balloon starves it.
+        await sup.balloon("vm4", 80)
         with anyio.fail_after(30):
-            while (await sup.qmp("vm4", "query-balloon"))["actual"] > 64 * 2**20:
+            while (await sup.qmp("vm4", "query-balloon"))["actual"] > 80 * 2**20:
                 await anyio.sleep(0.2)
+        assert (await sup.live_info("vm4")).memory_mib == 80
         await sup.stop("vm4", force=True)
 
 
