@@ -127,13 +127,22 @@ def start_qemu(workdir: Path) -> subprocess.Popen[bytes]:
     args += ["-monitor", f"unix:{hmp_path},server=on,wait=off"]
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 20
-    while not hmp_path.exists():
+    # QEMU's bind creates the file a moment before its listen: wait for the listen.
+    while not listening(hmp_path):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             proc.wait()
             raise RuntimeError("qemu did not start")
         time.sleep(0.01)
     return proc
+
+
+def listening(path: Path) -> bool:
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) == 8 and fields[7] == str(path) and int(fields[3], 16) & 0x10000:
+            return True
+    return False
 
 
 def run_rounds(path: Path) -> dict[str, list[float]]:
