@@ -304,7 +304,8 @@ async def test_an_adopted_non_child_has_an_unknown_status(spawn: Launcher) -> No
     await shell.wait_exit()
     orphan_pid = int(shell.stderr_tail())
     for _ in range(500):  # until the forked shell has exec'd python
-        if b"-uuid" in await anyio.Path(f"/proc/{orphan_pid}/cmdline").read_bytes():
+        # As a separate argument: the forked shell's own command line holds "-uuid" too.
+        if b"\0-uuid\0" in await anyio.Path(f"/proc/{orphan_pid}/cmdline").read_bytes():
             break
         await anyio.sleep(0.01)
     proc = adopt(orphan_pid, "vm1", "u1")
