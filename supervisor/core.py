@@ -207,7 +207,7 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         )
 
     async def _launch(self, instance: Instance, record: RuntimeRecord, *, paused: bool) -> None:
-        process = self.launcher.launch(instance, record)
+        process = await self.launcher.launch(instance, record)
         assert self._tg is not None
         try:
             await self._tg.start(self._run, instance, process, paused)
@@ -324,12 +324,8 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         ]
 
     def info(self, name: str) -> InstanceInfo:
-        """What the supervisor knows of `name`, without asking QEMU."""
+        """`name`'s state; memory and vCPUs as QEMU reported them (kept current by events)."""
         return self._instance(name).info()
-
-    async def live_info(self, name: str) -> InstanceInfo:
-        """`info`, with memory and vCPUs read from QEMU over QMP while it runs."""
-        return await self._instance(name).live_info()
 
     def console(self, name: str) -> dict[str, Any]:
         return self._instance(name)._console_dict()

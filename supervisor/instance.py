@@ -22,7 +22,7 @@ import structlog
 from anyio.abc import TaskStatus
 
 from protocols import qmp
-from protocols.hmp import HMPError, QMPHumanMonitor
+from protocols.hmp import HMPError, HMPTimeoutError, QMPHumanMonitor
 from supervisor.api import ConsoleInfo, InstanceInfo, NicInfo
 from supervisor.config import Config
 from supervisor.errors import (
@@ -55,6 +55,8 @@ REFUSED_QMP_COMMANDS = {
     "qmp_capabilities": "(already negotiated)",
 }
 
+MIB = 1024 * 1024
+
 #: How long an operation waits for the one in progress before it gets `Busy`.
 BUSY_WAIT_S = 5.0
 
@@ -83,6 +85,9 @@ class Instance:
         self.restarts = 0
         self.started_at: float | None = None
         self.crash_history: list[float] = []
+        #: Memory (the balloon's actual size) and vCPUs as QEMU reported them this run.
+        self.memory_seen_mib: int | None = None
+        self.vcpus_seen: int | None = None
         self._operation: str | None = None
         self._operation_lock = anyio.Lock()
         self._exited = anyio.Event()
@@ -165,6 +170,7 @@ class Instance:
                     await startup(client)
                 else:
                     await self.refresh_status()
+                await self._read_sizes(client)
                 started = True
                 task_status.started()
                 status = await process.wait_exit()
@@ -226,8 +232,20 @@ class Instance:
             self.qemu_status = "shutdown"
             guest = bool(event.data.get("guest"))
             self._shutdown_reason = "guest-shutdown" if guest else str(event.data.get("reason"))
+        elif event.name == "BALLOON_CHANGE":
+            self.memory_seen_mib = int(event.data["actual"]) // MIB
         elif event.name == "GUEST_PANICKED":
             self.log.error("guest panicked", **event.data)
+
+    async def _read_sizes(self, client: qmp.QMPClient) -> None:
+        """Memory and vCPUs as QEMU reports them; BALLOON_CHANGE events keep memory current."""
+        self.vcpus_seen = len(await client.execute("query-cpus-fast"))
+        try:
+            balloon = await client.execute("query-balloon")
+            self.memory_seen_mib = int(balloon["actual"]) // MIB
+        except qmp.ExecuteError:  # no balloon device
+            summary = await client.execute("query-memory-size-summary")
+            self.memory_seen_mib = int(summary["base-memory"]) // MIB
 
     async def refresh_status(self) -> str:
         """Ask QEMU its run state and align ours with it."""
@@ -244,6 +262,7 @@ class Instance:
         """Turn QEMU's exit into the final state and its reason."""
         self.process = None
         self.qemu_status = None
+        self.memory_seen_mib = self.vcpus_seen = None
         details: dict[str, Any] = {}
         if status.code is not None:
             details["exit_status"] = status.code
@@ -310,7 +329,7 @@ class Instance:
 
     async def balloon(self, memory_mib: int) -> None:
         client = self.require_running()
-        await self._execute(client, "balloon", {"value": memory_mib * 1024 * 1024})
+        await self._execute(client, "balloon", {"value": memory_mib * MIB})
 
     async def qmp_passthrough(self, command: str, arguments: dict[str, Any] | None) -> Any:
         if command in REFUSED_QMP_COMMANDS:
@@ -324,6 +343,9 @@ class Instance:
         client = self.require_running()
         try:
             output: str = await QMPHumanMonitor(client).command(command)
+        except HMPTimeoutError:
+            timeout = self.config.qmp_timeout_s
+            raise OperationTimeout(f"monitor command on {self.name!r}", timeout) from None
         except HMPError as error:
             raise MonitorError("HMPError", str(error)) from None
         except qmp.QMPError as error:
@@ -380,8 +402,8 @@ class Instance:
             uuid=spec.uuid if spec else None,
             state=str(self.state),
             pid=self.process.pid if self.process is not None else None,
-            memory_mib=spec.memory_mib if spec else 0,
-            vcpus=spec.vcpus if spec else 0,
+            memory_mib=self.memory_seen_mib or (spec.memory_mib if spec else 0),
+            vcpus=self.vcpus_seen or (spec.vcpus if spec else 0),
             qemu_status=self.qemu_status,
             uptime_s=round(now - self.started_at, 3) if running and self.started_at else None,
             started_at=self.started_at if running else None,
@@ -395,25 +417,6 @@ class Instance:
             serial_log=str(self.paths.serial_log),
             accel=record.accel if record else None,
         )
-
-    async def live_info(self) -> InstanceInfo:
-        """`info`, with memory (the balloon's actual size) and vCPUs asked of QEMU."""
-        info = self.info()
-        client = self.qmp
-        if not self.alive or client is None or client.closed:
-            return info
-        try:
-            vcpus = len(await client.execute("query-cpus-fast"))
-            try:
-                balloon = await client.execute("query-balloon")
-                memory_mib = int(balloon["actual"]) // (1024 * 1024)
-            except qmp.ExecuteError:
-                summary = await client.execute("query-memory-size-summary")
-                memory_mib = int(summary["base-memory"]) // (1024 * 1024)
-        except qmp.QMPError as error:
-            self.log.debug("live info unavailable", error=str(error))
-            return info
-        return msgspec.structs.replace(info, memory_mib=memory_mib, vcpus=vcpus)
 
     def _console_dict(self) -> dict[str, Any]:
         result: dict[str, Any] = msgspec.to_builtins(self.console())

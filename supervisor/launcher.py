@@ -19,6 +19,7 @@ import socket
 import time
 from pathlib import Path
 
+import anyio
 import msgspec
 import structlog
 
@@ -227,10 +228,11 @@ class Launcher:
             create_chroot(record.paths.chroot)
         return msgspec.structs.replace(record, pid=None, started_at=None)
 
-    def launch(self, instance: Instance, record: RuntimeRecord) -> QemuProcess:
+    async def launch(self, instance: Instance, record: RuntimeRecord) -> QemuProcess:
         """Spawn QEMU paused for `record` and save the record with its pid.
 
-        Raises `HypervisorError` when QEMU cannot be executed.
+        The record's fsyncs run in a worker thread while QEMU starts, so they stall
+        nothing else. Raises `HypervisorError` when QEMU cannot be executed.
         """
         paths = record.paths
         for stale in (paths.hmp_socket, paths.serial_socket, paths.pid_file):
@@ -248,7 +250,7 @@ class Launcher:
         finally:
             listener.close()
         started = msgspec.structs.replace(record, pid=process.pid, started_at=time.time())
-        save_record(paths.runtime_record, started)
+        await anyio.to_thread.run_sync(save_record, paths.runtime_record, started)
         instance.record = started
         instance.started_at = started.started_at
         instance.set_state(InstanceState.STARTING, "start requested", pid=process.pid)

@@ -91,7 +91,7 @@ async def _list(sup: Supervisor, _: api.NoParams) -> list[api.InstanceSummary]:
 
 
 async def _instance_info(sup: Supervisor, params: api.NameParams) -> api.InstanceInfo:
-    return await sup.live_info(params.name)
+    return sup.info(params.name)
 
 
 async def _balloon(sup: Supervisor, params: api.BalloonParams) -> api.InstanceInfo:

@@ -132,14 +132,14 @@ class _Connection:
 
     async def _call(self, request: jsonrpc.Request) -> Any:
         if request.method == "events.subscribe":
-            params = _decode_params(request, api.SubscribeParams)
+            params = jsonrpc.decode_params(request, api.SubscribeParams)
             return self._subscribe(params)
         if request.method == "events.unsubscribe":
-            unsubscribe = _decode_params(request, api.UnsubscribeParams)
+            unsubscribe = jsonrpc.decode_params(request, api.UnsubscribeParams)
             self._unsubscribe(unsubscribe.subscription)
             return api.Empty()
         if request.method == "rpc.discover":
-            _decode_params(request, api.NoParams)
+            jsonrpc.decode_params(request, api.NoParams)
             return openrpc_document()
         method = METHODS.get(request.method)
         if method is None:
@@ -148,8 +148,7 @@ class _Connection:
                 f"method not found: {request.method}",
                 {"method": request.method},
             )
-        params = _decode_params(request, method.params)
-        return await method.handler(self.sup, params)
+        return await method.handler(self.sup, jsonrpc.decode_params(request, method.params))
 
     def _subscribe(self, params: api.SubscribeParams) -> api.SubscribeResult:
         subscription_id = next(self._subscription_ids)
@@ -190,15 +189,6 @@ class _Connection:
             self.sup.bus.close(subscription)
             scope.cancel()
         self.subscriptions.clear()
-
-
-def _decode_params(request: jsonrpc.Request, params_type: type[Any]) -> Any:
-    try:
-        return jsonrpc.decode_params(request, params_type)
-    except jsonrpc.RPCError:
-        raise
-    except msgspec.ValidationError as error:
-        raise InvalidParams.from_validation_error(error, "") from None
 
 
 async def _serve_connection(sup: Supervisor, stream: SocketStream) -> None:

@@ -47,16 +47,29 @@ class PausedQemu:
             self.proc.stderr.close()
 
 
+def _listening_unix_sockets() -> set[str]:
+    """Paths of the unix sockets in listening state (/proc/net/unix flag __SO_ACCEPTCON)."""
+    listening = set()
+    with open("/proc/net/unix") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            if len(fields) >= 8 and int(fields[3], 16) & 0x10000:
+                listening.add(fields[7])
+    return listening
+
+
 def _wait_for_sockets(paths: list[Path], proc: subprocess.Popen[bytes], deadline_s: float) -> None:
+    # QEMU creates a socket file a moment before it listens on it: wait for listening.
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         if proc.poll() is not None:
             stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
             raise RuntimeError(f"qemu exited with {proc.returncode}: {stderr}")
-        if all(p.exists() for p in paths):
+        if {str(p) for p in paths} <= _listening_unix_sockets():
             return
         time.sleep(0.01)
-    raise TimeoutError(f"qemu did not create {paths} within {deadline_s}s")
+    raise TimeoutError(f"qemu did not listen on {paths} within {deadline_s}s")
 
 
 @pytest.fixture
