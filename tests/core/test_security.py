@@ -93,3 +93,23 @@ async def test_uid_pool_leases_distinct_uids_and_releases_them(config: Config) -
             await sup.stop(name, force=True)
         leases = Path(config.state_dir) / "uid-leases"
         assert [p.name for p in leases.iterdir() if not p.name.startswith(".")] == []
+
+
+async def test_chroot_is_removed_after_stop_or_quarantined_when_not_empty(
+    config: Config,
+) -> None:
+    async with Supervisor(config) as sup:
+        spec = guest_spec("jail", hvparams={"use_chroot": True})
+        await sup.start(spec, paused=True)
+        chroot = sup.instance("jail").paths.chroot
+        assert chroot.is_dir()
+        await sup.stop("jail", force=True)
+        assert not chroot.exists()
+
+        await sup.start(spec, paused=True)
+        (chroot / "left-behind").write_text("evidence")
+        await sup.stop("jail", force=True)
+        assert not chroot.exists()
+        quarantined = list((Path(config.state_dir) / "quarantine").iterdir())
+        assert [p.name.startswith("jail-") for p in quarantined] == [True]
+        assert (quarantined[0] / "left-behind").read_text() == "evidence"
