@@ -13,6 +13,7 @@ import gc
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -251,8 +252,8 @@ listener.listen()
 greeting = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""},
                     "capabilities": ["oob"]}}
 decoder = json.JSONDecoder()
-while True:
-    conn, _ = listener.accept()
+
+def serve(conn):
     conn.sendall(json.dumps(greeting).encode() + b"\r\n")
     pending = ""
     while data := conn.recv(65536):
@@ -269,17 +270,20 @@ while True:
                 reply["id"] = command["id"]
             replies.append(json.dumps(reply) + "\r\n")
         conn.sendall("".join(replies).encode())
+
+while True:
+    conn, _ = listener.accept()
+    try:
+        serve(conn)
+    except OSError:
+        pass  # the client hung up early, e.g. the start-up probe
     conn.close()
 """
 
 
 def start_instant_server(path: Path) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen([sys.executable, "-c", INSTANT_SERVER, str(path)])
-    deadline = time.monotonic() + 10
-    while not path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("the instant server did not start")
-        time.sleep(0.01)
+    wait_listening(proc, path)
     return proc
 
 
@@ -291,12 +295,25 @@ def start_qemu(workdir: Path) -> subprocess.Popen[bytes]:
     args = [QEMU, "-S", "-nodefaults", "-display", "none", "-machine", "accel=tcg", "-m", "64"]
     args += ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while not qmp_path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("qemu did not start")
-        time.sleep(0.01)
+    wait_listening(proc, qmp_path)
     return proc
+
+
+def wait_listening(proc: subprocess.Popen[bytes], path: Path) -> None:
+    """Until `path` accepts connections: a unix socket exists from bind, before listen."""
+    deadline = time.monotonic() + 20
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"{proc.args!r} did not listen on {path}")
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(path))
+            except (FileNotFoundError, ConnectionRefusedError):
+                time.sleep(0.01)
+            else:
+                return
 
 
 Figures = dict[str, list[float]]
