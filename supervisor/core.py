@@ -72,6 +72,7 @@ class Supervisor(anyio.AsyncContextManagerMixin):
                 self._tg = tg
                 self._load_definitions()
                 await self._adopt_all()
+                self._recover_uid_leases()
                 if self.serve_control_socket:
                     from supervisor.rpc import serve_control_socket
 
@@ -143,6 +144,14 @@ class Supervisor(anyio.AsyncContextManagerMixin):
                 await self._tg.start(self._run, instance, process, None)
             except SupervisorError as error:
                 instance.log.error("adoption failed", error=str(error))
+
+    def _recover_uid_leases(self) -> None:
+        """Release the leases of instances whose QEMU did not survive a daemon crash."""
+        if self.launcher.uid_pool is None:
+            return
+        live = {name for name, instance in self._instances.items() if instance.alive}
+        for lease in self.launcher.uid_pool.recover(live):
+            self.log.info("uid lease released", uid=lease.uid, instance=lease.owner)
 
     async def _autostart(self) -> None:
         for instance in list(self._instances.values()):

@@ -23,13 +23,16 @@ DROPPED_KIND = "events.dropped"
 class SupervisorEvent(msgspec.Struct, frozen=True, kw_only=True):
     """One event: an instance's state change, migration progress or a QMP event."""
 
-    instance: str
+    #: None for events about no instance (``events.dropped``).
+    instance: str | None
     kind: str
     timestamp: float
     data: Mapping[str, Any] = msgspec.field(default_factory=dict)
 
 
-def make_event(instance: str, kind: str, data: Mapping[str, Any] | None = None) -> SupervisorEvent:
+def make_event(
+    instance: str | None, kind: str, data: Mapping[str, Any] | None = None
+) -> SupervisorEvent:
     """An event stamped with the current wall-clock time."""
     return SupervisorEvent(instance=instance, kind=kind, timestamp=time.time(), data=data or {})
 
@@ -104,7 +107,7 @@ class Subscription:
             await self._wakeup.wait()
         item = self._queue.popleft()
         if isinstance(item, _Dropped):
-            return make_event("", DROPPED_KIND, {"count": item.count})
+            return make_event(None, DROPPED_KIND, {"count": item.count})
         return item
 
 

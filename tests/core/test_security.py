@@ -113,3 +113,14 @@ async def test_chroot_is_removed_after_stop_or_quarantined_when_not_empty(
         quarantined = list((Path(config.state_dir) / "quarantine").iterdir())
         assert [p.name.startswith("jail-") for p in quarantined] == [True]
         assert (quarantined[0] / "left-behind").read_text() == "evidence"
+
+
+async def test_leases_of_vms_gone_during_a_daemon_crash_are_released(config: Config) -> None:
+    from supervisor.uidpool import UidPool
+
+    config = msgspec.structs.replace(config, uid_pool=["64000-64001"])
+    leases = Path(config.state_dir) / "uid-leases"
+    UidPool(leases, config.uid_ranges()).request("ghost")
+    async with Supervisor(config) as sup:
+        assert sup.list() == []
+        assert UidPool(leases, config.uid_ranges()).leases() == []
