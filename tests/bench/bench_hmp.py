@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
-import msgspec
+from benchtable import Row, format_table
 
 from protocols import hmp
 
@@ -40,15 +40,6 @@ CALLS = 300
 WARM_UP = 20
 SOCAT_CALLS = 4
 PROMPT = b"(qemu) "
-
-
-class Row(msgspec.Struct):
-    metric: str
-    ours: str
-    anchor: str
-    ratio: float
-    target: str
-    met: bool | None
 
 
 async def time_each(call: Callable[[], Awaitable[object]]) -> list[float]:
@@ -174,24 +165,6 @@ def ratio_row(metric: str, ours_s: float, anchor_s: float, target: str | None) -
     )
 
 
-def print_table(rows: list[Row]) -> None:
-    header = ("metric", "ours", "anchor", "ratio", "target", "met")
-    cells = [
-        (
-            row.metric,
-            row.ours,
-            row.anchor,
-            f"{row.ratio:.3g}x",
-            row.target,
-            "-" if row.met is None else ("yes" if row.met else "no"),
-        )
-        for row in rows
-    ]
-    widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
-    for row in [header, *cells]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
-
-
 def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="kvs-bench-", dir="/tmp"))
     try:
@@ -228,7 +201,7 @@ def main() -> None:
         f"QEMU {QEMU}, {ROUNDS} interleaved rounds of {CALLS} calls ({SOCAT_CALLS} for socat), "
         f"Python {sys.version.split()[0]}; medians"
     )
-    print_table(rows)
+    print(format_table(rows))
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import msgspec
 from anyio.abc import SocketStream
+from benchtable import Row, format_table
 from qemu.qmp import QMPClient as ReferenceClient
 
 from protocols.qmp import connect
@@ -38,15 +38,6 @@ THROUGHPUT_CALLS = 2000
 STOP_SAMPLES = 30
 FLOOD_EVENTS = 100_000
 FLOOD_PHASES = 10
-
-
-class Row(msgspec.Struct):
-    metric: str
-    ours: str
-    anchor: str
-    ratio: float
-    target: str
-    met: bool | None
 
 
 # --- the three clients -----------------------------------------------------------
@@ -349,24 +340,6 @@ def compare(figures: Figures, metric: str, ours: str, anchor: str, unit: str, ta
     )
 
 
-def print_table(rows: list[Row]) -> None:
-    header = ("metric", "ours", "anchor", "ratio", "target", "met")
-    cells = [
-        (
-            r.metric,
-            r.ours,
-            r.anchor,
-            f"{r.ratio:.2f}x",
-            r.target,
-            "-" if r.met is None else ("yes" if r.met else "no"),
-        )
-        for r in rows
-    ]
-    widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
-    for row in [header, *cells]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
-
-
 def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="kvs-bench-", dir="/tmp"))
     try:
@@ -442,7 +415,7 @@ def main() -> None:
         f"{FLOOD_EVENTS // FLOOD_PHASES} events, {after:.1f} after {FLOOD_EVENTS}; "
         f"{dropped} dropped (qemu.qmp: {ref_before:.1f} -> {ref_after:.1f} MiB)"
     )
-    print_table(rows + informative)
+    print(format_table(rows + informative))
 
 
 QEMU_MEASURES: dict[str, Measure] = {

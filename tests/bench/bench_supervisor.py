@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from benchtable import Row, format_table
 
 QEMU = os.environ.get("KVM_SUPERVISOR_TEST_QEMU", "/usr/bin/qemu-system-x86_64")
 REPO = Path(__file__).resolve().parents[2]
@@ -347,15 +348,6 @@ class Daemon:
 
 
 # --- the figures ----------------------------------------------------------------------
-
-
-class Row(msgspec.Struct):
-    metric: str
-    ours: str
-    anchor: str
-    ratio: float | None
-    target: str
-    met: bool | None
 
 
 def percentile(samples: list[float], p: int) -> float:
@@ -848,26 +840,6 @@ def build_rows(figures: dict[str, Any], anchors: Any) -> list[Row]:
         ),
     ]
     return rows
-
-
-def format_table(rows: list[Row]) -> str:
-    header = ("metric", "ours", "anchor", "ratio", "target", "met")
-    cells = [
-        (
-            r.metric,
-            r.ours,
-            r.anchor,
-            "-" if r.ratio is None else f"{r.ratio:.2f}x",
-            r.target,
-            "-" if r.met is None else ("yes" if r.met else "no"),
-        )
-        for r in rows
-    ]
-    widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *cells]
-    )
 
 
 def format_notes(figures: dict[str, Any], anchors: Any) -> str:
