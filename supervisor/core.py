@@ -98,7 +98,11 @@ class Supervisor(anyio.AsyncContextManagerMixin):
             if not create:
                 raise InstanceNotFound(name)
             instance = Instance(
-                name, paths=self.state_dir.instance(name), bus=self.bus, config=self.config
+                name,
+                paths=self.state_dir.instance(name),
+                bus=self.bus,
+                config=self.config,
+                on_exit=self.launcher.release,
             )
             self._instances[name] = instance
         return instance
@@ -185,11 +189,7 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         startup = None if paused is None else self.launcher.startup_steps(instance, paused=paused)
-        try:
-            await instance.supervise(process, startup=startup, task_status=task_status)
-        finally:
-            if instance.state in (S.STOPPED, S.CRASHED):
-                self.launcher.release(instance)
+        await instance.supervise(process, startup=startup, task_status=task_status)
         if not self._should_restart(instance):
             return
         delay = backoff_delay(recent_crashes(instance.crash_history, RESTART_WINDOW_S))
@@ -205,6 +205,8 @@ class Supervisor(anyio.AsyncContextManagerMixin):
                 await self._launch(instance, record, paused=False)
         except SupervisorError as error:
             instance.log.error("restart failed", error=str(error))
+        except Exception:  # a bug must not take the other instances down
+            instance.log.exception("restart failed")
 
     def _should_restart(self, instance: Instance) -> bool:
         spec = instance.spec()

@@ -11,10 +11,11 @@ the same connection; one operation at a time per instance (others get `Busy`).
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import msgspec
@@ -69,8 +70,19 @@ StartupSteps = Callable[[qmp.QMPClient], Awaitable[None]]
 class Instance:
     """A known instance: defined by a file, by a runtime record, or both."""
 
-    def __init__(self, name: str, *, paths: InstancePaths, bus: EventBus, config: Config) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        paths: InstancePaths,
+        bus: EventBus,
+        config: Config,
+        on_exit: Callable[[Instance], None] | None = None,
+    ) -> None:
         self.name = name
+        #: Gives back what a run held (leases, sockets); runs before the exit is reported,
+        #: so whoever reacts to it (a start, a reboot) finds everything free.
+        self.on_exit = on_exit
         self.paths = paths
         self.bus = bus
         self.config = config
@@ -158,32 +170,54 @@ class Instance:
         self._exit_reason = None
         self._shutdown_reason = None
         started = False
+        start_deadline = anyio.current_time() + self.config.start_timeout_s
         try:
-            async with (
-                qmp.connect(self.paths.qmp_socket, timeout=self.config.qmp_timeout_s) as client,
-                client.events(max_buffer=self.config.event_queue_size) as qmp_events,
-                anyio.create_task_group() as tg,
-            ):
-                self.qmp = client
-                tg.start_soon(self._pump_events, qmp_events)
-                if startup is not None:
-                    await startup(client)
-                else:
-                    await self.refresh_status()
-                await self._read_sizes(client)
-                started = True
-                task_status.started()
-                status = await process.wait_exit()
-                tg.cancel_scope.cancel()
-        except BaseException as error:
+            with anyio.CancelScope(deadline=start_deadline) as start_scope:
+                async with (
+                    qmp.connect(self.paths.qmp_socket, timeout=self.config.qmp_timeout_s) as client,
+                    client.events(max_buffer=self.config.event_queue_size) as qmp_events,
+                    anyio.create_task_group() as tg,
+                ):
+                    self.qmp = client
+                    tg.start_soon(self._pump_events, qmp_events)
+                    if startup is not None:
+                        await startup(client)
+                    else:
+                        await self.refresh_status()
+                    await self._read_sizes(client)
+                    start_scope.deadline = math.inf
+                    started = True
+                    task_status.started()
+                    status = await process.wait_exit()
+                    # Report the exit before the QMP connection is torn down.
+                    self._handle_exit(status)
+                    tg.cancel_scope.cancel()
+            if start_scope.cancelled_caught:
+                self._raise_start_timeout()
+        except Exception as error:
             self.qmp = None
-            if started or isinstance(error, anyio.get_cancelled_exc_class()):
-                raise
-            await self._abort_start(process, error)
-            raise AssertionError("unreachable") from error
-        self.qmp = None
-        self._handle_exit(status)
+            if not started and startup is not None:
+                await self._abort_start(process, error)
+            if self.process is None:  # the exit was reported; only the teardown failed
+                self.log.exception("QMP teardown failed")
+                status = process.exit_status or ExitStatus(code=None, signal=None)
+                return status
+            # An adopted QEMU whose monitor fails, or a bug after start: the VM keeps
+            # running and its exit is still noticed through the pidfd.
+            self.log.exception("supervising without QMP")
+            if not started:
+                self.set_state(S.STARTING, "adopted")
+                self.set_state(S.RUNNING, "adopted without QMP")
+                task_status.started()
+            status = await process.wait_exit()
+            self._handle_exit(status)
+        finally:
+            self.qmp = None
         return status
+
+    def _raise_start_timeout(self) -> NoReturn:
+        limit = self.config.start_timeout_s
+        raise TimeoutError(f"QEMU was not up within start_timeout_s ({limit:g} s)")
 
     async def _abort_start(self, process: QemuProcess, error: BaseException) -> None:
         """Kill a QEMU whose start failed and raise `HypervisorError` explaining why."""
@@ -213,7 +247,10 @@ class Instance:
                 if isinstance(item, qmp.EventsDropped):
                     self.log.warning("qmp events dropped", count=item.count)
                     continue
-                self._on_qmp_event(item)
+                try:
+                    self._on_qmp_event(item)
+                except (KeyError, TypeError, ValueError):
+                    self.log.exception("unexpected QMP event data", event=item.name)
         except qmp.ConnectionLostError:
             # QEMU closed the monitor: its exit shows through the pidfd.
             self.log.debug("qmp connection lost")
@@ -281,6 +318,11 @@ class Instance:
             if not status.known:
                 details["exit_status"] = None
             self.crash_history.append(time.monotonic())
+        if self.on_exit is not None:
+            try:
+                self.on_exit(self)
+            except OSError:
+                self.log.exception("clean-up after exit failed")
         self.set_state(new, reason, **details)
         self._exited.set()
 

@@ -7,11 +7,17 @@ import signal
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 
 from supervisor import Supervisor
 from supervisor.config import Config
-from supervisor.errors import InstanceExists, InstanceNotFound, InvalidConfigError
+from supervisor.errors import (
+    HypervisorError,
+    InstanceExists,
+    InstanceNotFound,
+    InvalidConfigError,
+)
 from supervisor.events import SupervisorEvent
 
 from .conftest import READY, guest_spec, wait_for_serial, wait_gone
@@ -134,3 +140,34 @@ def _cpus_allowed(pid: int, tid: int) -> str:
         if line.startswith("Cpus_allowed_list:"):
             return line.split(":", 1)[1].strip()
     raise AssertionError("no Cpus_allowed_list")
+
+
+async def test_a_qemu_that_fails_to_start_is_reported_with_its_stderr(config: Config) -> None:
+    async with Supervisor(config) as sup:
+        spec = guest_spec("broken", hvparams={"kvm_extra": "-no-such-option"})
+        with pytest.raises(HypervisorError) as error:
+            await sup.start(spec)
+        assert "-no-such-option" in error.value.data["stderr"]
+        info = sup.info("broken")
+        assert (info.state, info.reason, info.pid) == ("stopped", "start-failed", None)
+
+
+async def test_a_qemu_that_never_answers_is_killed_after_the_start_timeout(
+    config: Config, state_dir: Path
+) -> None:
+    # Fault injection: answers the capability probe like QEMU, then hangs.
+    hanging = state_dir / "hanging-qemu"
+    hanging.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in --help|-machine|-device) exec /usr/bin/qemu-system-x86_64 "$@";; esac\n'
+        "echo $$ > " + str(state_dir / "hanging.pid") + "\n"
+        "exec sleep 600\n"
+    )
+    hanging.chmod(0o755)
+    config = msgspec.structs.replace(config, start_timeout_s=1.0, qmp_timeout_s=1.0)
+    async with Supervisor(config) as sup:
+        spec = guest_spec("hangs", hvparams={"kvm_path": str(hanging)})
+        with pytest.raises(HypervisorError):
+            await sup.start(spec)
+        assert sup.info("hangs").state == "stopped"
+    wait_gone(int((state_dir / "hanging.pid").read_text()))
