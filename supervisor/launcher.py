@@ -171,22 +171,7 @@ class Launcher:
         except BaseException:
             self._release_leases(spec.name, uid)
             raise
-        return RuntimeRecord(
-            name=spec.name,
-            uuid=spec.uuid or "",
-            spec=spec,
-            hvparams=hv,
-            argv=command.argv,
-            nics=command.nics,
-            disks=command.disks,
-            accel=command.accel,
-            qemu_fingerprint=caps.fingerprint,
-            qemu_version=caps.version,
-            paths=paths,
-            vnc_port=command.display_port if hv.vnc_bind_address else None,
-            spice_port=command.display_port if hv.spice_bind else None,
-            uid=uid,
-        )
+        return RuntimeRecord.for_start(spec, hv, command, caps, paths, uid=uid)
 
     def _lease(self, spec: InstanceSpec, hv: HvParams) -> tuple[LaunchResources, int | None]:
         display_port = None

@@ -24,7 +24,8 @@ from typing import Any, Final
 import msgspec
 
 from supervisor.accel import Accelerator
-from supervisor.cmdline import DiskPlan, NicPlan
+from supervisor.capabilities import QemuCapabilities
+from supervisor.cmdline import CommandLine, DiskPlan, NicPlan
 from supervisor.errors import InvalidConfigError
 from supervisor.hvparams import HvParams
 from supervisor.spec import InstanceSpec
@@ -79,6 +80,37 @@ class RuntimeRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     spice_port: int | None = None
     #: The uid leased from the uid pool (``security_model = "pool"``).
     uid: int | None = None
+
+    @classmethod
+    def for_start(
+        cls,
+        spec: InstanceSpec,
+        hv: HvParams,
+        command: CommandLine,
+        caps: QemuCapabilities,
+        paths: InstancePaths,
+        *,
+        uid: int | None = None,
+    ) -> RuntimeRecord:
+        """The record of a start of `spec` with `command`, before QEMU is spawned."""
+        if spec.uuid is None:
+            raise ValueError(f"instance {spec.name!r} has no uuid yet")
+        return cls(
+            name=spec.name,
+            uuid=spec.uuid,
+            spec=spec,
+            hvparams=hv,
+            argv=command.argv,
+            nics=command.nics,
+            disks=command.disks,
+            accel=command.accel,
+            qemu_fingerprint=caps.fingerprint,
+            qemu_version=caps.version,
+            paths=paths,
+            vnc_port=command.display_port if hv.vnc_bind_address else None,
+            spice_port=command.display_port if hv.spice_bind else None,
+            uid=uid,
+        )
 
 
 class _Versioned(msgspec.Struct):

@@ -48,22 +48,8 @@ def make_record(state_dir: Path = Path("/var/lib/kvm-supervisor")) -> RuntimeRec
     command = build_command_line(
         spec, hv, caps, paths, Accelerator.TCG, resources=LaunchResources(display_port=5901)
     )
-    return RuntimeRecord(
-        name=spec.name,
-        uuid=UUID,
-        spec=spec,
-        hvparams=hv,
-        argv=command.argv,
-        nics=command.nics,
-        disks=command.disks,
-        accel=command.accel,
-        qemu_fingerprint=caps.fingerprint,
-        qemu_version=caps.version,
-        paths=paths,
-        started_at=1_700_000_000.5,
-        pid=4242,
-        vnc_port=5901,
-    )
+    record = RuntimeRecord.for_start(spec, hv, command, caps, paths)
+    return msgspec.structs.replace(record, started_at=1_700_000_000.5, pid=4242)
 
 
 def test_string_round_trip() -> None:
