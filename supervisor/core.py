@@ -124,14 +124,14 @@ class Supervisor(anyio.AsyncContextManagerMixin):
 
     async def _adopt_all(self) -> None:
         for name in self.state_dir.instance_names():
-            instance = self._instance(name, create=True)
             try:
-                record = load_record(instance.paths.runtime_record)
+                record = load_record(self.state_dir.instance(name).runtime_record)
             except FileNotFoundError:
-                continue
+                continue  # a dir without a record (`cmdline` makes those): nothing ran
             except SupervisorError as error:
                 self.log.error("runtime record unreadable", instance=name, error=str(error))
                 continue
+            instance = self._instance(name, create=True)
             instance.record = record
             process = None
             if record.pid is not None and record.spec.uuid is not None:

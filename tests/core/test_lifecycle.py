@@ -171,3 +171,17 @@ async def test_a_qemu_that_never_answers_is_killed_after_the_start_timeout(
             await sup.start(spec)
         assert sup.info("hangs").state == "stopped"
     wait_gone(int((state_dir / "hanging.pid").read_text()))
+
+
+async def test_a_corrupt_runtime_record_is_skipped_and_the_rest_adopted(
+    config: Config, state_dir: Path
+) -> None:
+    async with Supervisor(config) as sup:
+        info = await sup.start(guest_spec("good"), paused=True)
+    corrupt = state_dir / "instances" / "bad"
+    corrupt.mkdir()
+    (corrupt / "runtime.json").write_text('{"version": 1, "name": ')
+    (state_dir / "instances" / "empty").mkdir()
+    async with Supervisor(config) as sup:
+        assert [(i.name, i.state, i.pid) for i in sup.list()] == [("good", "paused", info.pid)]
+        await sup.stop("good", force=True)
