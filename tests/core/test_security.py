@@ -25,6 +25,8 @@ TEST_USER = "kvs-test-user"
 @pytest.fixture
 def test_user() -> Iterator[pwd.struct_passwd]:
     """A system user made for the test and deleted after it."""
+    # A run killed before its clean-up may have left the user behind.
+    subprocess.run(["userdel", TEST_USER], check=False, capture_output=True)
     subprocess.run(
         ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
         check=True,
