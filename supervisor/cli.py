@@ -250,7 +250,11 @@ async def _console(args: argparse.Namespace) -> int:
     if console.get("kind") != "serial":
         print(json.dumps(console), file=sys.stderr)
         return EXIT_DAEMON_ERROR
-    await attach(Path(console["socket"]))
+    try:
+        await attach(Path(console["socket"]))
+    except OSError as error:
+        print(f"kvm-supervisor: console {console['socket']}: {error.strerror}", file=sys.stderr)
+        return EXIT_DAEMON_ERROR
     return EXIT_OK
 
 
@@ -275,9 +279,14 @@ async def _cmdline(args: argparse.Namespace) -> int:
 
 async def _serve(args: argparse.Namespace) -> int:
     from supervisor.daemon import serve
+    from supervisor.statedir import StateDirLocked
 
     _configure_logging()
-    await serve(_config(args))
+    try:
+        await serve(_config(args))
+    except StateDirLocked as error:
+        print(f"kvm-supervisor: {error}", file=sys.stderr)
+        return EXIT_DAEMON_ERROR
     return EXIT_OK
 
 
@@ -302,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SupervisorError as error:
         print(f"kvm-supervisor: {error}", file=sys.stderr)
         return EXIT_USAGE if args.verb == "cmdline" else EXIT_DAEMON_ERROR
-    except (ConnectionError, FileNotFoundError) as error:
+    except (ConnectionError, FileNotFoundError, PermissionError) as error:
         print(f"kvm-supervisor: daemon unreachable: {error}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except KeyboardInterrupt:

@@ -37,7 +37,7 @@ from supervisor.events import EventBus, Subscription
 from supervisor.instance import Instance, backoff_delay, recent_crashes
 from supervisor.launcher import Launcher
 from supervisor.process import QemuProcess, adopt
-from supervisor.runtime import RuntimeRecord, load_record
+from supervisor.runtime import RuntimeRecord, load_record, save_record
 from supervisor.spec import InstanceSpec
 from supervisor.statedir import StateDir
 from supervisor.states import InstanceState
@@ -67,19 +67,26 @@ class Supervisor(anyio.AsyncContextManagerMixin):
     @asynccontextmanager
     async def __asynccontextmanager__(self) -> AsyncGenerator[Supervisor, None]:
         self.state_dir.acquire()
+        body_error: BaseException | None = None
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 self._load_definitions()
-                await self._adopt_all()
-                self._recover_uid_leases()
                 if self.serve_control_socket:
                     from supervisor.rpc import serve_control_socket
 
                     await tg.start(serve_control_socket, self)
+                await self._adopt_all()
+                self._recover_uid_leases()
                 await self._autostart()
                 try:
                     yield self
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except BaseException as error:
+                    # The task group would wrap the body's exception in an exception
+                    # group; the supervisor's own tasks never raise, so it leaves bare.
+                    body_error = error
                 finally:
                     with anyio.CancelScope(shield=True):
                         if self.config.shutdown_on_exit:
@@ -89,6 +96,8 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         finally:
             self._tg = None
             self.state_dir.release()
+        if body_error is not None:
+            raise body_error
 
     # -- registry --------------------------------------------------------------------
 
@@ -123,6 +132,7 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         return instance.definition
 
     async def _adopt_all(self) -> None:
+        adopted: list[Instance] = []
         for name in self.state_dir.instance_names():
             try:
                 record = load_record(self.state_dir.instance(name).runtime_record)
@@ -143,11 +153,14 @@ class Supervisor(anyio.AsyncContextManagerMixin):
                 self.launcher.release(instance)
                 continue
             instance.started_at = record.started_at
-            try:
-                assert self._tg is not None
-                await self._tg.start(self._run, instance, process, None)
-            except SupervisorError as error:
-                instance.log.error("adoption failed", error=str(error))
+            assert self._tg is not None
+            await self._tg.start(self._run, instance, process, None)
+            adopted.append(instance)
+        # Monitors answer concurrently; a hung QEMU delays this by qmp_timeout_s at most
+        # (its instance stays `starting` and its monitor is retried in the background).
+        with anyio.move_on_after(self.config.qmp_timeout_s):
+            for instance in adopted:
+                await instance.monitor_ready.wait()
 
     def _recover_uid_leases(self) -> None:
         """Release the leases of instances whose QEMU did not survive a daemon crash."""
@@ -199,7 +212,7 @@ class Supervisor(anyio.AsyncContextManagerMixin):
             return  # started or cleaned up by someone else meanwhile
         try:
             async with instance.operation("restart"):
-                record = await self.launcher.renew(instance, instance.record)
+                record = self.launcher.renew(instance.record)
                 instance.restarts += 1
                 # The new run gets a task of its own; this one ends here.
                 await self._launch(instance, record, paused=False)
@@ -218,17 +231,25 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         )
 
     async def _launch(self, instance: Instance, record: RuntimeRecord, *, paused: bool) -> None:
-        process = await self.launcher.launch(instance, record)
+        """Spawn QEMU and wait until it runs; on failure nothing is left behind.
+
+        Shielded: once QEMU is spawned the start completes or rolls back (within
+        ``start_timeout_s``) even if the caller goes away, so no QEMU is orphaned.
+        """
         assert self._tg is not None
-        try:
-            await self._tg.start(self._run, instance, process, paused)
-        except HypervisorError:
-            raise
-        except SupervisorError:
-            raise
-        except Exception as error:  # a bug must not take the daemon down
-            self.log.exception("start failed", instance=instance.name)
-            raise HypervisorError(f"start of {instance.name!r} failed: {error}") from error
+        with anyio.CancelScope(shield=True):
+            try:
+                process = self.launcher.launch(instance, record)
+            except BaseException:
+                self.launcher.release_record(record)
+                raise
+            try:
+                await self._tg.start(self._run, instance, process, paused)
+            except SupervisorError:
+                raise
+            except Exception as error:  # a bug must not take the daemon down
+                self.log.exception("start failed", instance=instance.name)
+                raise HypervisorError(f"start of {instance.name!r} failed: {error}") from error
 
     # -- operations (API.md §3) ----------------------------------------------------------
 
@@ -250,20 +271,39 @@ class Supervisor(anyio.AsyncContextManagerMixin):
             path = instance_file(self.config.instances_dir, name)
             if not path.exists():
                 raise InstanceNotFound(name)
+        registered = name in self._instances
         instance = self._instance(name, create=True)
-        async with instance.operation("start"):
-            if instance.alive:
-                raise InstanceExists(name, "is already running")
-            if spec is None:
-                spec = self._reload_definition(instance)
-                if spec is None and instance.record is not None:
-                    spec = instance.record.spec
+        previous_record = instance.record
+        try:
+            async with instance.operation("start"):
+                if instance.alive:
+                    raise InstanceExists(name, "is already running")
                 if spec is None:
-                    raise InstanceNotFound(name)
-            known_uuid = instance.record.spec.uuid if instance.record is not None else None
-            record = await self.launcher.prepare(instance, spec, known_uuid=known_uuid)
-            await self._launch(instance, record, paused=paused)
+                    spec = self._reload_definition(instance)
+                    if spec is None and previous_record is not None:
+                        spec = previous_record.spec
+                    if spec is None:
+                        raise InstanceNotFound(name)
+                known_uuid = previous_record.spec.uuid if previous_record is not None else None
+                record = await self.launcher.prepare(instance, spec, known_uuid=known_uuid)
+                await self._launch(instance, record, paused=paused)
+        except SupervisorError:
+            if not instance.alive:
+                self._roll_back_start(instance, previous_record, registered=registered)
+            raise
         return instance.info()
+
+    def _roll_back_start(
+        self, instance: Instance, previous: RuntimeRecord | None, *, registered: bool
+    ) -> None:
+        """Leave no trace of a failed start: the earlier record, or no instance at all."""
+        instance.record = previous
+        if previous is not None:
+            save_record(instance.paths.runtime_record, previous)
+            return
+        self.launcher.forget(instance)
+        if not registered and instance.definition is None:
+            del self._instances[instance.name]
 
     async def stop(
         self, name: str, *, force: bool = False, timeout_s: float | None = None
@@ -285,7 +325,7 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         paused = instance.state == S.PAUSED
         async with instance.operation("reboot"):
             await instance.stop(force=False, timeout_s=self.config.stop_timeout_s)
-            record = await self.launcher.renew(instance, record)
+            record = self.launcher.renew(record)
             await self._launch(instance, record, paused=paused)
         return instance.info()
 

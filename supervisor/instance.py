@@ -15,7 +15,7 @@ import math
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn
+from typing import Any
 
 import anyio
 import msgspec
@@ -31,6 +31,7 @@ from supervisor.errors import (
     HypervisorError,
     InstanceNotRunning,
     InvalidConfigError,
+    InvalidParams,
     MonitorError,
     OperationTimeout,
 )
@@ -54,9 +55,13 @@ REFUSED_QMP_COMMANDS = {
     "migrate_cancel": "migration.cancel",
     "balloon": "instance.balloon",
     "qmp_capabilities": "(already negotiated)",
+    "human-monitor-command": "instance.monitor",
 }
 
 MIB = 1024 * 1024
+
+#: How soon a lost monitor connection to a live QEMU is tried again.
+MONITOR_RETRY_S = 2.0
 
 #: How long an operation waits for the one in progress before it gets `Busy`.
 BUSY_WAIT_S = 5.0
@@ -104,6 +109,8 @@ class Instance:
         self._operation_lock = anyio.Lock()
         self._exited = anyio.Event()
         self._exited.set()
+        #: Set once this run's monitor has answered (state, sizes known).
+        self.monitor_ready = anyio.Event()
         self._exit_reason: str | None = None
         self._shutdown_reason: str | None = None
 
@@ -115,8 +122,11 @@ class Instance:
         if new == previous or not can_transition(previous, new):
             return
         self.state = new
+        self._publish_state(previous, reason, **details)
+
+    def _publish_state(self, previous: InstanceState, reason: str, **details: Any) -> None:
         self.reason = reason
-        data = {"state": str(new), "previous": str(previous), "reason": reason, **details}
+        data = {"state": str(self.state), "previous": str(previous), "reason": reason, **details}
         self.log.info("state", **data)
         self.bus.publish(make_event(self.name, "instance.state", data))
 
@@ -160,64 +170,106 @@ class Instance:
         """Own one QEMU run until it exits; return its exit status.
 
         With `startup` (a fresh start) the steps run once QMP is connected, and
-        ``task_status.started()`` follows them; without (an adopted QEMU) the state
-        is read from QEMU. Failures before ``started`` kill QEMU and raise
-        `HypervisorError` with the tail of its output. On cancellation (the daemon
-        is leaving) QEMU is left running.
+        ``task_status.started()`` follows them; failures before that kill QEMU and
+        raise `HypervisorError` with the tail of its output. Without (an adopted
+        QEMU) the state is read from QEMU. Whenever the monitor connection is lost
+        while QEMU lives on (a hung QEMU, a bug), it is retried every
+        `MONITOR_RETRY_S`; the exit is noticed through the pidfd all the while. On
+        cancellation (the daemon is leaving) QEMU is left running.
         """
         self.process = process
         self._exited = anyio.Event()
+        self.monitor_ready = anyio.Event()
         self._exit_reason = None
         self._shutdown_reason = None
-        started = False
-        start_deadline = anyio.current_time() + self.config.start_timeout_s
-        try:
-            with anyio.CancelScope(deadline=start_deadline) as start_scope:
-                async with (
-                    qmp.connect(self.paths.qmp_socket, timeout=self.config.qmp_timeout_s) as client,
-                    client.events(max_buffer=self.config.event_queue_size) as qmp_events,
-                    anyio.create_task_group() as tg,
-                ):
-                    self.qmp = client
-                    tg.start_soon(self._pump_events, qmp_events)
-                    if startup is not None:
-                        await startup(client)
-                    else:
-                        await self.refresh_status()
-                    await self._read_sizes(client)
-                    start_scope.deadline = math.inf
-                    started = True
-                    task_status.started()
-                    status = await process.wait_exit()
-                    # Report the exit before the QMP connection is torn down.
-                    self._handle_exit(status)
-                    tg.cancel_scope.cancel()
-            if start_scope.cancelled_caught:
-                self._raise_start_timeout()
-        except Exception as error:
-            self.qmp = None
-            if not started and startup is not None:
-                await self._abort_start(process, error)
-            if self.process is None:  # the exit was reported; only the teardown failed
-                self.log.exception("QMP teardown failed")
-                status = process.exit_status or ExitStatus(code=None, signal=None)
-                return status
-            # An adopted QEMU whose monitor fails, or a bug after start: the VM keeps
-            # running and its exit is still noticed through the pidfd.
-            self.log.exception("supervising without QMP")
-            if not started:
-                self.set_state(S.STARTING, "adopted")
-                self.set_state(S.RUNNING, "adopted without QMP")
-                task_status.started()
-            status = await process.wait_exit()
-            self._handle_exit(status)
-        finally:
-            self.qmp = None
-        return status
+        exited = await self._first_session(process, startup, task_status)
+        while not exited:  # the monitor went away, QEMU did not
+            with anyio.move_on_after(MONITOR_RETRY_S):
+                self._handle_exit(await process.wait_exit())
+                break
+            exited = await self._monitor_session(process, startup=None)
+        return process.exit_status or ExitStatus(code=None, signal=None)
 
-    def _raise_start_timeout(self) -> NoReturn:
+    async def _first_session(
+        self, process: QemuProcess, startup: StartupSteps | None, task_status: TaskStatus[None]
+    ) -> bool:
+        """The first monitor session of a run; True once QEMU's exit was reported."""
+        if startup is None:
+            # Adopted: `starting` until the monitor tells QEMU's state, and started at
+            # once, so a hung QEMU never holds up the daemon.
+            self.set_state(S.STARTING, "adopted")
+            task_status.started()
+            return await self._monitor_session(process, startup=None)
+        deadline = anyio.current_time() + self.config.start_timeout_s
+        with anyio.CancelScope(deadline=deadline) as start_scope:
+            try:
+                return await self._monitor_session(process, startup, task_status, start_scope)
+            except Exception as error:  # raised only before start-up completed
+                await self._abort_start(process, error)
         limit = self.config.start_timeout_s
-        raise TimeoutError(f"QEMU was not up within start_timeout_s ({limit:g} s)")
+        await self._abort_start(
+            process, TimeoutError(f"QEMU was not up within start_timeout_s ({limit:g} s)")
+        )
+        return True
+
+    async def _monitor_session(
+        self,
+        process: QemuProcess,
+        startup: StartupSteps | None,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+        start_scope: anyio.CancelScope | None = None,
+    ) -> bool:
+        """One QMP connection: until QEMU exits (reported here: True) or the monitor fails.
+
+        With `startup`, failures before start-up completes are raised; any other
+        failure is logged and the caller retries. `start_scope`'s deadline is lifted
+        once start-up is done.
+        """
+        started = exited = False
+        session: qmp.QMPClient | None = None
+        try:
+            async with (
+                qmp.connect(self.paths.qmp_socket, timeout=self.config.qmp_timeout_s) as client,
+                client.events(max_buffer=self.config.event_queue_size) as qmp_events,
+                anyio.create_task_group() as tg,
+            ):
+                self.qmp = session = client
+                tg.start_soon(self._pump_events, qmp_events)
+                if startup is not None:
+                    await startup(client)
+                else:
+                    await self.refresh_status()
+                await self._read_sizes(client)
+                if start_scope is not None:
+                    start_scope.deadline = math.inf
+                started = True
+                self.monitor_ready.set()
+                task_status.started()
+                # Returns when QEMU exits, or when the monitor is lost first.
+                async with anyio.create_task_group() as watch:
+                    watch.start_soon(self._cancel_on_monitor_loss, client, watch.cancel_scope)
+                    # Report the exit before the QMP connection is torn down.
+                    self._handle_exit(await process.wait_exit())
+                    exited = True
+                    watch.cancel_scope.cancel()
+                tg.cancel_scope.cancel()
+        except Exception:
+            if startup is not None and not started:
+                raise
+            self.log.exception("QMP monitor lost; retrying")
+        finally:
+            if self.qmp is session:  # a later run may have its own connection by now
+                self.qmp = None
+        return exited
+
+    async def _cancel_on_monitor_loss(
+        self, client: qmp.QMPClient, scope: anyio.CancelScope
+    ) -> None:
+        await client.wait_closed()
+        # A dying QEMU closes its monitor just before its pidfd fires: give the exit
+        # the moment it needs, so it is reported with its status rather than retried.
+        await anyio.sleep(MONITOR_RETRY_S)
+        scope.cancel()
 
     async def _abort_start(self, process: QemuProcess, error: BaseException) -> None:
         """Kill a QEMU whose start failed and raise `HypervisorError` explaining why."""
@@ -325,6 +377,7 @@ class Instance:
                 self.log.exception("clean-up after exit failed")
         self.set_state(new, reason, **details)
         self._exited.set()
+        self.monitor_ready.set()  # nobody need wait for the monitor of a QEMU that is gone
 
     async def wait_exited(self) -> None:
         await self._exited.wait()
@@ -334,28 +387,48 @@ class Instance:
     async def stop(self, *, force: bool, timeout_s: float) -> None:
         """ACPI power-down, then a kill after `timeout_s`; `force` kills at once.
 
-        Returns once QEMU has exited and the instance is stopped. Cancelling the
-        call leaves the instance in whatever state QEMU reached.
+        Returns once QEMU has exited and the instance is stopped. A paused guest is
+        resumed after the power button is pressed, since only a running guest can
+        act on it. A crashed instance becomes stopped (no restart follows). If the
+        call is cancelled before QEMU exits, the instance returns to QEMU's state.
         """
+        if self.state == S.CRASHED:
+            self.state, previous = S.STOPPED, self.state
+            self._publish_state(previous, "stop requested")
+            return
         if not self.alive or self.process is None:
             return
         process = self.process
         self.set_state(S.STOPPING, "stop requested")
-        if not force and self.qmp is not None and not self.qmp.closed:
-            with contextlib.suppress(qmp.QMPError):
-                await self.qmp.execute("system_powerdown")
-            with anyio.move_on_after(timeout_s):
-                await self._exited.wait()
-        if not self._exited.is_set():
-            self._exit_reason = "killed"
-            if process.is_alive():
-                process.send_signal(signal.SIGKILL)
-            with anyio.move_on_after(KILL_WAIT_S) as scope:
-                await self._exited.wait()
-            if scope.cancelled_caught:
-                raise OperationTimeout(
-                    f"exit of QEMU {process.pid} of {self.name!r} after SIGKILL", KILL_WAIT_S
-                )
+        try:
+            if not force and self.qmp is not None and not self.qmp.closed:
+                with contextlib.suppress(qmp.QMPError):
+                    status = (await self.qmp.execute("query-status"))["status"]
+                    # A guest that never ran (started paused) has nothing to shut down.
+                    force = status == "prelaunch"
+                    if not force:
+                        await self.qmp.execute("system_powerdown")
+                        if status != "running":
+                            await self.qmp.execute("cont")
+                if not force:
+                    with anyio.move_on_after(timeout_s):
+                        await self._exited.wait()
+            if not self._exited.is_set():
+                self._exit_reason = "killed"
+                if process.is_alive():
+                    process.send_signal(signal.SIGKILL)
+                with anyio.move_on_after(KILL_WAIT_S) as scope:
+                    await self._exited.wait()
+                if scope.cancelled_caught:
+                    raise OperationTimeout(
+                        f"exit of QEMU {process.pid} of {self.name!r} after SIGKILL", KILL_WAIT_S
+                    )
+        finally:
+            if not self._exited.is_set() and self.state == S.STOPPING:
+                self._exit_reason = None
+                running = self.qemu_status == "running"
+                self.state = S.RUNNING if running else S.PAUSED
+                self._publish_state(S.STOPPING, "stop abandoned")
 
     async def pause(self) -> None:
         client = self.require_running()
@@ -385,6 +458,8 @@ class Instance:
         client = self.require_running()
         try:
             output: str = await QMPHumanMonitor(client).command(command)
+        except ValueError as error:  # a control character, or too long for QEMU's editor
+            raise InvalidParams("command", str(error)) from None
         except HMPTimeoutError:
             timeout = self.config.qmp_timeout_s
             raise OperationTimeout(f"monitor command on {self.name!r}", timeout) from None

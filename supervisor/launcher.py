@@ -19,7 +19,6 @@ import socket
 import time
 from pathlib import Path
 
-import anyio
 import msgspec
 import structlog
 
@@ -201,23 +200,31 @@ class Launcher:
             uid,
         )
 
-    async def renew(self, instance: Instance, record: RuntimeRecord) -> RuntimeRecord:
-        """The record for a restart of the same run (reboot): same argv, leases taken again."""
+    def renew(self, record: RuntimeRecord) -> RuntimeRecord:
+        """The record for a new run of the same argv (reboot, restart): the same uid and
+        display port leased again, or `InvalidConfigError` when they are taken now."""
         if record.uid is not None and self.uid_pool is not None:
-            self.uid_pool.request(record.name)
+            try:
+                self.uid_pool.request(record.name, uid=record.uid)
+            except UidPoolExhausted as error:
+                raise InvalidConfigError("uid_pool", str(error)) from None
         port = record.vnc_port or record.spice_port
         if port is not None and record.spec.network_port is None:
+            taken = {p for name, p in self._leased_ports.items() if name != record.name}
+            if free_port(port, port, taken) is None:
+                self._release_leases(record.name, record.uid)
+                raise InvalidConfigError("display_port_range", f"port {port} is in use now")
             self._leased_ports[record.name] = port
         self.state_dir.create_instance_dir(record.name, group_id=self.group_id)
         if record.hvparams.use_chroot:
             create_chroot(record.paths.chroot)
         return msgspec.structs.replace(record, pid=None, started_at=None)
 
-    async def launch(self, instance: Instance, record: RuntimeRecord) -> QemuProcess:
+    def launch(self, instance: Instance, record: RuntimeRecord) -> QemuProcess:
         """Spawn QEMU paused for `record` and save the record with its pid.
 
-        The record's fsyncs run in a worker thread while QEMU starts, so they stall
-        nothing else. Raises `HypervisorError` when QEMU cannot be executed.
+        Raises `HypervisorError` when QEMU cannot be executed or the record cannot be
+        saved (QEMU is killed then); the caller releases what `prepare` leased.
         """
         paths = record.paths
         for stale in (paths.hmp_socket, paths.serial_socket, paths.pid_file):
@@ -235,12 +242,26 @@ class Launcher:
         finally:
             listener.close()
         started = msgspec.structs.replace(record, pid=process.pid, started_at=time.time())
-        await anyio.to_thread.run_sync(save_record, paths.runtime_record, started)
+        try:
+            save_record(paths.runtime_record, started)
+        except OSError as error:
+            process.kill()
+            raise HypervisorError(
+                f"cannot save the runtime record {paths.runtime_record}: {error.strerror}"
+            ) from None
         instance.record = started
         instance.started_at = started.started_at
         instance.set_state(InstanceState.STARTING, "start requested", pid=process.pid)
         instance.log.info("launched", pid=process.pid, accel=record.accel)
         return process
+
+    def release_record(self, record: RuntimeRecord) -> None:
+        """Give back what `prepare` leased for `record` when it never ran."""
+        self._release_leases(record.name, record.uid)
+        if record.hvparams.use_chroot:
+            remove_chroot(
+                record.paths.chroot, quarantine_dir=self.state_dir.quarantine_dir, name=record.name
+            )
 
     def startup_steps(self, instance: Instance, *, paused: bool) -> StartupSteps:
         """What runs over QMP between spawn and ``cont`` (Ganeti's post-start steps)."""

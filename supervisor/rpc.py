@@ -36,6 +36,9 @@ _log = structlog.get_logger("supervisor.rpc")
 
 Response = jsonrpc.Response | jsonrpc.ErrorResponse
 
+#: Pause after a failed accept (out of descriptors), so the loop does not spin.
+ACCEPT_RETRY_S = 0.1
+
 
 def peer_uid_gid(sock: socket.socket) -> tuple[int, int, int]:
     """``(pid, uid, gid)`` of the process at the other end of a unix socket."""
@@ -75,8 +78,12 @@ class _Connection:
         self.log = _log
 
     async def send(self, payload: bytes) -> None:
+        """Send one line; a peer that is gone just misses it (its requests still finish)."""
         async with self.send_lock:
-            await self.stream.send(payload)
+            try:
+                await self.stream.send(payload)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                self.log.debug("reply dropped: the client is gone")
 
     async def handle_line(self, line: bytes) -> None:
         incoming = jsonrpc.decode_incoming(line)
@@ -203,21 +210,26 @@ async def _serve_connection(sup: Supervisor, stream: SocketStream) -> None:
         max_bytes = sup.config.max_request_bytes
         async with anyio.create_task_group() as tg:
             connection = _Connection(sup, stream, tg)
+            oversize = False
             try:
                 while True:
                     try:
                         line = await receiver.receive_until(b"\n", max_bytes)
                     except anyio.DelimiterNotFound:
-                        oversize = jsonrpc.oversize_response(max_bytes)
-                        await connection.send(jsonrpc.encode_message(oversize))
+                        oversize = True
+                        reply = jsonrpc.oversize_response(max_bytes)
+                        await connection.send(jsonrpc.encode_message(reply))
                         break
                     except (anyio.IncompleteRead, anyio.EndOfStream, anyio.BrokenResourceError):
+                        # The client is done sending (`echo ... | socat` half-closes):
+                        # requests in flight still run and answer.
                         break
                     if line.strip():
                         await connection.handle_line(line)
             finally:
                 connection.close()
-                tg.cancel_scope.cancel()
+                if oversize:
+                    tg.cancel_scope.cancel()
 
 
 async def serve_control_socket(
@@ -238,7 +250,15 @@ async def serve_control_socket(
             except Exception:
                 _log.exception("connection handler crashed")
 
-        await listener.serve(handle)
+        async with anyio.create_task_group() as tg:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as error:  # EMFILE and friends: keep serving the others
+                    _log.error("accept failed", error=str(error))
+                    await anyio.sleep(ACCEPT_RETRY_S)
+                    continue
+                tg.start_soon(handle, stream)
     finally:
         await listener.aclose()
         path.unlink(missing_ok=True)

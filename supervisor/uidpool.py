@@ -161,23 +161,29 @@ class UidPool:
             os.close(fd)
         temporary.rename(self.lease_dir / str(lease.uid))
 
-    def request(self, owner: str) -> UidLease:
-        """Lease the lowest free uid of the pool to `owner`.
+    def request(self, owner: str, *, uid: int | None = None) -> UidLease:
+        """Lease the lowest free uid of the pool (or exactly `uid`) to `owner`.
 
         An owner holds at most one lease: asking again returns the one it holds. Raises
-        `UidPoolExhausted` when no uid is free.
+        `UidPoolExhausted` when no uid is free (or `uid` is not).
         """
         with self._locked():
             leases = self._read_leases()
             for lease in leases.values():
-                if lease.owner == owner:
+                if lease.owner == owner and uid in (None, lease.uid):
                     return lease
             taken = leases.keys() | uids_in_use()
-            for uid in self._uids():
-                if uid not in taken:
-                    lease = UidLease(uid=uid, owner=owner)
+            if uid is not None:
+                if uid in taken or not self._in_pool(uid):
+                    raise UidPoolExhausted(f"uid {uid} is not free in the pool {self.describe()}")
+                lease = UidLease(uid=uid, owner=owner)
+                self._write_lease(lease)
+                return lease
+            for free in self._uids():
+                if free not in taken:
+                    lease = UidLease(uid=free, owner=owner)
                     self._write_lease(lease)
-                    _log.debug("uid leased", uid=uid, instance=owner)
+                    _log.debug("uid leased", uid=free, instance=owner)
                     return lease
         in_pool = sum(last - first + 1 for first, last in self.ranges)
         leased = sum(1 for uid in leases if self._in_pool(uid))

@@ -372,3 +372,28 @@ def test_sigterm_leaves_vms_running_unless_shutdown_on_exit(daemon: Daemon) -> N
     wait_for_file_text(Path(shown["serial_log"]), b"KVS-GUEST-READY")
     daemon.kill(signal.SIGTERM)
     wait_gone(pid)
+
+
+def test_socat_one_shot_requests_are_answered(daemon: Daemon) -> None:
+    daemon.start()
+    write_instance(daemon, "sc")
+    # socat half-closes after stdin's EOF: requests in flight must still be answered.
+    request = b'{"jsonrpc":"2.0","id":1,"method":"instance.start","params":{"name":"sc"}}\n'
+    result = subprocess.run(
+        ["socat", "-t", "30", "-", f"UNIX-CONNECT:{daemon.socket}"],
+        input=request,
+        capture_output=True,
+        timeout=60,
+    )
+    reply = json.loads(result.stdout)
+    assert reply["result"]["state"] == "running", result.stdout
+    listed = subprocess.run(
+        ["socat", "-", f"UNIX-CONNECT:{daemon.socket}"],
+        input=b'{"jsonrpc":"2.0","id":2,"method":"instance.list"}\n',
+        capture_output=True,
+        timeout=60,
+    )
+    assert json.loads(listed.stdout)["result"] == [
+        {"name": "sc", "state": "running", "pid": reply["result"]["pid"]}
+    ]
+    daemon.cli("stop", "sc", "--force", check=True)

@@ -17,6 +17,7 @@ from supervisor.errors import (
     InstanceExists,
     InstanceNotFound,
     InvalidConfigError,
+    InvalidParams,
 )
 from supervisor.events import SupervisorEvent
 
@@ -110,7 +111,9 @@ async def test_bad_specs_are_refused_with_the_field(config: Config) -> None:
         assert error.value.path == "spec.hvparams.serial_speed"
         with pytest.raises(InstanceNotFound):
             await sup.start(name="nope")
-        assert sup.list()[0].state == "stopped"
+        # A failed start leaves no trace: no instance, no runtime dir.
+        assert sup.list() == []
+        assert not (Path(config.state_dir) / "instances" / "bad").exists()
 
 
 async def test_cpu_pinning_and_balloon(config: Config) -> None:
@@ -148,8 +151,8 @@ async def test_a_qemu_that_fails_to_start_is_reported_with_its_stderr(config: Co
         with pytest.raises(HypervisorError) as error:
             await sup.start(spec)
         assert "-no-such-option" in error.value.data["stderr"]
-        info = sup.info("broken")
-        assert (info.state, info.reason, info.pid) == ("stopped", "start-failed", None)
+        assert error.value.data["exit_status"] == 1
+        assert sup.list() == []  # rolled back: no record, no runtime dir
 
 
 async def test_a_qemu_that_never_answers_is_killed_after_the_start_timeout(
@@ -167,9 +170,10 @@ async def test_a_qemu_that_never_answers_is_killed_after_the_start_timeout(
     config = msgspec.structs.replace(config, start_timeout_s=1.0, qmp_timeout_s=1.0)
     async with Supervisor(config) as sup:
         spec = guest_spec("hangs", hvparams={"kvm_path": str(hanging)})
-        with pytest.raises(HypervisorError):
+        with pytest.raises(HypervisorError) as error:
             await sup.start(spec)
-        assert sup.info("hangs").state == "stopped"
+        assert "start_timeout_s" in str(error.value)
+        assert sup.list() == []
     wait_gone(int((state_dir / "hanging.pid").read_text()))
 
 
@@ -185,3 +189,44 @@ async def test_a_corrupt_runtime_record_is_skipped_and_the_rest_adopted(
     async with Supervisor(config) as sup:
         assert [(i.name, i.state, i.pid) for i in sup.list()] == [("good", "paused", info.pid)]
         await sup.stop("good", force=True)
+
+
+async def test_errors_leave_the_embedding_block_bare_not_in_a_group(config: Config) -> None:
+    with pytest.raises(InstanceNotFound):
+        async with Supervisor(config) as sup:
+            await sup.stop("nope")
+
+
+async def test_stop_of_a_crashed_instance_cancels_its_restart(config: Config) -> None:
+    async with Supervisor(config) as sup, sup.events(kinds=["instance.state"]) as events:
+        info = await sup.start(guest_spec("vm5", restart="on-crash"), paused=True)
+        assert info.pid is not None
+        os.kill(info.pid, signal.SIGKILL)
+        await next_state(events, "crashed")
+        stopped = await sup.stop("vm5")
+        assert (stopped.state, stopped.reason) == ("stopped", "stop requested")
+        await anyio.sleep(2)  # past the first restart's backoff (1 s)
+        assert sup.info("vm5").state == "stopped"
+
+
+async def test_a_cancelled_stop_gives_the_instance_back_its_state(config: Config) -> None:
+    async with Supervisor(config) as sup:
+        await sup.start(guest_spec("vm6"))  # not booted yet: ACPI goes unanswered
+        with anyio.move_on_after(0.5):
+            await sup.stop("vm6", timeout_s=60)
+        assert sup.info("vm6").state == "running"
+        assert (await sup.pause("vm6")).state == "paused"
+        await sup.stop("vm6", force=True)
+
+
+async def test_monitor_and_qmp_refuse_what_would_bypass_the_supervisor(config: Config) -> None:
+    async with Supervisor(config) as sup:
+        await sup.start(guest_spec("vm7"), paused=True)
+        with pytest.raises(InvalidParams) as bad_command:
+            await sup.monitor("vm7", "info status\nquit")
+        assert bad_command.value.path == "command"
+        with pytest.raises(InvalidConfigError) as refused:
+            await sup.qmp("vm7", "human-monitor-command", {"command-line": "quit"})
+        assert "instance.monitor" in str(refused.value)
+        assert sup.info("vm7").state == "paused"
+        await sup.stop("vm7", force=True)
