@@ -59,6 +59,7 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         self.bus = EventBus(config.event_queue_size)
         self.started_monotonic = time.monotonic()
         self._instances: dict[str, Instance] = {}
+        self._definition_mtimes: dict[str, float] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         self._group_id = _group_id(config.control_group)
         self.launcher = Launcher(config, self.state_dir, group_id=self._group_id)
@@ -103,6 +104,9 @@ class Supervisor(anyio.AsyncContextManagerMixin):
 
     def _instance(self, name: str, *, create: bool = False) -> Instance:
         instance = self._instances.get(name)
+        if instance is None and not create:
+            self._load_definitions()
+            instance = self._instances.get(name)
         if instance is None:
             if not create:
                 raise InstanceNotFound(name)
@@ -117,13 +121,35 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         return instance
 
     def _load_definitions(self) -> None:
+        """Follow the instances dir: new and changed files are read, removed ones dropped.
+
+        Called whenever instances are listed or looked up, so a file added or removed
+        while the daemon runs shows at once; unchanged files are not read again.
+        """
+        seen: dict[str, float] = {}
         for path in instance_files(self.config.instances_dir):
+            try:
+                mtime = path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            seen[path.stem] = mtime
+            if self._definition_mtimes.get(path.stem) == mtime:
+                continue
+            self._definition_mtimes[path.stem] = mtime
             try:
                 spec = load_instance_file(path)
             except SupervisorError as error:
                 self.log.error("instance file ignored", file=str(path), error=str(error))
                 continue
             self._instance(spec.name, create=True).definition = spec
+        for name in set(self._definition_mtimes) - set(seen):
+            del self._definition_mtimes[name]
+            instance = self._instances.get(name)
+            if instance is None:
+                continue
+            instance.definition = None
+            if instance.record is None and not instance.alive:
+                del self._instances[name]
 
     def _reload_definition(self, instance: Instance) -> InstanceSpec | None:
         path = instance_file(self.config.instances_dir, instance.name)
@@ -365,6 +391,7 @@ class Supervisor(anyio.AsyncContextManagerMixin):
                 del self._instances[name]
 
     def list(self) -> list[InstanceSummary]:
+        self._load_definitions()
         return [
             InstanceSummary(
                 name=name,

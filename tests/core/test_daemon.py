@@ -32,6 +32,7 @@ class Daemon:
         self.config = state_dir / "supervisor.toml"
         self.socket = state_dir / "control.sock"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.ready_message = b""
         self.log = state_dir / "daemon.log"
 
     def write_config(self, **extra: Any) -> None:
@@ -51,21 +52,30 @@ class Daemon:
         self.config.write_text("\n".join(lines) + "\n")
 
     def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [*CLI, "serve", "--config", str(self.config)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited: {self.log.read_text()[-2000:]}")
-            if self.cli("ping").returncode == 0:
+        """Start `serve` and wait for its READY=1 (sd_notify): adoption and autostart done."""
+        notify_path = self.state_dir / "notify.sock"
+        notify_path.unlink(missing_ok=True)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.bind(str(notify_path))
+            notify.settimeout(0.2)
+            with self.log.open("ab") as log:
+                self.proc = subprocess.Popen(
+                    [*CLI, "serve", "--config", str(self.config)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                    env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
+                )
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"daemon exited: {self.log.read_text()[-2000:]}")
+                try:
+                    self.ready_message = notify.recv(4096)
+                except TimeoutError:
+                    continue
                 return
-            time.sleep(0.05)
-        raise TimeoutError("daemon did not answer ping")
+        raise TimeoutError("daemon did not send READY=1")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -266,8 +276,9 @@ def test_kill_9_daemon_then_restart_adopts_running_vms(daemon: Daemon) -> None:
     for name in ("a1", "a2", "a3"):
         write_instance(daemon, name, autostart=True)
     daemon.start()
-    before = {i["name"]: i["pid"] for i in daemon.cli_json("list")}
-    assert all(before.values())
+    listed = daemon.cli_json("list")
+    assert [i["state"] for i in listed] == ["running"] * 3
+    before = {i["name"]: i["pid"] for i in listed}
     daemon.kill(signal.SIGKILL)
     for pid in before.values():
         os.kill(pid, 0)  # still there: the VMs outlive their daemon
@@ -283,16 +294,9 @@ def test_kill_9_daemon_then_restart_adopts_running_vms(daemon: Daemon) -> None:
 
 
 def test_sd_notify_ready_and_events_verb(daemon: Daemon) -> None:
-    notify_path = daemon.state_dir / "notify.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-        notify.bind(str(notify_path))
-        notify.settimeout(30)
-        os.environ["NOTIFY_SOCKET"] = str(notify_path)
-        try:
-            daemon.start()
-        finally:
-            del os.environ["NOTIFY_SOCKET"]
-        assert notify.recv(4096) == b"READY=1"
+    daemon.start()
+    assert daemon.ready_message == b"READY=1"
+    assert daemon.cli_json("ping")["version"]
 
     write_instance(daemon, "evt")
     events = subprocess.Popen(

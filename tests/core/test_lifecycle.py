@@ -230,3 +230,18 @@ async def test_monitor_and_qmp_refuse_what_would_bypass_the_supervisor(config: C
         assert "instance.monitor" in str(refused.value)
         assert sup.info("vm7").state == "paused"
         await sup.stop("vm7", force=True)
+
+
+async def test_instance_files_added_or_removed_while_running_show_at_once(
+    config: Config,
+) -> None:
+    definition = Path(config.instances_dir) / "late.toml"
+    async with Supervisor(config) as sup:
+        assert sup.list() == []
+        definition.write_text('name = "late"\nmemory_mib = 96\n')
+        assert [(i.name, i.state) for i in sup.list()] == [("late", "stopped")]
+        assert sup.info("late").memory_mib == 96
+        definition.unlink()
+        assert sup.list() == []
+        with pytest.raises(InstanceNotFound):
+            sup.info("late")
