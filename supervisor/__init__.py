@@ -11,19 +11,19 @@ __version__ = "0.1.0"
 __all__ = ["Supervisor", "__version__", "load_config"]
 
 if TYPE_CHECKING:
-    from supervisor.config import load_config
-    from supervisor.core import Supervisor
+    from supervisor.engine.supervisor import Supervisor
+    from supervisor.model.config import load_config
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy, so that `import supervisor.spec` (or the CLI's start-up) does not load the
+    # Lazy, so that `import supervisor.model.spec` (or the CLI's start-up) does not load the
     # whole daemon.
     if name == "Supervisor":
-        from supervisor.core import Supervisor
+        from supervisor.engine.supervisor import Supervisor
 
         return Supervisor
     if name == "load_config":
-        from supervisor.config import load_config
+        from supervisor.model.config import load_config
 
         return load_config
     raise AttributeError(f"module 'supervisor' has no attribute {name!r}")

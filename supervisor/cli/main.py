@@ -19,8 +19,8 @@ import msgspec
 
 from protocols.jsonrpc import RPCError, connect_unix
 from supervisor import __version__
-from supervisor.config import Config, load_config
-from supervisor.errors import SupervisorError
+from supervisor.model.config import Config, load_config
+from supervisor.model.errors import SupervisorError
 
 EXIT_OK = 0
 EXIT_DAEMON_ERROR = 1
@@ -116,7 +116,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _read_spec_file(path: str) -> Any:
-    from supervisor.config import load_instance_file
+    from supervisor.model.config import load_instance_file
 
     try:
         if path.endswith(".json"):
@@ -243,7 +243,7 @@ async def _events(args: argparse.Namespace) -> int:
 
 
 async def _console(args: argparse.Namespace) -> int:
-    from supervisor.console import attach
+    from supervisor.cli.console import attach
 
     async with connect_unix(_socket_path(args)) as client:
         console = await client.call("instance.console", {"name": args.name})
@@ -260,13 +260,13 @@ async def _console(args: argparse.Namespace) -> int:
 
 def _configure_logging() -> None:
     # Only the verbs that log load structlog: the client verbs start faster without it.
-    from supervisor.logs import configure_logging
+    from supervisor.cli.logs import configure_logging
 
     configure_logging(level=os.environ.get("KVM_SUPERVISOR_LOG_LEVEL", "info"))
 
 
 async def _cmdline(args: argparse.Namespace) -> int:
-    from supervisor.cmdline import argv_for_spec_file
+    from supervisor.qemu.cmdline import argv_for_spec_file
 
     _configure_logging()
     argv = await argv_for_spec_file(Path(args.spec), _config(args))
@@ -278,8 +278,8 @@ async def _cmdline(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from supervisor.daemon import serve
-    from supervisor.statedir import StateDirLocked
+    from supervisor.cli.serve import serve
+    from supervisor.host.statedir import StateDirLocked
 
     _configure_logging()
     try:
@@ -316,7 +316,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

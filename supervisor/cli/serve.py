@@ -14,10 +14,11 @@ import signal
 import anyio
 import structlog
 
-from supervisor.config import Config
-from supervisor.core import Supervisor
-from supervisor.process import reap_orphans, set_child_subreaper
-from supervisor.sdnotify import sd_notify
+from supervisor.cli.sdnotify import sd_notify
+from supervisor.control.server import serve_control
+from supervisor.engine.supervisor import Supervisor
+from supervisor.model.config import Config
+from supervisor.qemu.process import reap_orphans, set_child_subreaper
 
 #: How often orphans reparented to the daemon are reaped; they are rare (QEMU's own
 #: helpers), and SIGCHLD wakes the reaper at once anyway.
@@ -40,7 +41,8 @@ async def serve(config: Config) -> None:
     set_child_subreaper()
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as stop_signals:
         async with (
-            Supervisor(config, serve_control_socket=True) as sup,
+            Supervisor(config) as sup,
+            serve_control(sup),
             anyio.create_task_group() as tg,
         ):
             tg.start_soon(_reap_orphans_on_sigchld)

@@ -14,10 +14,10 @@ from typing import Any
 
 import msgspec
 
-from supervisor import api
-from supervisor.core import Supervisor
-from supervisor.errors import InvalidConfigError
-from supervisor.node import node_info, verify_node
+from supervisor.engine.supervisor import Supervisor
+from supervisor.host.node import node_info, verify_node
+from supervisor.model import api
+from supervisor.model.errors import InvalidConfigError
 
 Handler = Callable[[Supervisor, Any], Awaitable[Any]]
 

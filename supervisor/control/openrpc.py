@@ -7,8 +7,9 @@ from typing import Any
 
 import msgspec
 
-from supervisor import __version__, api
-from supervisor.methods import METHODS
+from supervisor import __version__
+from supervisor.control.methods import METHODS
+from supervisor.model import api
 
 REF_TEMPLATE = "#/components/schemas/{name}"
 

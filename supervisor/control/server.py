@@ -10,12 +10,16 @@ serving.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import itertools
 import os
 import pwd
 import socket
 import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -25,14 +29,14 @@ from anyio.abc import SocketStream, TaskGroup, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from protocols import jsonrpc
-from supervisor import api
-from supervisor.core import Supervisor
-from supervisor.errors import InvalidParams, SupervisorError
-from supervisor.events import Subscription
-from supervisor.methods import METHODS
-from supervisor.openrpc import openrpc_document
+from supervisor.control.methods import METHODS
+from supervisor.control.openrpc import openrpc_document
+from supervisor.engine.events import Subscription
+from supervisor.engine.supervisor import Supervisor
+from supervisor.model import api
+from supervisor.model.errors import InvalidParams, SupervisorError
 
-_log = structlog.get_logger("supervisor.rpc")
+_log = structlog.get_logger("supervisor.control.server")
 
 Response = jsonrpc.Response | jsonrpc.ErrorResponse
 
@@ -232,11 +236,27 @@ async def _serve_connection(sup: Supervisor, stream: SocketStream) -> None:
                     tg.cancel_scope.cancel()
 
 
-async def serve_control_socket(
-    sup: Supervisor, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+@asynccontextmanager
+async def serve_control(sup: Supervisor, path: Path | None = None) -> AsyncIterator[Path]:
+    """Serve the control socket (mode 0660, control group) for the block's duration.
+
+    ``path`` defaults to ``<state_dir>/control.sock``. The engine never imports
+    this module: the daemon (or an embedding program) composes the two,
+    ``async with Supervisor(cfg) as sup, serve_control(sup):``, so the socket
+    serves only once every instance the state dir knows is registered.
+    """
+    path = sup.config.control_socket if path is None else path
+    async with anyio.create_task_group() as tg:
+        await tg.start(_serve, sup, path)
+        try:
+            yield path
+        finally:
+            tg.cancel_scope.cancel()
+
+
+async def _serve(
+    sup: Supervisor, path: Path, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
 ) -> None:
-    """Listen on ``<state_dir>/control.sock`` until cancelled (mode 0660, control group)."""
-    path = sup.config.control_socket
     listener = await anyio.create_unix_listener(path)
     try:
         os.chmod(path, 0o660)
@@ -261,4 +281,5 @@ async def serve_control_socket(
                 tg.start_soon(handle, stream)
     finally:
         await listener.aclose()
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

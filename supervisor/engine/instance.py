@@ -24,9 +24,11 @@ from anyio.abc import TaskStatus
 
 from protocols import qmp
 from protocols.hmp import HMPError, HMPTimeoutError, QMPHumanMonitor
-from supervisor.api import ConsoleInfo, InstanceInfo, NicInfo
-from supervisor.config import Config
-from supervisor.errors import (
+from supervisor.engine.events import EventBus, make_event
+from supervisor.host.statedir import InstancePaths
+from supervisor.model.api import ConsoleInfo, InstanceInfo, NicInfo
+from supervisor.model.config import Config
+from supervisor.model.errors import (
     Busy,
     HypervisorError,
     InstanceNotRunning,
@@ -35,12 +37,16 @@ from supervisor.errors import (
     MonitorError,
     OperationTimeout,
 )
-from supervisor.events import EventBus, make_event
-from supervisor.process import ExitStatus, QemuProcess
-from supervisor.runtime import RuntimeRecord
-from supervisor.spec import InstanceSpec
-from supervisor.statedir import InstancePaths
-from supervisor.states import ALIVE, TERMINAL, InstanceState, can_transition, state_for_qemu_status
+from supervisor.model.spec import InstanceSpec
+from supervisor.model.states import (
+    ALIVE,
+    TERMINAL,
+    InstanceState,
+    can_transition,
+    state_for_qemu_status,
+)
+from supervisor.qemu.process import ExitStatus, QemuProcess
+from supervisor.qemu.runtime import RuntimeRecord
 
 S = InstanceState
 
@@ -91,7 +97,7 @@ class Instance:
         self.paths = paths
         self.bus = bus
         self.config = config
-        self.log = structlog.get_logger("supervisor.instance").bind(instance=name)
+        self.log = structlog.get_logger("supervisor.engine.instance").bind(instance=name)
         self.definition: InstanceSpec | None = None
         self.record: RuntimeRecord | None = None
         self.state = S.STOPPED

@@ -23,11 +23,21 @@ import msgspec
 import structlog
 
 from protocols import qmp
-from supervisor.accel import probe_kvm, resolve_accelerator
-from supervisor.api import QemuInfo
-from supervisor.capabilities import CapabilityCache, check_host_qemu
-from supervisor.chroot import create_chroot, remove_chroot
-from supervisor.cmdline import (
+from supervisor.engine.instance import Instance, StartupSteps
+from supervisor.host.chroot import create_chroot, remove_chroot
+from supervisor.host.pinning import CpuPinningError, pin_vcpus
+from supervisor.host.statedir import StateDir
+from supervisor.host.uidpool import UidPool, UidPoolExhausted
+from supervisor.model.api import QemuInfo
+from supervisor.model.config import Config
+from supervisor.model.errors import HypervisorError, InvalidConfigError
+from supervisor.model.hvparams import HvParams, parse_cpu_mask, resolve_hvparams
+from supervisor.model.spec import InstanceSpec, assign_macs, ensure_uuid
+from supervisor.model.states import InstanceState
+from supervisor.model.validation import check_host_basics, check_syntax, raise_first
+from supervisor.qemu.accel import probe_kvm, resolve_accelerator
+from supervisor.qemu.capabilities import CapabilityCache, check_host_qemu
+from supervisor.qemu.cmdline import (
     LaunchResources,
     bind_addresses,
     build_command_line,
@@ -35,20 +45,10 @@ from supervisor.cmdline import (
     run_as_for_uid,
     socket_path_problems,
 )
-from supervisor.config import Config
-from supervisor.errors import HypervisorError, InvalidConfigError
-from supervisor.hvparams import HvParams, parse_cpu_mask, resolve_hvparams
-from supervisor.instance import Instance, StartupSteps
-from supervisor.pinning import CpuPinningError, pin_vcpus
-from supervisor.process import QemuProcess, launch
-from supervisor.runtime import RuntimeRecord, save_record
-from supervisor.spec import InstanceSpec, assign_macs, ensure_uuid
-from supervisor.statedir import StateDir
-from supervisor.states import InstanceState
-from supervisor.uidpool import UidPool, UidPoolExhausted
-from supervisor.validation import check_host_basics, check_syntax, raise_first
+from supervisor.qemu.process import QemuProcess, launch
+from supervisor.qemu.runtime import RuntimeRecord, save_record
 
-_log = structlog.get_logger("supervisor.launcher")
+_log = structlog.get_logger("supervisor.engine.launcher")
 
 QMP_CHARDEV_ID = "qmp-listen"
 

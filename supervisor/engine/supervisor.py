@@ -1,13 +1,14 @@
 """The supervisor: every instance of one state dir, in the caller's event loop.
 
 ``async with Supervisor(config) as sup:`` takes the state dir's lock, adopts the
-QEMUs a previous daemon left running, starts the instances marked ``autostart``
-and, when asked, serves the control socket. Leaving the block cancels the
+QEMUs a previous daemon left running and starts the instances marked
+``autostart``. The control socket is another layer's
+(`supervisor.control.server.serve_control`). Leaving the block cancels the
 supervisor's tasks and leaves the VMs running (unless ``shutdown_on_exit``). The
 library changes no process-wide setting: no signal handlers, no logging set-up,
 no threads, no umask or cwd change.
 
-Errors: operations raise `supervisor.errors.SupervisorError` subclasses (never
+Errors: operations raise `supervisor.model.errors.SupervisorError` subclasses (never
 exception groups).
 """
 
@@ -23,9 +24,13 @@ import anyio
 import structlog
 
 from supervisor import __version__
-from supervisor.api import InstanceInfo, InstanceSummary
-from supervisor.config import Config, instance_file, instance_files, load_instance_file
-from supervisor.errors import (
+from supervisor.engine.events import EventBus, Subscription
+from supervisor.engine.instance import Instance, backoff_delay, recent_crashes
+from supervisor.engine.launcher import Launcher
+from supervisor.host.statedir import StateDir
+from supervisor.model.api import InstanceInfo, InstanceSummary
+from supervisor.model.config import Config, instance_file, instance_files, load_instance_file
+from supervisor.model.errors import (
     HypervisorError,
     InstanceExists,
     InstanceNotFound,
@@ -33,14 +38,10 @@ from supervisor.errors import (
     InvalidConfigError,
     SupervisorError,
 )
-from supervisor.events import EventBus, Subscription
-from supervisor.instance import Instance, backoff_delay, recent_crashes
-from supervisor.launcher import Launcher
-from supervisor.process import QemuProcess, adopt
-from supervisor.runtime import RuntimeRecord, load_record, save_record
-from supervisor.spec import InstanceSpec
-from supervisor.statedir import StateDir
-from supervisor.states import InstanceState
+from supervisor.model.spec import InstanceSpec
+from supervisor.model.states import InstanceState
+from supervisor.qemu.process import QemuProcess, adopt
+from supervisor.qemu.runtime import RuntimeRecord, load_record, save_record
 
 S = InstanceState
 
@@ -52,9 +53,8 @@ RESTART_WINDOW_S = 600.0
 class Supervisor(anyio.AsyncContextManagerMixin):
     """Supervises the instances of ``config.state_dir``; see the module docstring."""
 
-    def __init__(self, config: Config, *, serve_control_socket: bool = False) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
-        self.serve_control_socket = serve_control_socket
         self.state_dir = StateDir(config.state_dir)
         self.bus = EventBus(config.event_queue_size)
         self.started_monotonic = time.monotonic()
@@ -73,10 +73,6 @@ class Supervisor(anyio.AsyncContextManagerMixin):
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 self._load_definitions()
-                if self.serve_control_socket:
-                    from supervisor.rpc import serve_control_socket
-
-                    await tg.start(serve_control_socket, self)
                 await self._adopt_all()
                 self._recover_uid_leases()
                 await self._autostart()

@@ -1,6 +1,6 @@
 """CPU pinning of a QEMU's threads, per Ganeti's ``cpu_mask`` (``_AssignCpuAffinity``).
 
-The mask is parsed by `supervisor.hvparams.parse_cpu_mask` into one entry per vCPU, or a
+The mask is parsed by `supervisor.model.hvparams.parse_cpu_mask` into one entry per vCPU, or a
 single entry for the whole VM; an entry is a set of host CPUs or None for ``all``.
 """
 
@@ -15,7 +15,7 @@ import msgspec
 import structlog
 
 from protocols.qmp import QMPClient
-from supervisor.hvparams import CpuSet, format_cpu_mask, parse_cpu_mask
+from supervisor.model.hvparams import CpuSet, format_cpu_mask, parse_cpu_mask
 
 __all__ = ["CpuPinningError", "online_cpus", "pin_vcpus"]
 

@@ -6,8 +6,8 @@ Layout (names are short because a unix socket path must fit in 107 bytes)::
     <state_dir>/control.sock         the control socket
     <state_dir>/instances/<name>/    one dir per instance (0750): qmp.sock, hmp.sock,
                                      serial.sock, serial.log, qemu.pid, qemu.log, runtime.json
-    <state_dir>/uid-leases/<uid>     uid pool leases (`supervisor.uidpool`)
-    <state_dir>/chroot/<name>/       per-instance chroot with ``use_chroot`` (`supervisor.chroot`)
+    <state_dir>/uid-leases/<uid>     uid pool leases (`supervisor.host.uidpool`)
+    <state_dir>/chroot/<name>/       chroot with ``use_chroot`` (`supervisor.host.chroot`)
     <state_dir>/quarantine/          chroots that were not empty at cleanup
 
 The state dir itself is created 0755: members of the control group must reach the control
@@ -29,8 +29,8 @@ from typing import Final
 import msgspec
 import structlog
 
-from supervisor.errors import InvalidConfigError
-from supervisor.spec import NAME_PATTERN
+from supervisor.model.errors import InvalidConfigError
+from supervisor.model.spec import NAME_PATTERN
 
 __all__ = [
     "MAX_SOCKET_PATH_BYTES",

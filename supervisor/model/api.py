@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from supervisor.spec import NAME_PATTERN, InstanceSpec
+from supervisor.model.spec import NAME_PATTERN, InstanceSpec
 
 InstanceName = Annotated[str, Meta(pattern=NAME_PATTERN, description="Instance name.")]
 

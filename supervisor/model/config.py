@@ -8,7 +8,7 @@ Relative paths are resolved against the directory of the file that holds them: i
 config file `state_dir`, `instances_dir` and the path parameters of ``[hvparams]``; in
 an instance file its disks and path parameters (kernel, initrd, ISOs, floppy, password
 files, x509 dir, mem_path). Values coming over the control socket have no such base and
-must be absolute (`supervisor.validation` says so).
+must be absolute (`supervisor.model.validation` says so).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Annotated, Any, Final
 import msgspec
 from msgspec import Meta
 
-from supervisor.errors import InvalidConfigError, InvalidParams
-from supervisor.hvparams import PATH_PARAMETERS, is_url, resolve_hvparams
-from supervisor.spec import InstanceSpec, decode_spec
+from supervisor.model.errors import InvalidConfigError, InvalidParams
+from supervisor.model.hvparams import PATH_PARAMETERS, is_url, resolve_hvparams
+from supervisor.model.spec import InstanceSpec, decode_spec
 
 __all__ = [
     "DEFAULT_INSTANCES_DIR",

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 from msgspec import Meta
 
-from supervisor.errors import InvalidParams
+from supervisor.model.errors import InvalidParams
 
 __all__ = [
     "GANETI_DEFAULT_DEVIATIONS",
@@ -129,7 +129,7 @@ class HvParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     """Every Ganeti KVM hypervisor parameter, fully resolved (no field is ever missing).
 
     Build one with `resolve_hvparams`; field-level constraints (value sets, ranges) are
-    enforced when it is decoded, rules across fields by `supervisor.validation`.
+    enforced when it is decoded, rules across fields by `supervisor.model.validation`.
     """
 
     # Boot and kernel.

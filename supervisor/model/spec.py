@@ -3,8 +3,8 @@
 An `InstanceSpec` arrives as JSON over the control socket or as a TOML file in the
 instances directory. Everything a single field can get wrong (type, pattern, range,
 unknown key) is a decoding error raised by `decode_spec`; rules across fields and
-against the host live in `supervisor.validation`. ``hvparams`` stays a free mapping
-here: `supervisor.hvparams.resolve_hvparams` merges and checks it.
+against the host live in `supervisor.model.validation`. ``hvparams`` stays a free mapping
+here: `supervisor.model.hvparams.resolve_hvparams` merges and checks it.
 
 A spec may leave out its uuid and its NICs' MACs. `ensure_uuid` generates the uuid (the
 caller persists it, so it survives restarts) and `assign_macs` derives every missing
@@ -21,7 +21,7 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 from msgspec import Meta
 
-from supervisor.errors import InvalidParams
+from supervisor.model.errors import InvalidParams
 
 __all__ = [
     "MAC_PATTERN",

@@ -8,7 +8,7 @@ duplicate disks and MACs, QEMU's ``-smp`` topology rule).
 `check_host_basics` looks at the machine without running QEMU: users, interfaces,
 files and directories, ``/dev/kvm`` and ``/dev/vhost-net``. The checks that need QEMU's
 own answers (SPICE support, machine types, CPU models) belong to
-`supervisor.capabilities` and `supervisor.cmdline`.
+`supervisor.qemu.capabilities` and `supervisor.qemu.cmdline`.
 
 Both return every problem found, not only the first; each is an `InvalidConfigError`
 whose path names the field (``spec.hvparams.serial_speed``) and whose reason says what
@@ -30,8 +30,8 @@ from typing import Any, Final
 
 import msgspec
 
-from supervisor.errors import InvalidConfigError, InvalidParams
-from supervisor.hvparams import (
+from supervisor.model.errors import InvalidConfigError, InvalidParams
+from supervisor.model.hvparams import (
     PATH_PARAMETERS,
     VALID_SERIAL_SPEEDS,
     HvParams,
@@ -40,7 +40,7 @@ from supervisor.hvparams import (
     parse_cpu_mask,
     resolve_hvparams,
 )
-from supervisor.spec import InstanceSpec, decode_spec
+from supervisor.model.spec import InstanceSpec, decode_spec
 
 __all__ = [
     "KVM_DEVICE",

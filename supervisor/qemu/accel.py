@@ -21,7 +21,7 @@ from typing import Final
 import msgspec
 import structlog
 
-from supervisor.errors import InvalidConfigError
+from supervisor.model.errors import InvalidConfigError
 
 __all__ = [
     "KVM_DEVICE",

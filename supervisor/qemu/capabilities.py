@@ -16,7 +16,7 @@ say which.
 
 `check_host_qemu` holds the validation rules that need these answers (SPICE support,
 machine types, device models, CPU models needing KVM); the rules that need only the
-host live in `supervisor.validation`.
+host live in `supervisor.model.validation`.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ import anyio
 import msgspec
 import structlog
 
-from supervisor.accel import KvmAvailability, probe_kvm
-from supervisor.errors import HypervisorError, InvalidConfigError
-from supervisor.hvparams import HvParams
-from supervisor.spec import InstanceSpec
+from supervisor.model.errors import HypervisorError, InvalidConfigError
+from supervisor.model.hvparams import HvParams
+from supervisor.model.spec import InstanceSpec
+from supervisor.qemu.accel import KvmAvailability, probe_kvm
 
 __all__ = [
     "NIC_MODELS",
@@ -450,8 +450,8 @@ def check_host_qemu(
 ) -> list[InvalidConfigError]:
     """Every problem of `spec` and `hv` that this QEMU (and this host's KVM) reveals.
 
-    Run it after `supervisor.validation.check_syntax` came back clean. `kvm` defaults
-    to `supervisor.accel.probe_kvm()`; tests pass their own.
+    Run it after `supervisor.model.validation.check_syntax` came back clean. `kvm` defaults
+    to `supervisor.qemu.accel.probe_kvm()`; tests pass their own.
     """
     if kvm is None:
         kvm = probe_kvm()

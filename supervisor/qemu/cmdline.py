@@ -49,8 +49,16 @@ from typing import Final, Literal
 
 import msgspec
 
-from supervisor.accel import Accelerator, probe_kvm, resolve_accelerator
-from supervisor.capabilities import (
+from supervisor.host.chroot import create_chroot
+from supervisor.host.statedir import MAX_SOCKET_PATH_BYTES, InstancePaths, StateDir
+from supervisor.host.uidpool import uids_in_use
+from supervisor.model.config import Config, load_instance_file
+from supervisor.model.errors import InvalidConfigError
+from supervisor.model.hvparams import HvParams
+from supervisor.model.spec import InstanceSpec, assign_macs, ensure_uuid
+from supervisor.model.validation import raise_first, validated_hvparams
+from supervisor.qemu.accel import Accelerator, probe_kvm, resolve_accelerator
+from supervisor.qemu.capabilities import (
     NIC_MODELS,
     SOUND_MODELS,
     QemuCapabilities,
@@ -60,14 +68,6 @@ from supervisor.capabilities import (
     scsi_controller_model,
     usb_device_model,
 )
-from supervisor.chroot import create_chroot
-from supervisor.config import Config, load_instance_file
-from supervisor.errors import InvalidConfigError
-from supervisor.hvparams import HvParams
-from supervisor.spec import InstanceSpec, assign_macs, ensure_uuid
-from supervisor.statedir import MAX_SOCKET_PATH_BYTES, InstancePaths, StateDir
-from supervisor.uidpool import uids_in_use
-from supervisor.validation import raise_first, validated_hvparams
 
 __all__ = [
     "SPICE_X509_DIR",
@@ -297,7 +297,7 @@ def build_command_line(
     """The QEMU command line that starts `spec` with `hv` on the QEMU described by `caps`.
 
     Pure: reads nothing, runs nothing. The spec must have its uuid and every NIC its MAC
-    (`supervisor.spec.ensure_uuid`, `assign_macs`), and should have passed validation;
+    (`supervisor.model.spec.ensure_uuid`, `assign_macs`), and should have passed validation;
     what cannot be expressed still raises `InvalidConfigError` naming the field (no PCI
     slot left, a display without a port, an interface without its address).
     """

@@ -23,13 +23,13 @@ from typing import Any, Final
 
 import msgspec
 
-from supervisor.accel import Accelerator
-from supervisor.capabilities import QemuCapabilities
-from supervisor.cmdline import CommandLine, DiskPlan, NicPlan
-from supervisor.errors import InvalidConfigError
-from supervisor.hvparams import HvParams
-from supervisor.spec import InstanceSpec
-from supervisor.statedir import InstancePaths
+from supervisor.host.statedir import InstancePaths
+from supervisor.model.errors import InvalidConfigError
+from supervisor.model.hvparams import HvParams
+from supervisor.model.spec import InstanceSpec
+from supervisor.qemu.accel import Accelerator
+from supervisor.qemu.capabilities import QemuCapabilities
+from supervisor.qemu.cmdline import CommandLine, DiskPlan, NicPlan
 
 __all__ = [
     "RECORD_VERSION",
@@ -64,12 +64,12 @@ class RuntimeRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     spec: InstanceSpec
     #: The hypervisor parameters at start: a reboot reuses them, whatever changed since.
     hvparams: HvParams
-    #: The argv, with tap fds by name (`supervisor.cmdline.CommandLine.argv_with_fds`).
+    #: The argv, with tap fds by name (`supervisor.qemu.cmdline.CommandLine.argv_with_fds`).
     argv: tuple[str, ...]
     nics: tuple[NicPlan, ...] = ()
     disks: tuple[DiskPlan, ...] = ()
     accel: Accelerator
-    #: `supervisor.capabilities.QemuCapabilities.fingerprint` of the QEMU started.
+    #: `supervisor.qemu.capabilities.QemuCapabilities.fingerprint` of the QEMU started.
     qemu_fingerprint: str
     qemu_version: tuple[int, int, int]
     paths: InstancePaths

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from supervisor.capabilities import MachineType, QemuCapabilities, parse_capabilities
+from supervisor.qemu.capabilities import MachineType, QemuCapabilities, parse_capabilities
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 GANETI = DATA / "ganeti"

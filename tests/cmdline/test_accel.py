@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from supervisor.accel import Accelerator, KvmAvailability, probe_kvm, resolve_accelerator
-from supervisor.errors import InvalidConfigError
+from supervisor.model.errors import InvalidConfigError
+from supervisor.qemu.accel import Accelerator, KvmAvailability, probe_kvm, resolve_accelerator
 
 STOCK = KvmAvailability(device_openable=True, pvm_host=False)
 PVM = KvmAvailability(device_openable=True, pvm_host=True, reason="this is a kvm_pvm host")

@@ -11,10 +11,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from supervisor.accel import probe_kvm
-from supervisor.cmdline import argv_for_spec_file
-from supervisor.config import Config
-from supervisor.errors import InvalidConfigError
+from supervisor.model.config import Config
+from supervisor.model.errors import InvalidConfigError
+from supervisor.qemu.accel import probe_kvm
+from supervisor.qemu.cmdline import argv_for_spec_file
 
 from . import run_paused
 

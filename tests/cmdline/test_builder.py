@@ -13,9 +13,13 @@ from typing import Any
 
 import pytest
 
-from supervisor.accel import Accelerator
-from supervisor.capabilities import QemuCapabilities
-from supervisor.cmdline import (
+from supervisor.host.statedir import StateDir
+from supervisor.model.errors import InvalidConfigError
+from supervisor.model.hvparams import resolve_hvparams
+from supervisor.model.spec import assign_macs, decode_spec
+from supervisor.qemu.accel import Accelerator
+from supervisor.qemu.capabilities import QemuCapabilities
+from supervisor.qemu.cmdline import (
     CommandLine,
     LaunchResources,
     build_command_line,
@@ -24,10 +28,6 @@ from supervisor.cmdline import (
     run_as_for_uid,
     socket_path_problems,
 )
-from supervisor.errors import InvalidConfigError
-from supervisor.hvparams import resolve_hvparams
-from supervisor.spec import assign_macs, decode_spec
-from supervisor.statedir import StateDir
 
 from . import GOLDEN, ganeti_caps, modern_caps
 

@@ -9,8 +9,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from supervisor.accel import KvmAvailability, probe_kvm
-from supervisor.capabilities import (
+from supervisor.model.errors import HypervisorError
+from supervisor.model.hvparams import resolve_hvparams
+from supervisor.model.spec import decode_spec
+from supervisor.qemu.accel import KvmAvailability, probe_kvm
+from supervisor.qemu.capabilities import (
     CapabilityCache,
     QemuCapabilities,
     check_host_qemu,
@@ -20,9 +23,6 @@ from supervisor.capabilities import (
     parse_version,
     probe_qemu,
 )
-from supervisor.errors import HypervisorError
-from supervisor.hvparams import resolve_hvparams
-from supervisor.spec import decode_spec
 
 from . import GANETI, modern_caps
 

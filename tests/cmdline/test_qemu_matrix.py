@@ -25,19 +25,19 @@ from typing import Any
 import msgspec
 import pytest
 
-from supervisor.accel import probe_kvm, resolve_accelerator
-from supervisor.capabilities import QemuCapabilities, check_host_qemu, parse_capabilities
-from supervisor.cmdline import (
+from supervisor.host.statedir import StateDir
+from supervisor.model.hvparams import PARAMETER_NAMES, resolve_hvparams
+from supervisor.model.spec import assign_macs, decode_spec
+from supervisor.model.validation import check_host_basics, check_syntax
+from supervisor.qemu.accel import probe_kvm, resolve_accelerator
+from supervisor.qemu.capabilities import QemuCapabilities, check_host_qemu, parse_capabilities
+from supervisor.qemu.cmdline import (
     LaunchResources,
     build_command_line,
     interface_addresses,
     run_as_for_uid,
     socket_path_problems,
 )
-from supervisor.hvparams import PARAMETER_NAMES, resolve_hvparams
-from supervisor.spec import assign_macs, decode_spec
-from supervisor.statedir import StateDir
-from supervisor.validation import check_host_basics, check_syntax
 
 from . import run_paused
 

@@ -10,10 +10,12 @@ from typing import Any
 import msgspec
 import pytest
 
-from supervisor.accel import Accelerator
-from supervisor.cmdline import LaunchResources, build_command_line
-from supervisor.hvparams import resolve_hvparams
-from supervisor.runtime import (
+from supervisor.host.statedir import StateDir
+from supervisor.model.hvparams import resolve_hvparams
+from supervisor.model.spec import assign_macs, decode_spec
+from supervisor.qemu.accel import Accelerator
+from supervisor.qemu.cmdline import LaunchResources, build_command_line
+from supervisor.qemu.runtime import (
     RECORD_VERSION,
     RuntimeRecord,
     RuntimeRecordError,
@@ -22,8 +24,6 @@ from supervisor.runtime import (
     load_record,
     save_record,
 )
-from supervisor.spec import assign_macs, decode_spec
-from supervisor.statedir import StateDir
 
 from . import GANETI, modern_caps
 

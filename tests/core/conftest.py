@@ -17,8 +17,8 @@ import anyio
 import pytest
 from conftest import GUEST_DIR
 
-from supervisor.config import Config, check_config
-from supervisor.spec import InstanceSpec, decode_spec
+from supervisor.model.config import Config, check_config
+from supervisor.model.spec import InstanceSpec, decode_spec
 
 #: Boots the test guest quickly under TCG (see tests/guest/init).
 FAST_KERNEL_ARGS = "quiet tsc=reliable no_timer_check mitigations=off"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from supervisor import Supervisor
-from supervisor.config import Config
+from supervisor.model.config import Config
 
 from .conftest import guest_spec, wait_gone
 

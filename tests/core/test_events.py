@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from supervisor.events import DROPPED_KIND, EventBus, make_event
+from supervisor.engine.events import DROPPED_KIND, EventBus, make_event
 
 pytestmark = pytest.mark.anyio
 

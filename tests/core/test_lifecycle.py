@@ -11,15 +11,15 @@ import msgspec
 import pytest
 
 from supervisor import Supervisor
-from supervisor.config import Config
-from supervisor.errors import (
+from supervisor.engine.events import SupervisorEvent
+from supervisor.model.config import Config
+from supervisor.model.errors import (
     HypervisorError,
     InstanceExists,
     InstanceNotFound,
     InvalidConfigError,
     InvalidParams,
 )
-from supervisor.events import SupervisorEvent
 
 from .conftest import READY, guest_spec, wait_for_serial, wait_gone
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.sdnotify import sd_notify
+from supervisor.cli.sdnotify import sd_notify
 
 
 def test_delivers_to_the_notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,8 +12,8 @@ import msgspec
 import pytest
 
 from supervisor import Supervisor
-from supervisor.config import Config
-from supervisor.errors import InvalidConfigError
+from supervisor.model.config import Config
+from supervisor.model.errors import InvalidConfigError
 
 from .conftest import guest_spec
 
@@ -118,7 +118,7 @@ async def test_chroot_is_removed_after_stop_or_quarantined_when_not_empty(
 
 
 async def test_leases_of_vms_gone_during_a_daemon_crash_are_released(config: Config) -> None:
-    from supervisor.uidpool import UidPool
+    from supervisor.host.uidpool import UidPool
 
     config = msgspec.structs.replace(config, uid_pool=["64000-64001"])
     leases = Path(config.state_dir) / "uid-leases"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.chroot import create_chroot, remove_chroot
-from supervisor.statedir import StateDir
+from supervisor.host.chroot import create_chroot, remove_chroot
+from supervisor.host.statedir import StateDir
 
 
 def test_create_and_remove_an_empty_chroot(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 from conftest import QEMU
 
-from supervisor.node import NodeInfo, kvm_is_paravirtual, node_info, verify_node
+from supervisor.host.node import NodeInfo, kvm_is_paravirtual, node_info, verify_node
 
 MEMINFO = """\
 MemTotal:        2048000 kB

@@ -10,8 +10,8 @@ import pytest
 from conftest import PausedQemu, start_paused_qemu
 
 from protocols.qmp import QMPClient, connect
-from supervisor.hvparams import parse_cpu_mask
-from supervisor.pinning import CpuPinningError, online_cpus, pin_vcpus
+from supervisor.host.pinning import CpuPinningError, online_cpus, pin_vcpus
+from supervisor.model.hvparams import parse_cpu_mask
 
 pytestmark = pytest.mark.anyio
 

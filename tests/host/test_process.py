@@ -18,7 +18,7 @@ import pytest
 from conftest import QEMU, PausedQemu, start_paused_qemu
 
 from protocols.qmp import connect
-from supervisor.process import (
+from supervisor.qemu.process import (
     ExitStatus,
     QemuProcess,
     adopt,

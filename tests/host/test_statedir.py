@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.errors import InvalidConfigError
-from supervisor.statedir import MAX_SOCKET_PATH_BYTES, StateDir, StateDirLocked
+from supervisor.host.statedir import MAX_SOCKET_PATH_BYTES, StateDir, StateDirLocked
+from supervisor.model.errors import InvalidConfigError
 
 
 def leave_stale_socket(path: Path) -> None:
@@ -29,7 +29,7 @@ def other_daemon(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
     script = textwrap.dedent(
         f"""
         import sys
-        from supervisor.statedir import StateDir
+        from supervisor.host.statedir import StateDir
         StateDir({str(tmp_path / "state")!r}).acquire()
         print("locked", file=sys.stderr, flush=True)
         sys.stdin.read()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.uidpool import (
+from supervisor.host.uidpool import (
     UidLease,
     UidPool,
     UidPoolExhausted,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.config import (
+from supervisor.model.config import (
     Config,
     check_config,
     instance_file,
@@ -14,9 +14,9 @@ from supervisor.config import (
     load_config,
     load_instance_file,
 )
-from supervisor.errors import InvalidConfigError, InvalidParams
-from supervisor.hvparams import resolve_hvparams
-from supervisor.validation import check_syntax
+from supervisor.model.errors import InvalidConfigError, InvalidParams
+from supervisor.model.hvparams import resolve_hvparams
+from supervisor.model.validation import check_syntax
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_CONFIG = REPO / "config" / "supervisor.toml"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from supervisor.errors import (
+from supervisor.model.errors import (
     Busy,
     HypervisorError,
     InstanceExists,

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supervisor.errors import InvalidConfigError, InvalidParams
-from supervisor.hvparams import (
+from supervisor.model.errors import InvalidConfigError, InvalidParams
+from supervisor.model.hvparams import (
     GANETI_DEFAULT_DEVIATIONS,
     PARAMETER_NAMES,
     CpuSet,

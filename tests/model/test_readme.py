@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from supervisor.hvparams import render_markdown_table
+from supervisor.model.hvparams import render_markdown_table
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supervisor.errors import InvalidParams
-from supervisor.spec import (
+from supervisor.model.errors import InvalidParams
+from supervisor.model.spec import (
     MAC_PATTERN,
     NIC,
     InstanceSpec,

@@ -9,10 +9,10 @@ from typing import Any
 import msgspec
 import pytest
 
-from supervisor.errors import InvalidConfigError, InvalidParams
-from supervisor.hvparams import HvParams, resolve_hvparams
-from supervisor.spec import InstanceSpec, decode_spec
-from supervisor.validation import (
+from supervisor.model.errors import InvalidConfigError, InvalidParams
+from supervisor.model.hvparams import HvParams, resolve_hvparams
+from supervisor.model.spec import InstanceSpec, decode_spec
+from supervisor.model.validation import (
     SPICE_OPTIONS_NEEDING_BIND,
     VNC_X509_FILES,
     check_host_basics,
