@@ -26,18 +26,16 @@ from typing import Final
 import msgspec
 import structlog
 
+from supervisor.model.config import check_uid_range
+
 __all__ = [
     "UidLease",
     "UidPool",
     "UidPoolExhausted",
-    "parse_uid_pool",
     "uids_in_use",
 ]
 
 _log = structlog.get_logger(__name__)
-
-#: ``(uid_t) -1`` means "no uid" to the kernel.
-_UID_LIMIT: Final = 2**32 - 1
 
 
 class UidLease(msgspec.Struct, frozen=True, kw_only=True):
@@ -53,37 +51,6 @@ _LEASE_ENCODER: Final = msgspec.json.Encoder()
 
 class UidPoolExhausted(Exception):
     """Every uid of the pool is leased or used by a running process."""
-
-
-def parse_uid_pool(text: str) -> list[tuple[int, int]]:
-    """Parse Ganeti's uid pool syntax: ``"5000-5099, 6000"`` -> ``[(5000, 5099), (6000, 6000)]``.
-
-    Comma-separated uids and inclusive ranges; blanks are ignored. Raises ValueError
-    saying what is wrong.
-    """
-    ranges: list[tuple[int, int]] = []
-    for entry in (part.strip() for part in text.split(",")):
-        if not entry:
-            continue
-        bounds = entry.split("-")
-        if len(bounds) > 2:
-            raise ValueError(f"uid range {entry!r} has more than one '-'")
-        try:
-            first, last = int(bounds[0]), int(bounds[-1])
-        except ValueError:
-            raise ValueError(f"uid range {entry!r} is not a uid or a range of uids") from None
-        ranges.append((first, last))
-    ranges.sort()
-    return ranges
-
-
-def _check_range(first: int, last: int) -> None:
-    if first > last:
-        raise ValueError(f"uid range {first}-{last} runs backwards")
-    if first < 1:
-        raise ValueError(f"uid range {first}-{last} includes root: a pool uid must be above 0")
-    if last >= _UID_LIMIT:
-        raise ValueError(f"uid range {first}-{last} goes beyond the largest uid {_UID_LIMIT - 1}")
 
 
 def uids_in_use() -> set[int]:
@@ -111,7 +78,7 @@ class UidPool:
         self.lease_dir = lease_dir
         self.ranges = sorted(ranges)
         for first, last in self.ranges:
-            _check_range(first, last)
+            check_uid_range(first, last)
 
     def __repr__(self) -> str:
         return f"<UidPool {self.describe()} in {self.lease_dir}>"
