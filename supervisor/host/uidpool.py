@@ -19,7 +19,7 @@ import contextlib
 import fcntl
 import itertools
 import os
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Final
 
@@ -27,6 +27,7 @@ import msgspec
 import structlog
 
 from supervisor.model.config import check_uid_range
+from supervisor.model.errors import InvalidConfigError
 
 __all__ = [
     "UidLease",
@@ -49,8 +50,11 @@ _LEASE_DECODER: Final = msgspec.json.Decoder(UidLease)
 _LEASE_ENCODER: Final = msgspec.json.Encoder()
 
 
-class UidPoolExhausted(Exception):
-    """Every uid of the pool is leased or used by a running process."""
+class UidPoolExhausted(InvalidConfigError):
+    """Every uid of the pool is leased or used by a running process (path ``uid_pool``)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("uid_pool", reason)
 
 
 def uids_in_use() -> set[int]:
@@ -146,12 +150,24 @@ class UidPool:
                 lease = UidLease(uid=uid, owner=owner)
                 self._write_lease(lease)
                 return lease
-            for free in self._uids():
-                if free not in taken:
-                    lease = UidLease(uid=free, owner=owner)
-                    self._write_lease(lease)
-                    _log.debug("uid leased", uid=free, instance=owner)
-                    return lease
+            lease = UidLease(uid=self._lowest_free(leases, taken), owner=owner)
+            self._write_lease(lease)
+        _log.debug("uid leased", uid=lease.uid, instance=owner)
+        return lease
+
+    def first_free(self) -> int:
+        """The uid `request` would lease to a new owner now, without leasing it.
+
+        Raises `UidPoolExhausted` when no uid is free.
+        """
+        with self._locked():
+            leases = self._read_leases()
+            return self._lowest_free(leases, leases.keys() | uids_in_use())
+
+    def _lowest_free(self, leases: Mapping[int, UidLease], taken: Collection[int]) -> int:
+        for uid in self._uids():
+            if uid not in taken:
+                return uid
         in_pool = sum(last - first + 1 for first, last in self.ranges)
         leased = sum(1 for uid in leases if self._in_pool(uid))
         raise UidPoolExhausted(
