@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import msgspec
-import structlog
 
 from protocols import qmp
 from supervisor.engine.instance import Instance, StartupSteps
@@ -28,6 +27,7 @@ from supervisor.host.chroot import create_chroot, remove_chroot
 from supervisor.host.pinning import CpuPinningError, pin_vcpus
 from supervisor.host.statedir import StateDir
 from supervisor.host.uidpool import UidPool
+from supervisor.log import get_logger
 from supervisor.model.api import QemuInfo
 from supervisor.model.config import Config
 from supervisor.model.errors import HypervisorError, InvalidConfigError
@@ -46,7 +46,7 @@ from supervisor.qemu.cmdline import (
 from supervisor.qemu.process import QemuProcess, launch
 from supervisor.qemu.runtime import RuntimeRecord, save_record
 
-_log = structlog.get_logger("supervisor.engine.launcher")
+_log = get_logger(__name__)
 
 QMP_CHARDEV_ID = "qmp-listen"
 

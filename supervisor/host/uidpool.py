@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Final
 
 import msgspec
-import structlog
 
+from supervisor.log import get_logger
 from supervisor.model.config import check_uid_range
 from supervisor.model.errors import InvalidConfigError
 
@@ -36,7 +36,7 @@ __all__ = [
     "uids_in_use",
 ]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 
 class UidLease(msgspec.Struct, frozen=True, kw_only=True):

@@ -113,8 +113,9 @@ def check_config(config: Config) -> None:
     """Check `config` as `load_config` does; raise `InvalidConfigError` on the first problem.
 
     A hand-built `Config` (the embedding API takes one) is decoded again, so its fields
-    get the file's type checks; then uid ranges must pass `check_uid_range`, the display port range must run forwards, and the ``[hvparams]`` table must hold
-    known parameters with valid values.
+    get the file's type checks; then uid ranges must pass `check_uid_range`, the display
+    port range must run forwards, and the ``[hvparams]`` table must hold known parameters
+    with valid values.
     """
     try:
         msgspec.convert(msgspec.to_builtins(config), Config)

@@ -30,8 +30,8 @@ from typing import Final
 
 import anyio
 import msgspec
-import structlog
 
+from supervisor.log import get_logger
 from supervisor.model.errors import HypervisorError, InvalidConfigError
 from supervisor.model.hvparams import HvParams
 from supervisor.model.spec import InstanceSpec
@@ -55,7 +55,7 @@ __all__ = [
     "usb_device_model",
 ]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 HV: Final = "spec.hvparams"
 

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import anyio
 import msgspec
-import structlog
+
+from supervisor.log import get_logger
 
 __all__ = [
     "ExitStatus",
@@ -45,7 +46,7 @@ __all__ = [
     "set_child_subreaper",
 ]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_GET_CHILD_SUBREAPER = 37
