@@ -6,7 +6,8 @@ QEMUs a previous daemon left running and starts the instances marked
 (`supervisor.control.server.serve_control`). Leaving the block cancels the
 supervisor's tasks and leaves the VMs running (unless ``shutdown_on_exit``). The
 library changes no process-wide setting: no signal handlers, no logging set-up,
-no threads, no umask or cwd change.
+no umask or cwd change; and no threads (but for an interface lookup under trio, see
+`supervisor.host.interfaces`).
 
 Errors: operations raise `supervisor.model.errors.SupervisorError` subclasses (never
 exception groups).
