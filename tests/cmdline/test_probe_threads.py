@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import anyio
 import pytest
-from conftest import QEMU, REPO
+from conftest import QEMU, run_python
 
 from supervisor.model.errors import HypervisorError
 from supervisor.qemu.process import run_captured
@@ -48,15 +46,7 @@ print(json.dumps({backend: anyio.run(main, backend=backend) for backend in ("asy
 
 @pytest.mark.qemu
 def test_probing_starts_no_thread() -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", _PROGRAM, QEMU],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_python(_PROGRAM, QEMU)
     assert json.loads(result.stdout) == {"asyncio": [], "trio": []}
 
 

@@ -4,18 +4,14 @@ reach the host's stdlib handlers with the instance name; ``serve`` logs JSON lin
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GUEST_DIR, REPO
-from core.conftest import FAST_KERNEL_ARGS, GUEST_MIB, kill_leftover_qemus
+from conftest import GUEST_DIR, run_python
+from core.conftest import FAST_KERNEL_ARGS, GUEST_MIB
 from core.test_daemon import Daemon
 
 pytestmark = [pytest.mark.qemu]
@@ -69,31 +65,12 @@ if host_logs == "stdlib":
 """
 
 
-@pytest.fixture
-def state_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="kvs-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        kill_leftover_qemus(path)
-        subprocess.run(["rm", "-rf", str(path)], check=False)
-
-
 def _embed(state_dir: Path, backend: str, host_logs: str) -> subprocess.CompletedProcess[str]:
     if not (GUEST_DIR / "vmlinuz").exists():
         pytest.fail("the test guest is missing: run `make guest`")
     (state_dir / "defs").mkdir(exist_ok=True)
     args = [str(state_dir), str(GUEST_DIR), FAST_KERNEL_ARGS, str(GUEST_MIB), host_logs]
-    result = subprocess.run(
-        [sys.executable, "-c", EMBEDDING_PROGRAM, backend, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return result
+    return run_python(EMBEDDING_PROGRAM, backend, *args)
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])

@@ -9,16 +9,14 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import run_python
 
 from supervisor.host.interfaces import interface_addresses
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _has_ipv6_loopback() -> bool:
@@ -76,16 +74,7 @@ print(json.dumps({backend: anyio.run(main, backend=backend) for backend in ("asy
 
 
 def _run_in(netns: str, code: str) -> str:
-    result = subprocess.run(
-        ["ip", "netns", "exec", netns, sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+    return run_python(textwrap.dedent(code), prefix=("ip", "netns", "exec", netns)).stdout
 
 
 @pytest.mark.netns
