@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -127,3 +128,23 @@ def paused_qemu(short_tmp: Path) -> Iterator[PausedQemu]:
         if qemu.proc.poll() is None:
             os.kill(qemu.pid, signal.SIGCONT)
         qemu.kill()
+
+
+def run_python(
+    code: str, *args: str, prefix: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh interpreter that imports this checkout, to its end.
+
+    `prefix` goes before the interpreter (``ip netns exec NAME``). Fails the test with the
+    program's stderr when it exits non-zero.
+    """
+    result = subprocess.run(
+        [*prefix, sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result

@@ -24,7 +24,6 @@ from typing import Any
 
 import anyio
 import msgspec
-import structlog
 from anyio.abc import SocketStream, TaskGroup, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
@@ -33,10 +32,11 @@ from supervisor.control.methods import METHODS
 from supervisor.control.openrpc import openrpc_document
 from supervisor.engine.events import Subscription
 from supervisor.engine.supervisor import Supervisor
+from supervisor.log import get_logger
 from supervisor.model import api
 from supervisor.model.errors import InvalidParams, SupervisorError
 
-_log = structlog.get_logger("supervisor.control.server")
+_log = get_logger(__name__)
 
 Response = jsonrpc.Response | jsonrpc.ErrorResponse
 

@@ -19,13 +19,13 @@ from typing import Any
 
 import anyio
 import msgspec
-import structlog
 from anyio.abc import TaskStatus
 
 from protocols import qmp
 from protocols.hmp import HMPError, HMPTimeoutError, QMPHumanMonitor
 from supervisor.engine.events import EventBus, make_event
 from supervisor.host.statedir import InstancePaths
+from supervisor.log import get_logger
 from supervisor.model.api import ConsoleInfo, InstanceInfo, NicInfo
 from supervisor.model.config import Config
 from supervisor.model.errors import (
@@ -97,7 +97,7 @@ class Instance:
         self.paths = paths
         self.bus = bus
         self.config = config
-        self.log = structlog.get_logger("supervisor.engine.instance").bind(instance=name)
+        self.log = get_logger(__name__).bind(instance=name)
         self.definition: InstanceSpec | None = None
         self.record: RuntimeRecord | None = None
         self.state = S.STOPPED
@@ -308,7 +308,7 @@ class Instance:
                 try:
                     self._on_qmp_event(item)
                 except (KeyError, TypeError, ValueError):
-                    self.log.exception("unexpected QMP event data", event=item.name)
+                    self.log.exception("unexpected QMP event data", qmp_event=item.name)
         except qmp.ConnectionLostError:
             # QEMU closed the monitor: its exit shows through the pidfd.
             self.log.debug("qmp connection lost")

@@ -20,35 +20,33 @@ import time
 from pathlib import Path
 
 import msgspec
-import structlog
 
 from protocols import qmp
 from supervisor.engine.instance import Instance, StartupSteps
 from supervisor.host.chroot import create_chroot, remove_chroot
 from supervisor.host.pinning import CpuPinningError, pin_vcpus
 from supervisor.host.statedir import StateDir
-from supervisor.host.uidpool import UidPool, UidPoolExhausted
+from supervisor.host.uidpool import UidPool
+from supervisor.log import get_logger
 from supervisor.model.api import QemuInfo
 from supervisor.model.config import Config
 from supervisor.model.errors import HypervisorError, InvalidConfigError
-from supervisor.model.hvparams import HvParams, parse_cpu_mask, resolve_hvparams
+from supervisor.model.hvparams import parse_cpu_mask, resolve_hvparams
 from supervisor.model.spec import InstanceSpec, assign_macs, ensure_uuid
 from supervisor.model.states import InstanceState
 from supervisor.model.validation import check_host_basics, check_syntax, raise_first
 from supervisor.qemu.accel import probe_kvm, resolve_accelerator
 from supervisor.qemu.capabilities import CapabilityCache, check_host_qemu
 from supervisor.qemu.cmdline import (
-    LaunchResources,
-    bind_addresses,
     build_command_line,
     free_port,
-    run_as_for_uid,
+    launch_resources,
     socket_path_problems,
 )
 from supervisor.qemu.process import QemuProcess, launch
 from supervisor.qemu.runtime import RuntimeRecord, save_record
 
-_log = structlog.get_logger("supervisor.engine.launcher")
+_log = get_logger(__name__)
 
 QMP_CHARDEV_ID = "qmp-listen"
 
@@ -163,7 +161,19 @@ class Launcher:
         paths = self.state_dir.create_instance_dir(spec.name, group_id=self.group_id)
         uid = None
         try:
-            resources, uid = self._lease(spec, hv)
+            if hv.security_model == "pool":
+                assert self.uid_pool is not None
+                uid = self.uid_pool.request(spec.name).uid
+            resources = await launch_resources(
+                spec,
+                hv,
+                port_range=self.config.display_port_range,
+                # The live view: other starts may lease ports while this one awaits.
+                taken_ports=self._leased_ports.values(),
+                uid=uid,
+            )
+            if resources.display_port is not None:
+                self._leased_ports[spec.name] = resources.display_port
             command = build_command_line(spec, hv, caps, paths, accel, resources=resources)
             if hv.use_chroot:
                 create_chroot(paths.chroot)
@@ -172,42 +182,11 @@ class Launcher:
             raise
         return RuntimeRecord.for_start(spec, hv, command, caps, paths, uid=uid)
 
-    def _lease(self, spec: InstanceSpec, hv: HvParams) -> tuple[LaunchResources, int | None]:
-        display_port = None
-        if (hv.vnc_bind_address or hv.spice_bind) and spec.network_port is None:
-            low, high = self.config.display_port_range
-            display_port = free_port(low, high, set(self._leased_ports.values()))
-            if display_port is None:
-                raise InvalidConfigError("display_port_range", f"no free port in {low}-{high}")
-            self._leased_ports[spec.name] = display_port
-        uid = None
-        pool_user = None
-        if hv.security_model == "pool":
-            assert self.uid_pool is not None
-            try:
-                uid = self.uid_pool.request(spec.name).uid
-            except UidPoolExhausted as error:
-                raise InvalidConfigError("uid_pool", str(error)) from None
-            pool_user = run_as_for_uid(uid)
-        vnc_address, spice_address = bind_addresses(hv)
-        return (
-            LaunchResources(
-                display_port=display_port,
-                pool_user=pool_user,
-                vnc_address=vnc_address,
-                spice_address=spice_address,
-            ),
-            uid,
-        )
-
     def renew(self, record: RuntimeRecord) -> RuntimeRecord:
         """The record for a new run of the same argv (reboot, restart): the same uid and
         display port leased again, or `InvalidConfigError` when they are taken now."""
         if record.uid is not None and self.uid_pool is not None:
-            try:
-                self.uid_pool.request(record.name, uid=record.uid)
-            except UidPoolExhausted as error:
-                raise InvalidConfigError("uid_pool", str(error)) from None
+            self.uid_pool.request(record.name, uid=record.uid)
         port = record.vnc_port or record.spice_port
         if port is not None and record.spec.network_port is None:
             taken = {p for name, p in self._leased_ports.items() if name != record.name}

@@ -6,7 +6,8 @@ QEMUs a previous daemon left running and starts the instances marked
 (`supervisor.control.server.serve_control`). Leaving the block cancels the
 supervisor's tasks and leaves the VMs running (unless ``shutdown_on_exit``). The
 library changes no process-wide setting: no signal handlers, no logging set-up,
-no threads, no umask or cwd change.
+no umask or cwd change; and no threads (but for an interface lookup under trio, see
+`supervisor.host.interfaces`).
 
 Errors: operations raise `supervisor.model.errors.SupervisorError` subclasses (never
 exception groups).
@@ -21,13 +22,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-import structlog
 
 from supervisor import __version__
 from supervisor.engine.events import EventBus, Subscription
 from supervisor.engine.instance import Instance, backoff_delay, recent_crashes
 from supervisor.engine.launcher import Launcher
 from supervisor.host.statedir import StateDir
+from supervisor.log import get_logger
 from supervisor.model.api import InstanceInfo, InstanceSummary
 from supervisor.model.config import Config, instance_file, instance_files, load_instance_file
 from supervisor.model.errors import (
@@ -63,7 +64,7 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         self._tg: anyio.abc.TaskGroup | None = None
         self._group_id = _group_id(config.control_group)
         self.launcher = Launcher(config, self.state_dir, group_id=self._group_id)
-        self.log = structlog.get_logger("supervisor")
+        self.log = get_logger(__name__)
 
     @asynccontextmanager
     async def __asynccontextmanager__(self) -> AsyncGenerator[Supervisor, None]:

@@ -27,8 +27,8 @@ from types import TracebackType
 from typing import Final
 
 import msgspec
-import structlog
 
+from supervisor.log import get_logger
 from supervisor.model.errors import InvalidConfigError
 from supervisor.model.spec import NAME_PATTERN
 
@@ -39,7 +39,7 @@ __all__ = [
     "StateDirLocked",
 ]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 #: sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES: Final = 107

@@ -31,6 +31,7 @@ __all__ = [
     "UID_MAX",
     "Config",
     "check_config",
+    "check_uid_range",
     "instance_file",
     "instance_files",
     "load_config",
@@ -39,8 +40,8 @@ __all__ = [
 
 DEFAULT_STATE_DIR: Final = "/var/lib/kvm-supervisor"
 DEFAULT_INSTANCES_DIR: Final = "/etc/kvm-supervisor/instances"
-#: Ganeti's ``UIDPOOL_UID_MAX``: user ids are 32-bit.
-UID_MAX: Final = 2**32 - 1
+#: The largest uid a pool may hold: uids are 32-bit and ``(uid_t) -1`` means "no uid".
+UID_MAX: Final = 2**32 - 2
 
 Seconds = Annotated[float, Meta(gt=0)]
 Port = Annotated[int, Meta(ge=1, le=65535)]
@@ -82,31 +83,45 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
         return Path(self.state_dir) / "control.sock"
 
     def uid_ranges(self) -> list[tuple[int, int]]:
-        """`uid_pool` as inclusive ``(first, last)`` pairs."""
+        """`uid_pool` as sorted inclusive ``(first, last)`` pairs.
+
+        Raises `InvalidConfigError` naming the entry that `check_uid_range` refuses.
+        """
         ranges = []
-        for entry in self.uid_pool:
+        for index, entry in enumerate(self.uid_pool):
             first, _, last = entry.partition("-")
-            ranges.append((int(first), int(last or first)))
-        return ranges
+            pair = int(first), int(last or first)
+            try:
+                check_uid_range(*pair)
+            except ValueError as error:
+                raise InvalidConfigError(f"uid_pool[{index}]", str(error)) from None
+            ranges.append(pair)
+        return sorted(ranges)
+
+
+def check_uid_range(first: int, last: int) -> None:
+    """Raise ValueError saying why ``first-last`` cannot be a uid pool range."""
+    if first > last:
+        raise ValueError(f"uid range {first}-{last} runs backwards")
+    if first < 1:
+        raise ValueError(f"uid range {first}-{last} includes root: a pool uid must be above 0")
+    if last > UID_MAX:
+        raise ValueError(f"uid range {first}-{last} goes beyond the largest uid {UID_MAX}")
 
 
 def check_config(config: Config) -> None:
     """Check `config` as `load_config` does; raise `InvalidConfigError` on the first problem.
 
     A hand-built `Config` (the embedding API takes one) is decoded again, so its fields
-    get the file's type checks; then uid ranges must run forwards and fit in 32 bits,
-    the display port range must run forwards, and the ``[hvparams]`` table must hold
-    known parameters with valid values.
+    get the file's type checks; then uid ranges must pass `check_uid_range`, the display
+    port range must run forwards, and the ``[hvparams]`` table must hold known parameters
+    with valid values.
     """
     try:
         msgspec.convert(msgspec.to_builtins(config), Config)
     except msgspec.ValidationError as error:
         raise InvalidParams.from_validation_error(error, "") from None
-    for index, (first, last) in enumerate(config.uid_ranges()):
-        if first > last:
-            raise InvalidConfigError(f"uid_pool[{index}]", f"range {first}-{last} runs backwards")
-        if last > UID_MAX:
-            raise InvalidConfigError(f"uid_pool[{index}]", f"uid {last} exceeds {UID_MAX}")
+    config.uid_ranges()
     low, high = config.display_port_range
     if low > high:
         raise InvalidConfigError("display_port_range", f"range {low}-{high} runs backwards")

@@ -7,7 +7,6 @@ Golden files hold one argument per line; regenerate them after an intended chang
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,6 @@ from supervisor.qemu.cmdline import (
     LaunchResources,
     build_command_line,
     guest_agent_socket,
-    interface_addresses,
     run_as_for_uid,
     socket_path_problems,
 )
@@ -454,15 +452,6 @@ def test_socket_path_limit_names_the_instance() -> None:
 
 
 # -- host lookups -----------------------------------------------------------------------
-
-
-def test_interface_addresses_of_loopback() -> None:
-    ipv4, ipv6 = interface_addresses("lo")
-    assert ipv4 == ["127.0.0.1"]
-    if socket.has_ipv6 and Path("/proc/net/if_inet6").read_text().strip():
-        assert "::1" in ipv6
-    with pytest.raises(OSError):
-        interface_addresses("no-such-if0")
 
 
 def test_run_as_for_uid() -> None:
