@@ -23,8 +23,15 @@ import structlog
 from anyio.abc import TaskStatus
 
 from protocols import qmp
-from protocols.hmp import HMPError, HMPTimeoutError, QMPHumanMonitor
+from protocols.hmp import HMPCommandError, HMPError, HMPTimeoutError, QMPHumanMonitor
 from supervisor.engine.events import EventBus, make_event
+from supervisor.engine.monitor_commands import (
+    SECRET_HMP,
+    SECRET_QMP,
+    hmp_command_name,
+    hmp_refusal,
+    qmp_refusal,
+)
 from supervisor.host.statedir import InstancePaths
 from supervisor.model.api import ConsoleInfo, InstanceInfo, NicInfo
 from supervisor.model.config import Config
@@ -50,21 +57,10 @@ from supervisor.qemu.runtime import RuntimeRecord
 
 S = InstanceState
 
-#: QMP commands that would change state behind the supervisor's back, and what to use instead.
-REFUSED_QMP_COMMANDS = {
-    "quit": "instance.stop",
-    "system_powerdown": "instance.stop",
-    "stop": "instance.pause",
-    "cont": "instance.resume",
-    "migrate": "migration.start",
-    "migrate-incoming": "migration.accept",
-    "migrate_cancel": "migration.cancel",
-    "balloon": "instance.balloon",
-    "qmp_capabilities": "(already negotiated)",
-    "human-monitor-command": "instance.monitor",
-}
-
 MIB = 1024 * 1024
+
+#: In place of QEMU's message when a command with a secret argument fails.
+_WITHHELD = "failed (QEMU's message is withheld: it may quote an argument)"
 
 #: How soon a lost monitor connection to a live QEMU is tried again.
 MONITOR_RETRY_S = 2.0
@@ -453,24 +449,45 @@ class Instance:
         await self._execute(client, "balloon", {"value": memory_mib * MIB})
 
     async def qmp_passthrough(self, command: str, arguments: dict[str, Any] | None) -> Any:
-        if command in REFUSED_QMP_COMMANDS:
-            raise InvalidConfigError(
-                "command",
-                f"{command!r} would bypass the supervisor: use {REFUSED_QMP_COMMANDS[command]}",
-            )
-        return await self._execute(self.require_running(), command, arguments)
+        """Run a QMP command for a client (`monitor_commands.REFUSED_QMP` are refused)."""
+        refusal = qmp_refusal(command)
+        if refusal is not None:
+            raise InvalidConfigError("command", refusal)
+        client = self.require_running()
+        try:
+            return await client.execute(command, arguments)
+        except qmp.ExecuteError as error:
+            if command in SECRET_QMP:
+                raise MonitorError(error.error_class, f"{command}: {_WITHHELD}") from None
+            raise self._monitor_error(error) from None
+        except qmp.QMPError as error:
+            raise self._monitor_error(error) from None
 
     async def human_monitor(self, command: str) -> str:
+        """Run an HMP command line for a client (`monitor_commands.REFUSED_HMP` are refused).
+
+        Errors never quote the command line: it may hold a password.
+        """
+        refusal = hmp_refusal(command)
+        if refusal is not None:
+            raise InvalidConfigError("command", refusal)
         client = self.require_running()
         try:
             output: str = await QMPHumanMonitor(client).command(command)
-        except ValueError as error:  # a control character, or too long for QEMU's editor
-            raise InvalidParams("command", str(error)) from None
+        except ValueError:
+            raise InvalidParams(
+                "command",
+                "holds a control character, or is longer than QEMU's line editor takes",
+            ) from None
         except HMPTimeoutError:
             timeout = self.config.qmp_timeout_s
             raise OperationTimeout(f"monitor command on {self.name!r}", timeout) from None
+        except HMPCommandError as error:
+            name, _ = hmp_command_name(command)
+            detail = _WITHHELD if name in SECRET_HMP else error.output
+            raise MonitorError("HMPError", f"{name}: {detail}") from None
         except HMPError as error:
-            raise MonitorError("HMPError", str(error)) from None
+            raise MonitorError(type(error).__name__, "the monitor failed") from None
         except qmp.QMPError as error:
             raise self._monitor_error(error) from None
         return output
