@@ -30,11 +30,19 @@ from conftest import GUEST_DIR
 from core.conftest import GUEST_MIB, kill_leftover_qemus
 from core.test_daemon import Daemon
 
+from supervisor.control.privilege import check_member_spec
+from supervisor.engine.monitor_commands import hmp_command_name, hmp_refusal
+from supervisor.model.config import Config, check_config, load_config
+from supervisor.model.errors import InvalidConfigError
+from supervisor.model.spec import decode_spec
+
 pytestmark = [pytest.mark.qemu]
 
 PEER_USER = "kvs-priv-user"
 PEER_GROUP = "kvs-priv-group"
 RPC_TIMEOUT_S = 120
+#: The qcow2 header extension that records the backing file's format.
+BACKING_FORMAT_EXTENSION = bytes.fromhex("e2792aca")
 
 
 @dataclass
@@ -457,3 +465,72 @@ def test_no_password_in_errors_or_the_log(setup: Setup, running: str) -> None:
             assert "error" in response, response
             assert secret not in json.dumps(response), response
     assert secret not in setup.daemon.log.read_text()
+
+
+# -- the rules on their own ----------------------------------------------------------------
+
+
+def _member_config(images: Path) -> Config:
+    return Config(image_dirs=[str(images)])
+
+
+def test_a_qcow2_whose_backing_format_is_not_recorded_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "base.raw").write_bytes(b"\0" * 4096)
+    image = tmp_path / "probed.qcow2"
+    _qemu_img("create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", str(image))
+    # Rename the backing-format header extension to an unknown one (QEMU skips those).
+    data = image.read_bytes()
+    image.write_bytes(data.replace(BACKING_FORMAT_EXTENSION, b"\x12\x34\x56\x78", 1))
+    spec = decode_spec({"name": "vm", "disks": [{"path": str(image), "format": "qcow2"}]})
+    with pytest.raises(InvalidConfigError, match="no recorded format") as refused:
+        check_member_spec(spec, _member_config(tmp_path))
+    assert refused.value.path == "spec.disks[0].path"
+
+
+def test_a_backing_chain_inside_the_image_dirs_is_followed_to_its_end(tmp_path: Path) -> None:
+    images, outside = tmp_path / "images", tmp_path / "outside"
+    images.mkdir()
+    outside.mkdir()
+    (images / "base.raw").write_bytes(b"\0" * 4096)
+    previous, previous_format = "base.raw", "raw"
+    for depth in range(3):
+        name = f"layer{depth}.qcow2"
+        _qemu_img(
+            "create", "-f", "qcow2", "-b", previous, "-F", previous_format, str(images / name)
+        )
+        previous, previous_format = name, "qcow2"
+    spec = decode_spec(
+        {"name": "vm", "disks": [{"path": str(images / previous), "format": "qcow2"}]}
+    )
+    check_member_spec(spec, _member_config(images))
+    # The same chain, its base moved out of the image dir behind a symlink.
+    (images / "base.raw").rename(outside / "base.raw")
+    (images / "base.raw").symlink_to(outside / "base.raw")
+    with pytest.raises(InvalidConfigError, match=r"its backing file .*base\.raw") as refused:
+        check_member_spec(spec, _member_config(images))
+    assert refused.value.path == "spec.disks[0].path"
+    assert f"resolved: {outside / 'base.raw'}" in str(refused.value)
+
+
+def test_image_dirs_are_resolved_against_the_config_file(tmp_path: Path) -> None:
+    config_file = tmp_path / "supervisor.toml"
+    config_file.write_text('image_dirs = ["images", "/srv/images"]\n')
+    assert load_config(config_file).image_dirs == [str(tmp_path / "images"), "/srv/images"]
+    with pytest.raises(InvalidConfigError) as refused:
+        check_config(Config(image_dirs=["images"]))
+    assert refused.value.path == "image_dirs[0]"
+
+
+@pytest.mark.parametrize(
+    ("line", "name"),
+    [("quit", "quit"), ("  q  ", "q"), ("x/4x 0", "x"), ("info\tstatus", "info"), ("", "")],
+)
+def test_hmp_command_names_are_read_as_qemu_reads_them(line: str, name: str) -> None:
+    assert hmp_command_name(line)[0] == name
+
+
+def test_hmp_info_subcommands_are_read_as_qemu_reads_them() -> None:
+    assert hmp_refusal("info   status", read_only=True) is None
+    assert hmp_refusal("info history", read_only=True) is not None
+    assert hmp_refusal("x/4x 0", read_only=True) is not None
+    assert hmp_refusal("x/4x 0") is None
