@@ -167,9 +167,13 @@ class StateDir:
         _log.debug("state dir locked", state_dir=str(self.path))
 
     def _make_root(self) -> None:
-        """Create the state dir 0750 with the control group, or check the existing one."""
-        if _make_dir(self.path, 0o750, parents=True, follow=True) and self.group_id is not None:
-            os.chown(self.path, -1, self.group_id)
+        """Create the state dir 0750 with the control group, or check the existing one
+        (and its instances dir, which adoption reads before any instance dir is made)."""
+        if _make_dir(self.path, 0o750, parents=True, follow=True):
+            if self.group_id is not None:
+                os.chown(self.path, -1, self.group_id)
+        elif self.instances_root.exists() or self.instances_root.is_symlink():
+            _check_private(self.instances_root, follow=False)
 
     def _remove_stale_control_socket(self) -> None:
         try:
@@ -251,7 +255,9 @@ class StateDir:
         except FileNotFoundError:
             return []
         return sorted(
-            entry.name for entry in entries if _NAME.fullmatch(entry.name) and entry.is_dir()
+            entry.name
+            for entry in entries
+            if _NAME.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink()
         )
 
     def remove_instance_dir(self, name: str) -> None:

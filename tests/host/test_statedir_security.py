@@ -173,3 +173,17 @@ async def test_instance_dirs_hold_no_hmp_socket(short_tmp: Path) -> None:
             assert await sup.monitor("nohmp", "info status") == "VM status: paused (prelaunch)"
         finally:
             await sup.stop("nohmp", force=True)
+
+
+def test_planted_instance_dirs_are_refused_at_start_and_never_adopted(
+    tmp_path: Path,
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "vm2").mkdir(parents=True)
+    state = StateDir(tmp_path / "state")
+    state.create_instance_dir("vm1")
+    (state.instances_root / "vm2").symlink_to(elsewhere / "vm2")
+    assert state.instance_names() == ["vm1"]
+    state.instances_root.chmod(0o777)
+    with pytest.raises(InvalidConfigError, match="writable by group or others"):
+        state.acquire()
