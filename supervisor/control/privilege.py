@@ -216,16 +216,15 @@ def _check_backing_chain(field: str, path: str, image_dirs: list[str]) -> None:
             raise InvalidConfigError(field, f"cannot read the image header: {error}") from None
         backing = None
         for reference in references:
-            what = f"its {reference.kind} {reference.path}"
             try:
                 _check_host_path(field, reference.path, image_dirs)
             except InvalidConfigError as error:
-                raise InvalidConfigError(field, f"{what}: {error.reason}") from None
+                raise InvalidConfigError(field, f"its {reference.kind} {error.reason}") from None
             if reference.format is None:
                 raise InvalidConfigError(
                     field,
-                    f"{what} has no recorded format (QEMU would probe it):"
-                    f" {_ONLY_ROOT_MAY} use such an image",
+                    f"its {reference.kind} {reference.path} has no recorded format (QEMU would"
+                    f" probe it): {_ONLY_ROOT_MAY} use such an image",
                 )
             if reference.kind == "backing file":
                 backing = reference.path
