@@ -285,7 +285,7 @@ class Instance:
         if isinstance(error, HypervisorError | InvalidConfigError):
             raise error
         if isinstance(error, qmp.ExecuteError):
-            cause = f"{error.command}: {error.desc}"
+            cause = _execute_error_text(error)
         else:
             cause = str(error) or type(error).__name__
         status = process.exit_status
@@ -453,15 +453,7 @@ class Instance:
         refusal = qmp_refusal(command)
         if refusal is not None:
             raise InvalidConfigError("command", refusal)
-        client = self.require_running()
-        try:
-            return await client.execute(command, arguments)
-        except qmp.ExecuteError as error:
-            if command in SECRET_QMP:
-                raise MonitorError(error.error_class, f"{command}: {_WITHHELD}") from None
-            raise self._monitor_error(error) from None
-        except qmp.QMPError as error:
-            raise self._monitor_error(error) from None
+        return await self._execute(self.require_running(), command, arguments)
 
     async def human_monitor(self, command: str) -> str:
         """Run an HMP command line for a client (`monitor_commands.REFUSED_HMP` are refused).
@@ -504,7 +496,7 @@ class Instance:
         if isinstance(error, qmp.QMPTimeoutError):
             return OperationTimeout(f"{error.command} on {self.name!r}", self.config.qmp_timeout_s)
         if isinstance(error, qmp.ExecuteError):
-            return MonitorError(error.error_class, f"{error.command}: {error.desc}")
+            return MonitorError(error.error_class, _execute_error_text(error))
         return MonitorError(type(error).__name__, str(error))
 
     # -- reporting ---------------------------------------------------------------------
@@ -561,6 +553,11 @@ class Instance:
     def _console_dict(self) -> dict[str, Any]:
         result: dict[str, Any] = msgspec.to_builtins(self.console())
         return result
+
+
+def _execute_error_text(error: qmp.ExecuteError) -> str:
+    """``command: QEMU's description``; the description withheld for `SECRET_QMP` commands."""
+    return f"{error.command}: {_WITHHELD if error.command in SECRET_QMP else error.desc}"
 
 
 def backoff_delay(crashes: int) -> float:
