@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
-import msgspec
 import pytest
 from cmdline.test_runtime import make_record
 from conftest import QEMU
+from core.conftest import kill_leftover_qemus
 
 from supervisor import Supervisor
 from supervisor.host.statedir import StateDir
@@ -136,17 +137,33 @@ def test_a_record_is_neither_written_nor_read_through_a_symlink(
     assert load_record(record_path) == record
 
 
+@pytest.fixture
+def qemu_state_dir(short_tmp: Path) -> Iterator[Path]:
+    """A state dir for tests that start QEMU; any QEMU left in it is killed by pid."""
+    state_dir = short_tmp / "state"
+    try:
+        yield state_dir
+    finally:
+        kill_leftover_qemus(state_dir)
+
+
 def _config(state_dir: Path) -> Config:
-    return Config(state_dir=str(state_dir), instances_dir=str(state_dir / "defs"))
+    # shutdown_on_exit: a QEMU started by mistake ends with the test.
+    return Config(
+        state_dir=str(state_dir),
+        instances_dir=str(state_dir / "defs"),
+        hvparams={"kvm_path": QEMU},
+        shutdown_on_exit=True,
+    )
 
 
 @pytest.mark.anyio
 @pytest.mark.qemu
 @pytest.mark.parametrize("log", ["qemu_log", "serial_log"])
 async def test_a_start_refuses_logs_planted_as_symlinks(
-    short_tmp: Path, precious: Path, log: str
+    qemu_state_dir: Path, precious: Path, log: str
 ) -> None:
-    config = _config(short_tmp / "state")
+    config = _config(qemu_state_dir)
     async with Supervisor(config) as sup:
         paths = sup.state_dir.create_instance_dir("planted")
         getattr(paths, log).symlink_to(precious)
@@ -158,8 +175,8 @@ async def test_a_start_refuses_logs_planted_as_symlinks(
 
 @pytest.mark.anyio
 @pytest.mark.qemu
-async def test_instance_dirs_hold_no_hmp_socket(short_tmp: Path) -> None:
-    config = msgspec.structs.replace(_config(short_tmp / "state"), hvparams={"kvm_path": QEMU})
+async def test_instance_dirs_hold_no_hmp_socket(qemu_state_dir: Path) -> None:
+    config = _config(qemu_state_dir)
     async with Supervisor(config) as sup:
         await sup.start(decode_spec({"name": "nohmp", "memory_mib": 64}), paused=True)
         try:
