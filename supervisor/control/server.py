@@ -3,7 +3,8 @@
 One line per message; many requests in flight per connection (each runs in its
 own task, responses go out as they finish); batches; notifications; event
 subscriptions forwarded as ``event`` notifications through bounded queues. The
-peer's credentials are checked (SO_PEERCRED) before anything is read. A request
+peer's credentials are checked (SO_PEERCRED) before anything is read; what a permitted
+peer may ask depends on who it is (`supervisor.control.privilege`). A request
 that fails in an unexpected way gets -32603 and is logged; the daemon keeps
 serving.
 """
@@ -30,6 +31,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from protocols import jsonrpc
 from supervisor.control.methods import METHODS
 from supervisor.control.openrpc import openrpc_document
+from supervisor.control.privilege import Privilege, authorize, privilege_of
 from supervisor.engine.events import Subscription
 from supervisor.engine.supervisor import Supervisor
 from supervisor.log import get_logger
@@ -53,7 +55,7 @@ def peer_uid_gid(sock: socket.socket) -> tuple[int, int, int]:
 
 def peer_allowed(uid: int, gid: int, control_group: str) -> bool:
     """Root, the daemon's own user, or a member of `control_group` (primary or supplementary)."""
-    if uid in (0, os.getuid()):
+    if privilege_of(uid) is Privilege.ADMIN:
         return True
     try:
         group = grp.getgrnam(control_group)
@@ -73,8 +75,11 @@ class _Connection:
 
     _subscription_ids = itertools.count(1)
 
-    def __init__(self, sup: Supervisor, stream: SocketStream, tg: TaskGroup) -> None:
+    def __init__(
+        self, sup: Supervisor, stream: SocketStream, tg: TaskGroup, privilege: Privilege
+    ) -> None:
         self.sup = sup
+        self.privilege = privilege
         self.stream = stream
         self.tg = tg
         self.send_lock = anyio.Lock()
@@ -159,7 +164,9 @@ class _Connection:
                 f"method not found: {request.method}",
                 {"method": request.method},
             )
-        return await method.handler(self.sup, jsonrpc.decode_params(request, method.params))
+        decoded = jsonrpc.decode_params(request, method.params)
+        authorize(self.privilege, request.method, decoded, self.sup.config)
+        return await method.handler(self.sup, decoded)
 
     def _subscribe(self, params: api.SubscribeParams) -> api.SubscribeResult:
         subscription_id = next(self._subscription_ids)
@@ -213,7 +220,7 @@ async def _serve_connection(sup: Supervisor, stream: SocketStream) -> None:
         receiver = BufferedByteReceiveStream(stream)
         max_bytes = sup.config.max_request_bytes
         async with anyio.create_task_group() as tg:
-            connection = _Connection(sup, stream, tg)
+            connection = _Connection(sup, stream, tg, privilege_of(uid))
             oversize = False
             try:
                 while True:

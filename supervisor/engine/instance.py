@@ -22,8 +22,15 @@ import msgspec
 from anyio.abc import TaskStatus
 
 from protocols import qmp
-from protocols.hmp import HMPError, HMPTimeoutError, QMPHumanMonitor
+from protocols.hmp import HMPCommandError, HMPError, HMPTimeoutError, QMPHumanMonitor
 from supervisor.engine.events import EventBus, make_event
+from supervisor.engine.monitor_commands import (
+    SECRET_HMP,
+    SECRET_QMP,
+    hmp_command_name,
+    hmp_refusal,
+    qmp_refusal,
+)
 from supervisor.host.statedir import InstancePaths
 from supervisor.log import get_logger
 from supervisor.model.api import ConsoleInfo, InstanceInfo, NicInfo
@@ -50,21 +57,10 @@ from supervisor.qemu.runtime import RuntimeRecord
 
 S = InstanceState
 
-#: QMP commands that would change state behind the supervisor's back, and what to use instead.
-REFUSED_QMP_COMMANDS = {
-    "quit": "instance.stop",
-    "system_powerdown": "instance.stop",
-    "stop": "instance.pause",
-    "cont": "instance.resume",
-    "migrate": "migration.start",
-    "migrate-incoming": "migration.accept",
-    "migrate_cancel": "migration.cancel",
-    "balloon": "instance.balloon",
-    "qmp_capabilities": "(already negotiated)",
-    "human-monitor-command": "instance.monitor",
-}
-
 MIB = 1024 * 1024
+
+#: In place of QEMU's message when a command with a secret argument fails.
+_WITHHELD = "failed (QEMU's message is withheld: it may quote an argument)"
 
 #: How soon a lost monitor connection to a live QEMU is tried again.
 MONITOR_RETRY_S = 2.0
@@ -289,7 +285,7 @@ class Instance:
         if isinstance(error, HypervisorError | InvalidConfigError):
             raise error
         if isinstance(error, qmp.ExecuteError):
-            cause = f"{error.command}: {error.desc}"
+            cause = _execute_error_text(error)
         else:
             cause = str(error) or type(error).__name__
         status = process.exit_status
@@ -453,24 +449,37 @@ class Instance:
         await self._execute(client, "balloon", {"value": memory_mib * MIB})
 
     async def qmp_passthrough(self, command: str, arguments: dict[str, Any] | None) -> Any:
-        if command in REFUSED_QMP_COMMANDS:
-            raise InvalidConfigError(
-                "command",
-                f"{command!r} would bypass the supervisor: use {REFUSED_QMP_COMMANDS[command]}",
-            )
+        """Run a QMP command for a client (`monitor_commands.REFUSED_QMP` are refused)."""
+        refusal = qmp_refusal(command)
+        if refusal is not None:
+            raise InvalidConfigError("command", refusal)
         return await self._execute(self.require_running(), command, arguments)
 
     async def human_monitor(self, command: str) -> str:
+        """Run an HMP command line for a client (`monitor_commands.REFUSED_HMP` are refused).
+
+        Errors never quote the command line: it may hold a password.
+        """
+        refusal = hmp_refusal(command)
+        if refusal is not None:
+            raise InvalidConfigError("command", refusal)
         client = self.require_running()
         try:
             output: str = await QMPHumanMonitor(client).command(command)
-        except ValueError as error:  # a control character, or too long for QEMU's editor
-            raise InvalidParams("command", str(error)) from None
+        except ValueError:
+            raise InvalidParams(
+                "command",
+                "holds a control character, or is longer than QEMU's line editor takes",
+            ) from None
         except HMPTimeoutError:
             timeout = self.config.qmp_timeout_s
             raise OperationTimeout(f"monitor command on {self.name!r}", timeout) from None
+        except HMPCommandError as error:
+            name, _ = hmp_command_name(command)
+            detail = _WITHHELD if name in SECRET_HMP else error.output
+            raise MonitorError("HMPError", f"{name}: {detail}") from None
         except HMPError as error:
-            raise MonitorError("HMPError", str(error)) from None
+            raise MonitorError(type(error).__name__, "the monitor failed") from None
         except qmp.QMPError as error:
             raise self._monitor_error(error) from None
         return output
@@ -487,7 +496,7 @@ class Instance:
         if isinstance(error, qmp.QMPTimeoutError):
             return OperationTimeout(f"{error.command} on {self.name!r}", self.config.qmp_timeout_s)
         if isinstance(error, qmp.ExecuteError):
-            return MonitorError(error.error_class, f"{error.command}: {error.desc}")
+            return MonitorError(error.error_class, _execute_error_text(error))
         return MonitorError(type(error).__name__, str(error))
 
     # -- reporting ---------------------------------------------------------------------
@@ -544,6 +553,11 @@ class Instance:
     def _console_dict(self) -> dict[str, Any]:
         result: dict[str, Any] = msgspec.to_builtins(self.console())
         return result
+
+
+def _execute_error_text(error: qmp.ExecuteError) -> str:
+    """``command: QEMU's description``; the description withheld for `SECRET_QMP` commands."""
+    return f"{error.command}: {_WITHHELD if error.command in SECRET_QMP else error.desc}"
 
 
 def backoff_delay(crashes: int) -> float:

@@ -25,7 +25,7 @@ from protocols import qmp
 from supervisor.engine.instance import Instance, StartupSteps
 from supervisor.host.chroot import create_chroot, remove_chroot
 from supervisor.host.pinning import CpuPinningError, pin_vcpus
-from supervisor.host.statedir import StateDir
+from supervisor.host.statedir import StateDir, refuse_symlink
 from supervisor.host.uidpool import UidPool
 from supervisor.log import get_logger
 from supervisor.model.api import QemuInfo
@@ -206,17 +206,19 @@ class Launcher:
         saved (QEMU is killed then); the caller releases what `prepare` leased.
         """
         paths = record.paths
-        for stale in (paths.hmp_socket, paths.serial_socket, paths.pid_file):
+        for stale in (paths.serial_socket, paths.pid_file):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
         listener = _listening_socket(paths.qmp_socket)
         try:
             argv = launch_argv(record.argv, listener.fileno())
             try:
+                refuse_symlink(paths.serial_log)  # QEMU appends to it (as root, maybe)
                 process = launch(argv, log_path=paths.qemu_log, pass_fds=(listener.fileno(),))
             except OSError as error:
                 raise HypervisorError(
-                    f"cannot execute {argv[0]}: {error.strerror}", stderr=str(error)
+                    f"cannot start QEMU: {error.filename or argv[0]}: {error.strerror}",
+                    stderr=str(error),
                 ) from None
         finally:
             listener.close()

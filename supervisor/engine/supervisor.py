@@ -56,13 +56,13 @@ class Supervisor(anyio.AsyncContextManagerMixin):
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.state_dir = StateDir(config.state_dir)
+        self._group_id = _group_id(config.control_group)
+        self.state_dir = StateDir(config.state_dir, group_id=self._group_id)
         self.bus = EventBus(config.event_queue_size)
         self.started_monotonic = time.monotonic()
         self._instances: dict[str, Instance] = {}
         self._definition_mtimes: dict[str, float] = {}
         self._tg: anyio.abc.TaskGroup | None = None
-        self._group_id = _group_id(config.control_group)
         self.launcher = Launcher(config, self.state_dir, group_id=self._group_id)
         self.log = get_logger(__name__)
 

@@ -5,10 +5,10 @@ Every `Config` key has a default, so an empty file, or one holding only
 values of the wrong type (``max_request_bytes: Expected `int`, got `str```).
 
 Relative paths are resolved against the directory of the file that holds them: in the
-config file `state_dir`, `instances_dir` and the path parameters of ``[hvparams]``; in
-an instance file its disks and path parameters (kernel, initrd, ISOs, floppy, password
-files, x509 dir, mem_path). Values coming over the control socket have no such base and
-must be absolute (`supervisor.model.validation` says so).
+config file `state_dir`, `instances_dir`, `image_dirs` and the path parameters of
+``[hvparams]``; in an instance file its disks and path parameters (kernel, initrd, ISOs,
+floppy, password files, x509 dir, mem_path). Values coming over the control socket have
+no such base and must be absolute (`supervisor.model.validation` says so).
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
     instances_dir: str = DEFAULT_INSTANCES_DIR
     #: Group whose members may use the control socket and serial consoles.
     control_group: Annotated[str, Meta(min_length=1)] = "root"
+    #: Where the host paths in specs sent by control-group members may lie (disks,
+    #: kernel, initrd, ISOs, ...); empty: nowhere (see `supervisor.control.privilege`).
+    image_dirs: list[Annotated[str, Meta(min_length=1)]] = msgspec.field(default_factory=list)
     #: Longest request line accepted on the control socket.
     max_request_bytes: Annotated[int, Meta(ge=4096, le=64 * 1024 * 1024)] = 1024 * 1024
     #: Stop the VMs when the daemon exits (otherwise they keep running and are adopted).
@@ -113,15 +116,20 @@ def check_config(config: Config) -> None:
     """Check `config` as `load_config` does; raise `InvalidConfigError` on the first problem.
 
     A hand-built `Config` (the embedding API takes one) is decoded again, so its fields
-    get the file's type checks; then uid ranges must pass `check_uid_range`, the display
-    port range must run forwards, and the ``[hvparams]`` table must hold known parameters
-    with valid values.
+    get the file's type checks; then image dirs must be absolute, uid ranges must pass
+    `check_uid_range`, the display port range must run forwards, and the ``[hvparams]``
+    table must hold known parameters with valid values.
     """
     try:
         msgspec.convert(msgspec.to_builtins(config), Config)
     except msgspec.ValidationError as error:
         raise InvalidParams.from_validation_error(error, "") from None
     config.uid_ranges()
+    for index, directory in enumerate(config.image_dirs):
+        if not os.path.isabs(directory):
+            raise InvalidConfigError(
+                f"image_dirs[{index}]", f"{directory!r} is not an absolute path"
+            )
     low, high = config.display_port_range
     if low > high:
         raise InvalidConfigError("display_port_range", f"range {low}-{high} runs backwards")
@@ -170,6 +178,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         config,
         state_dir=_absolute(base, config.state_dir),
         instances_dir=_absolute(base, config.instances_dir),
+        image_dirs=[_absolute(base, directory) for directory in config.image_dirs],
         hvparams=_resolve_hvparam_paths(base, config.hvparams),
     )
     check_config(config)

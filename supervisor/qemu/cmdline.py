@@ -210,7 +210,7 @@ def socket_path_problems(
     spec: InstanceSpec, hv: HvParams, paths: InstancePaths
 ) -> list[InvalidConfigError]:
     """Every unix socket the argv names that does not fit the 107-byte address limit."""
-    sockets = {"spec.name": [paths.qmp_socket, paths.hmp_socket]}
+    sockets = {"spec.name": [paths.qmp_socket]}
     if hv.serial_console:
         sockets["spec.name"].append(paths.serial_socket)
     if hv.use_guest_agent:
@@ -425,9 +425,10 @@ class _Builder:
         self.add("-pidfile", str(self.paths.pid_file))
 
     def _monitors(self) -> None:
+        # QMP only: the daemon reaches the human monitor through QMP's
+        # human-monitor-command, and an HMP socket would be an unfiltered way around it.
         if self.caps.qmp:
             self.add("-qmp", self.opt.unix_server(self.paths.qmp_socket))
-        self.add("-monitor", self.opt.unix_server(self.paths.hmp_socket))
 
     def _serial(self) -> None:
         if not self.hv.serial_console:

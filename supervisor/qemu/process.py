@@ -34,6 +34,7 @@ from typing import Final
 import anyio
 import msgspec
 
+from supervisor.host.statedir import open_no_follow
 from supervisor.log import get_logger
 from supervisor.model.errors import HypervisorError
 
@@ -196,11 +197,11 @@ class QemuProcess:
         if self.log_path is None:
             return ""
         try:
-            with self.log_path.open("rb") as log:
+            with os.fdopen(open_no_follow(self.log_path, os.O_RDONLY), "rb") as log:
                 size = log.seek(0, os.SEEK_END)
                 log.seek(max(0, size - n_bytes))
                 return log.read().decode(errors="replace")
-        except FileNotFoundError:
+        except OSError:  # gone, or replaced by a symlink: nothing of QEMU's to quote
             return ""
 
     def close(self) -> None:
@@ -232,9 +233,10 @@ def launch(
     the descriptors in `pass_fds` are inherited. The process is not tied to the caller: it
     keeps running when the daemon exits.
 
-    Raises OSError when the program cannot be executed.
+    Raises OSError when the program cannot be executed or `log_path` cannot be opened (a
+    symlink there is refused, never followed).
     """
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    log_fd = open_no_follow(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
         popen = subprocess.Popen(
             list(argv),

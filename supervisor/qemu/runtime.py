@@ -23,7 +23,7 @@ from typing import Any, Final
 
 import msgspec
 
-from supervisor.host.statedir import InstancePaths
+from supervisor.host.statedir import InstancePaths, open_no_follow
 from supervisor.model.errors import InvalidConfigError
 from supervisor.model.hvparams import HvParams
 from supervisor.model.spec import InstanceSpec
@@ -211,7 +211,10 @@ def save_record(path: Path, record: RuntimeRecord) -> None:
     """Write `record` to `path` atomically: a crash leaves the old file or the new one.
 
     The data goes to a temporary file in the same directory, is fsynced, renamed over
-    `path`, and the directory is fsynced so the rename itself survives a crash.
+    `path`, and the directory is fsynced so the rename itself survives a crash. Nothing
+    is written through a symlink: the temporary file is created new (``O_EXCL``, never a
+    file planted there) and changed through its descriptor only, and the rename replaces
+    a symlink at `path` rather than following it.
     """
     directory = path.parent
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
@@ -220,8 +223,8 @@ def save_record(path: Path, record: RuntimeRecord) -> None:
             file.write(_ENCODER.encode(record))
             file.write(b"\n")
             file.flush()
+            os.fchmod(file.fileno(), 0o640)
             os.fsync(file.fileno())
-        os.chmod(temporary, 0o640)
         os.rename(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -239,10 +242,11 @@ def load_record(path: Path) -> RuntimeRecord:
 
     Raises FileNotFoundError when there is none, `RuntimeRecordError` naming the file
     and field when it cannot be used (corrupt, truncated, from a newer version, or
-    Ganeti's format), or when it cannot be read.
+    Ganeti's format), or when it cannot be read (a symlink there is not followed).
     """
     try:
-        data = path.read_bytes()
+        with os.fdopen(open_no_follow(path, os.O_RDONLY), "rb") as file:
+            data = file.read()
     except FileNotFoundError:
         raise
     except OSError as error:

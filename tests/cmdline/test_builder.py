@@ -199,9 +199,7 @@ def test_old_qemu_syntax() -> None:
     argv = command.argv
     assert option(command, "-M") == ["pc"]
     assert "-enable-kvm" in argv and "-no-acpi" in argv
-    assert option(command, "-monitor") == [
-        "unix:/var/lib/kvm-supervisor/instances/vm1/hmp.sock,server,nowait"
-    ]
+    assert "-monitor" not in argv  # the daemon talks HMP through QMP only
     # No chardev logfile before QEMU 2.6: the serial socket is a plain -serial.
     assert option(command, "-serial") == [
         "unix:/var/lib/kvm-supervisor/instances/vm1/serial.sock,server,nowait"
@@ -441,7 +439,7 @@ def test_socket_path_limit_names_the_instance() -> None:
     hv = resolve_hvparams({}, {"use_guest_agent": True, "vnc_bind_address": "/" + "v" * 100})
     problems = socket_path_problems(spec, hv, long_dir.instance(spec.name))
     fields = [problem.path for problem in problems]
-    assert fields == ["spec.name"] * 4 + ["spec.hvparams.vnc_bind_address"]
+    assert fields == ["spec.name"] * 3 + ["spec.hvparams.vnc_bind_address"]
     assert problems[0].reason.startswith(f"instance '{'a' * 40}': socket /ddd")
     assert "over the 107-byte limit" in problems[0].reason
     short = decode_spec({"name": "vm1"})
