@@ -161,7 +161,7 @@ async def test_qemu_killed_mid_call_fails_everything_pending_at_once(
                 task_group.start_soon(pending_call)
                 task_group.start_soon(pending_call)
                 task_group.start_soon(iterate)
-                await anyio.sleep(0.1)
+                await anyio.wait_all_tasks_blocked()  # all three wait for QEMU
                 paused_qemu.proc.kill()
             await qmp.wait_closed()
         assert qmp.closed
@@ -184,10 +184,8 @@ async def test_quit_closes_the_connection_cleanly(paused_qemu: PausedQemu) -> No
 async def test_deadline_then_recovery_discards_the_late_reply(paused_qemu: PausedQemu) -> None:
     async with connect(paused_qemu.qmp_path, timeout=0.3) as qmp:
         with sigstopped(paused_qemu):
-            started = time.monotonic()
             with pytest.raises(QMPTimeoutError) as by_default:
                 await qmp.execute("query-version")
-            waited = time.monotonic() - started
             with pytest.raises(TimeoutError) as per_call:
                 await qmp.execute("query-name", timeout=0.1)
             with anyio.move_on_after(0.1) as cancelled:
@@ -196,7 +194,6 @@ async def test_deadline_then_recovery_discards_the_late_reply(paused_qemu: Pause
         status = await qmp.execute("query-status", timeout=5)
         assert not qmp.closed
 
-    assert 0.3 <= waited < 3
     assert by_default.value.command == "query-version"
     assert by_default.value.timeout == 0.3
     assert isinstance(per_call.value, QMPTimeoutError)
@@ -239,8 +236,9 @@ async def test_an_error_in_the_block_leaves_unwrapped(paused_qemu: PausedQemu) -
 
 
 async def test_cancelling_the_block_closes_the_connection(paused_qemu: PausedQemu) -> None:
-    with anyio.move_on_after(0.2) as scope:
+    with anyio.CancelScope() as scope:
         async with connect(paused_qemu.qmp_path) as qmp:
+            scope.cancel()
             await anyio.sleep_forever()
     assert scope.cancelled_caught
     assert qmp.closed
