@@ -89,13 +89,14 @@ def kill_leftover_qemus(directory: Path) -> list[int]:
     for pid_file in directory.glob("**/qemu.pid"):
         with contextlib.suppress(OSError, ValueError):
             pids.add(int(pid_file.read_text().strip()))
-    killed = [pid for pid in sorted(pids) if _kill_if_started_in(pid, directory)]
+    killed = [pid for pid in sorted(pids) if kill_if_started_in(pid, directory)]
     for pid in killed:
         wait_gone(pid)
     return killed
 
 
-def _kill_if_started_in(pid: int, directory: Path) -> bool:
+def kill_if_started_in(pid: int, directory: Path) -> bool:
+    """SIGKILL `pid` if it lives and its command line names `directory`; whether it did."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
