@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import wait_listening
+from helpers import start_listening
 
 QEMU = os.environ.get("KVM_SUPERVISOR_TEST_QEMU", "/usr/bin/qemu-system-x86_64")
 REPO = Path(__file__).resolve().parent.parent
@@ -77,21 +77,10 @@ def start_paused_qemu(workdir: Path, extra_args: list[str] | None = None) -> Pau
         f"unix:{hmp_path},server=on,wait=off",
         *(extra_args or []),
     ]
-    proc = subprocess.Popen(
-        args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    proc = start_listening(
+        args, [qmp_path, hmp_path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    try:
-        wait_listening([qmp_path, hmp_path], pid=proc.pid, exit_details=lambda: _stderr(proc))
-    except BaseException:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        raise
     return PausedQemu(proc, workdir, qmp_path, hmp_path, list(extra_args or []))
-
-
-def _stderr(proc: subprocess.Popen[bytes]) -> str:
-    return proc.stderr.read().decode(errors="replace") if proc.stderr else ""
 
 
 @pytest.fixture

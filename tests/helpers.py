@@ -11,10 +11,11 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 
@@ -165,3 +166,25 @@ async def await_listening(
     paths = list(paths)
     check = _listening_check(paths, pid, exit_details)
     await await_until(check, what=f"process {pid} listens on {paths}", timeout_s=timeout_s)
+
+
+def start_listening(
+    args: list[str], paths: Iterable[Path], **popen: Any
+) -> subprocess.Popen[bytes]:
+    """Start a server and wait until it listens on `paths`; it is killed if it never does.
+
+    `popen` goes to ``subprocess.Popen`` (stdin is /dev/null); with ``stderr=PIPE``, the
+    error of a server that exits first quotes its stderr.
+    """
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, **popen)
+
+    def stderr() -> str:
+        return proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+
+    try:
+        wait_listening(paths, pid=proc.pid, exit_details=stderr)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc

@@ -34,7 +34,7 @@ from benchtable import Row, format_table
 from protocols import hmp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers.py
-from helpers import wait_listening
+from helpers import start_listening
 
 QEMU = os.environ.get("KVM_SUPERVISOR_TEST_QEMU", "/usr/bin/qemu-system-x86_64")
 COMMAND = "info status"
@@ -119,14 +119,7 @@ def start_qemu(workdir: Path) -> subprocess.Popen[bytes]:
     hmp_path = workdir / "hmp.sock"
     args = [QEMU, "-S", "-nodefaults", "-display", "none", "-machine", "accel=tcg", "-m", "64"]
     args += ["-monitor", f"unix:{hmp_path},server=on,wait=off"]
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    try:
-        wait_listening([hmp_path], pid=proc.pid)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    return proc
+    return start_listening(args, [hmp_path], stdout=subprocess.DEVNULL)
 
 
 def run_rounds(path: Path) -> dict[str, list[float]]:

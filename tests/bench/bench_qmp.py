@@ -30,7 +30,7 @@ from qemu.qmp import QMPClient as ReferenceClient
 from protocols.qmp import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers.py
-from helpers import wait_listening
+from helpers import start_listening
 
 QEMU = os.environ.get("KVM_SUPERVISOR_TEST_QEMU", "/usr/bin/qemu-system-x86_64")
 ROUNDS = 9
@@ -275,7 +275,8 @@ while True:
 
 
 def start_instant_server(path: Path) -> subprocess.Popen[bytes]:
-    return start_listening([sys.executable, "-c", INSTANT_SERVER, str(path)], path)
+    args = [sys.executable, "-c", INSTANT_SERVER, str(path)]
+    return start_listening(args, [path], stdout=subprocess.DEVNULL)
 
 
 # --- driver ----------------------------------------------------------------------
@@ -285,19 +286,7 @@ def start_qemu(workdir: Path) -> subprocess.Popen[bytes]:
     qmp_path = workdir / "qmp.sock"
     args = [QEMU, "-S", "-nodefaults", "-display", "none", "-machine", "accel=tcg", "-m", "64"]
     args += ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
-    return start_listening(args, qmp_path)
-
-
-def start_listening(args: list[str], path: Path) -> subprocess.Popen[bytes]:
-    """Start a server and wait until it listens on `path` (killed if it never does)."""
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    try:
-        wait_listening([path], pid=proc.pid)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    return proc
+    return start_listening(args, [qmp_path], stdout=subprocess.DEVNULL)
 
 
 Figures = dict[str, list[float]]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,14 +27,12 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def state_dir() -> Iterator[Path]:
+def state_dir(short_tmp: Path) -> Iterator[Path]:
     """A short private state dir; any QEMU left in it is killed by pid afterwards."""
-    path = Path(tempfile.mkdtemp(prefix="kvs-", dir="/tmp"))
     try:
-        yield path
+        yield short_tmp
     finally:
-        kill_leftover_qemus(path)
-        shutil.rmtree(path, ignore_errors=True)
+        kill_leftover_qemus(short_tmp)
 
 
 @pytest.fixture
