@@ -8,12 +8,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from helpers import start_listening
 
 QEMU = os.environ.get("KVM_SUPERVISOR_TEST_QEMU", "/usr/bin/qemu-system-x86_64")
 REPO = Path(__file__).resolve().parent.parent
@@ -48,31 +48,6 @@ class PausedQemu:
             self.proc.stderr.close()
 
 
-def _listening_unix_sockets() -> set[str]:
-    """Paths of the unix sockets in listening state (/proc/net/unix flag __SO_ACCEPTCON)."""
-    listening = set()
-    with open("/proc/net/unix") as table:
-        next(table)
-        for line in table:
-            fields = line.split()
-            if len(fields) >= 8 and int(fields[3], 16) & 0x10000:
-                listening.add(fields[7])
-    return listening
-
-
-def _wait_for_sockets(paths: list[Path], proc: subprocess.Popen[bytes], deadline_s: float) -> None:
-    # QEMU creates a socket file a moment before it listens on it: wait for listening.
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise RuntimeError(f"qemu exited with {proc.returncode}: {stderr}")
-        if {str(p) for p in paths} <= _listening_unix_sockets():
-            return
-        time.sleep(0.01)
-    raise TimeoutError(f"qemu did not listen on {paths} within {deadline_s}s")
-
-
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A short temp dir: unix socket paths must fit in 108 bytes."""
@@ -103,16 +78,9 @@ def start_paused_qemu(workdir: Path, extra_args: list[str] | None = None) -> Pau
         f"unix:{hmp_path},server=on,wait=off",
         *(extra_args or []),
     ]
-    proc = subprocess.Popen(
-        args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    proc = start_listening(
+        args, [qmp_path, hmp_path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    try:
-        _wait_for_sockets([qmp_path, hmp_path], proc, 20.0)
-    except BaseException:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        raise
     return PausedQemu(proc, workdir, qmp_path, hmp_path, list(extra_args or []))
 
 

@@ -236,7 +236,8 @@ class Instance:
                 anyio.create_task_group() as tg,
             ):
                 self.qmp = session = client
-                tg.start_soon(self._pump_events, qmp_events)
+                pumped = anyio.Event()
+                tg.start_soon(self._pump_events, qmp_events, pumped)
                 if startup is not None:
                     await startup(client)
                 else:
@@ -248,12 +249,19 @@ class Instance:
                 self.monitor_ready.set()
                 task_status.started()
                 # Returns when QEMU exits, or when the monitor is lost first.
+                status: ExitStatus | None = None
                 async with anyio.create_task_group() as watch:
                     watch.start_soon(self._cancel_on_monitor_loss, client, watch.cancel_scope)
-                    # Report the exit before the QMP connection is torn down.
-                    self._handle_exit(await process.wait_exit())
-                    exited = True
+                    status = await process.wait_exit()
                     watch.cancel_scope.cancel()
+                if status is not None:
+                    # QEMU sends its last events (SHUTDOWN says why it stops) before it
+                    # exits, but its pidfd may be seen first: take them in (its monitor
+                    # connection ends right after them) before the exit is judged.
+                    with anyio.move_on_after(self.config.qmp_timeout_s):
+                        await pumped.wait()
+                    self._handle_exit(status)
+                    exited = True
                 tg.cancel_scope.cancel()
         except Exception:
             if startup is not None and not started:
@@ -295,7 +303,8 @@ class Instance:
             exit_status=None if status is None else status.code,
         ) from error
 
-    async def _pump_events(self, events: qmp.EventSubscription) -> None:
+    async def _pump_events(self, events: qmp.EventSubscription, pumped: anyio.Event) -> None:
+        """Take in QEMU's events until its monitor connection ends, then set `pumped`."""
         try:
             async for item in events:
                 if isinstance(item, qmp.EventsDropped):
@@ -308,6 +317,7 @@ class Instance:
         except qmp.ConnectionLostError:
             # QEMU closed the monitor: its exit shows through the pidfd.
             self.log.debug("qmp connection lost")
+            pumped.set()
 
     def _on_qmp_event(self, event: qmp.QMPEvent) -> None:
         self.bus.publish(make_event(self.name, f"qmp.{event.name}", event.data))
