@@ -23,6 +23,7 @@ import structlog
 from anyio.abc import TaskStatus
 
 from protocols import qmp
+from protocols.groups import sole_exception, ungrouped
 from protocols.hmp import HMPError, HMPTimeoutError, QMPHumanMonitor
 from supervisor.engine.events import EventBus, make_event
 from supervisor.host.statedir import InstancePaths
@@ -36,6 +37,7 @@ from supervisor.model.errors import (
     InvalidParams,
     MonitorError,
     OperationTimeout,
+    SupervisorError,
 )
 from supervisor.model.spec import InstanceSpec
 from supervisor.model.states import (
@@ -214,7 +216,7 @@ class Instance:
                 await self._abort_start(process, error)
         limit = self.config.start_timeout_s
         await self._abort_start(
-            process, TimeoutError(f"QEMU was not up within start_timeout_s ({limit:g} s)")
+            process, OperationTimeout(f"start of {self.name!r} (start_timeout_s)", limit)
         )
         return True
 
@@ -234,31 +236,32 @@ class Instance:
         started = exited = False
         session: qmp.QMPClient | None = None
         try:
-            async with (
-                qmp.connect(self.paths.qmp_socket, timeout=self.config.qmp_timeout_s) as client,
-                client.events(max_buffer=self.config.event_queue_size) as qmp_events,
-                anyio.create_task_group() as tg,
-            ):
-                self.qmp = session = client
-                tg.start_soon(self._pump_events, qmp_events)
-                if startup is not None:
-                    await startup(client)
-                else:
-                    await self.refresh_status()
-                await self._read_sizes(client)
-                if start_scope is not None:
-                    start_scope.deadline = math.inf
-                started = True
-                self.monitor_ready.set()
-                task_status.started()
-                # Returns when QEMU exits, or when the monitor is lost first.
-                async with anyio.create_task_group() as watch:
-                    watch.start_soon(self._cancel_on_monitor_loss, client, watch.cancel_scope)
-                    # Report the exit before the QMP connection is torn down.
-                    self._handle_exit(await process.wait_exit())
-                    exited = True
-                    watch.cancel_scope.cancel()
-                tg.cancel_scope.cancel()
+            with ungrouped():
+                async with (
+                    qmp.connect(self.paths.qmp_socket, timeout=self.config.qmp_timeout_s) as client,
+                    client.events(max_buffer=self.config.event_queue_size) as qmp_events,
+                    anyio.create_task_group() as tg,
+                ):
+                    self.qmp = session = client
+                    tg.start_soon(self._pump_events, qmp_events)
+                    if startup is not None:
+                        await startup(client)
+                    else:
+                        await self.refresh_status()
+                    await self._read_sizes(client)
+                    if start_scope is not None:
+                        start_scope.deadline = math.inf
+                    started = True
+                    self.monitor_ready.set()
+                    task_status.started()
+                    # Returns when QEMU exits, or when the monitor is lost first.
+                    async with anyio.create_task_group() as watch:
+                        watch.start_soon(self._cancel_on_monitor_loss, client, watch.cancel_scope)
+                        # Report the exit before the QMP connection is torn down.
+                        self._handle_exit(await process.wait_exit())
+                        exited = True
+                        watch.cancel_scope.cancel()
+                    tg.cancel_scope.cancel()
         except Exception:
             if startup is not None and not started:
                 raise
@@ -278,7 +281,12 @@ class Instance:
         scope.cancel()
 
     async def _abort_start(self, process: QemuProcess, error: BaseException) -> None:
-        """Kill a QEMU whose start failed and raise `HypervisorError` explaining why."""
+        """Kill a QEMU whose start failed and raise the `SupervisorError` saying why.
+
+        QEMU's errors are `MonitorError` (5), its silence `OperationTimeout` (6), a
+        field at fault `InvalidConfigError` (7), and anything else, QEMU's death
+        included, `HypervisorError` (4) with the tail of its output.
+        """
         with anyio.CancelScope(shield=True):
             if process.is_alive():
                 process.kill()
@@ -286,15 +294,20 @@ class Instance:
                 await process.wait_exit()
             self._exit_reason = "start-failed"
             self._handle_exit(process.exit_status or ExitStatus(code=None, signal=None))
-        if isinstance(error, HypervisorError | InvalidConfigError):
+        error = sole_exception(error)
+        if isinstance(error, SupervisorError):
             raise error
+        during = f"during the start of {self.name!r}"
         if isinstance(error, qmp.ExecuteError):
-            cause = f"{error.command}: {error.desc}"
-        else:
-            cause = str(error) or type(error).__name__
+            raise MonitorError(
+                error.error_class, f"{error.command} {during}: {error.desc}"
+            ) from error
+        if isinstance(error, qmp.QMPTimeoutError):
+            what = "QMP handshake" if error.command is None else error.command
+            raise OperationTimeout(f"{what} {during}", error.timeout) from error
         status = process.exit_status
         raise HypervisorError(
-            f"QEMU of {self.name!r} failed to start: {cause}",
+            f"QEMU of {self.name!r} failed to start: {str(error) or type(error).__name__}",
             stderr=process.stderr_tail(),
             exit_status=None if status is None else status.code,
         ) from error

@@ -23,6 +23,7 @@ from typing import Any
 import anyio
 import structlog
 
+from protocols.groups import ungrouped
 from supervisor import __version__
 from supervisor.engine.events import EventBus, Subscription
 from supervisor.engine.instance import Instance, backoff_delay, recent_crashes
@@ -68,33 +69,26 @@ class Supervisor(anyio.AsyncContextManagerMixin):
     @asynccontextmanager
     async def __asynccontextmanager__(self) -> AsyncGenerator[Supervisor, None]:
         self.state_dir.acquire()
-        body_error: BaseException | None = None
         try:
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                self._load_definitions()
-                await self._adopt_all()
-                self._recover_uid_leases()
-                await self._autostart()
-                try:
-                    yield self
-                except anyio.get_cancelled_exc_class():
-                    raise
-                except BaseException as error:
-                    # The task group would wrap the body's exception in an exception
-                    # group; the supervisor's own tasks never raise, so it leaves bare.
-                    body_error = error
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        if self.config.shutdown_on_exit:
-                            await self._stop_all()
-                    self.bus.close_all()
-                    tg.cancel_scope.cancel()
+            # The supervisor's own tasks never raise: an error of the body leaves bare.
+            with ungrouped():
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    self._load_definitions()
+                    await self._adopt_all()
+                    self._recover_uid_leases()
+                    await self._autostart()
+                    try:
+                        yield self
+                    finally:
+                        with anyio.CancelScope(shield=True):
+                            if self.config.shutdown_on_exit:
+                                await self._stop_all()
+                        self.bus.close_all()
+                        tg.cancel_scope.cancel()
         finally:
             self._tg = None
             self.state_dir.release()
-        if body_error is not None:
-            raise body_error
 
     # -- registry --------------------------------------------------------------------
 
@@ -266,7 +260,8 @@ class Supervisor(anyio.AsyncContextManagerMixin):
                 self.launcher.release_record(record)
                 raise
             try:
-                await self._tg.start(self._run, instance, process, paused)
+                with ungrouped():
+                    await self._tg.start(self._run, instance, process, paused)
             except SupervisorError:
                 raise
             except Exception as error:  # a bug must not take the daemon down
