@@ -147,11 +147,15 @@ class Instance:
         """Run one operation at a time on this instance.
 
         A second operation waits up to `BUSY_WAIT_S` for the first (so back-to-back
-        calls just queue), then gets `Busy`.
+        calls just queue), then gets `Busy` and holds nothing. Ownership is what
+        ``acquire`` returned, never guessed from the lock's state afterwards: the lock
+        may have passed to a third task that has not run yet.
         """
+        acquired = False
         with anyio.move_on_after(BUSY_WAIT_S):
             await self._operation_lock.acquire()
-        if not self._operation_lock.locked() or self._operation is not None:
+            acquired = True
+        if not acquired:
             raise Busy(self.name, self._operation or "another operation")
         self._operation = what
         try:

@@ -32,12 +32,14 @@ from supervisor.host.statedir import StateDir
 from supervisor.model.api import InstanceInfo, InstanceSummary
 from supervisor.model.config import Config, instance_file, instance_files, load_instance_file
 from supervisor.model.errors import (
+    Busy,
     HypervisorError,
     InstanceExists,
     InstanceNotFound,
     InstanceNotRunning,
     InvalidConfigError,
     SupervisorError,
+    host_io_errors,
 )
 from supervisor.model.spec import InstanceSpec
 from supervisor.model.states import InstanceState
@@ -288,38 +290,48 @@ class Supervisor(anyio.AsyncContextManagerMixin):
             path = instance_file(self.config.instances_dir, name)
             if not path.exists():
                 raise InstanceNotFound(name)
-        registered = name in self._instances
         instance = self._instance(name, create=True)
-        previous_record = instance.record
-        try:
-            async with instance.operation("start"):
-                if instance.alive:
-                    raise InstanceExists(name, "is already running")
-                if spec is None:
-                    spec = self._reload_definition(instance)
-                    if spec is None and previous_record is not None:
-                        spec = previous_record.spec
+        async with instance.operation("start"):
+            # Only the holder of the lock reads or rolls back anything: a caller that gets
+            # `Busy` touches nothing. A failed start may have dropped the instance while
+            # this one waited: it is known again now.
+            if self._instances.setdefault(name, instance) is not instance:
+                raise Busy(name, "start")
+            previous_record = instance.record
+            try:
+                with host_io_errors(f"start of {name!r}", instance.paths.directory):
+                    if instance.alive:
+                        raise InstanceExists(name, "is already running")
                     if spec is None:
-                        raise InstanceNotFound(name)
-                known_uuid = previous_record.spec.uuid if previous_record is not None else None
-                record = await self.launcher.prepare(instance, spec, known_uuid=known_uuid)
-                await self._launch(instance, record, paused=paused)
-        except SupervisorError:
-            if not instance.alive:
-                self._roll_back_start(instance, previous_record, registered=registered)
-            raise
+                        spec = self._reload_definition(instance)
+                        if spec is None and previous_record is not None:
+                            spec = previous_record.spec
+                        if spec is None:
+                            raise InstanceNotFound(name)
+                    known_uuid = previous_record.spec.uuid if previous_record else None
+                    record = await self.launcher.prepare(instance, spec, known_uuid=known_uuid)
+                    await self._launch(instance, record, paused=paused)
+            except SupervisorError:
+                if not instance.alive:
+                    self._roll_back_start(instance, previous_record)
+                raise
         return instance.info()
 
-    def _roll_back_start(
-        self, instance: Instance, previous: RuntimeRecord | None, *, registered: bool
-    ) -> None:
-        """Leave no trace of a failed start: the earlier record, or no instance at all."""
+    def _roll_back_start(self, instance: Instance, previous: RuntimeRecord | None) -> None:
+        """Leave no trace of a failed start: the earlier record, or no instance at all.
+
+        Runs while the start's error is on its way to the caller: a host failure here
+        (the disk that made the start fail) is logged, never raised in its place.
+        """
         instance.record = previous
-        if previous is not None:
-            save_record(instance.paths.runtime_record, previous)
-            return
-        self.launcher.forget(instance)
-        if not registered and instance.definition is None:
+        try:
+            if previous is not None:
+                save_record(instance.paths.runtime_record, previous)
+                return
+            self.launcher.forget(instance)
+        except OSError as error:
+            instance.log.error("roll-back of a failed start incomplete", error=str(error))
+        if instance.definition is None and self._instances.get(instance.name) is instance:
             del self._instances[instance.name]
 
     async def stop(
@@ -336,14 +348,16 @@ class Supervisor(anyio.AsyncContextManagerMixin):
     async def reboot(self, name: str) -> InstanceInfo:
         """Stop, then start again from the saved runtime record (same uuid, same argv)."""
         instance = self._instance(name)
-        record = instance.record
-        if record is None or not instance.alive:
-            raise InstanceNotRunning(name, str(instance.state))
-        paused = instance.state == S.PAUSED
         async with instance.operation("reboot"):
+            # Read under the lock: a stop that ran first has the last word.
+            record = instance.record
+            if record is None or not instance.alive:
+                raise InstanceNotRunning(name, str(instance.state))
+            paused = instance.state == S.PAUSED
             await instance.stop(force=False, timeout_s=self.config.stop_timeout_s)
-            record = self.launcher.renew(record)
-            await self._launch(instance, record, paused=paused)
+            with host_io_errors(f"reboot of {name!r}", instance.paths.directory):
+                record = self.launcher.renew(record)
+                await self._launch(instance, record, paused=paused)
         return instance.info()
 
     async def pause(self, name: str) -> InstanceInfo:
@@ -375,8 +389,9 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         async with instance.operation("cleanup"):
             if instance.alive:
                 raise InstanceExists(name, "is running: stop it first")
-            self.launcher.release(instance)
-            self.launcher.forget(instance)
+            with host_io_errors(f"cleanup of {name!r}", instance.paths.directory):
+                self.launcher.release(instance)
+                self.launcher.forget(instance)
             instance.record = None
             if not instance_file(self.config.instances_dir, name).exists():
                 del self._instances[name]
