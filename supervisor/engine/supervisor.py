@@ -257,7 +257,7 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         assert self._tg is not None
         with anyio.CancelScope(shield=True):
             try:
-                process = self.launcher.launch(instance, record)
+                process = await self.launcher.launch(instance, record)
             except BaseException:
                 self.launcher.release_record(record)
                 raise
