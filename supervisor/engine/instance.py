@@ -35,6 +35,7 @@ from supervisor.model.errors import (
     InstanceNotRunning,
     InvalidConfigError,
     InvalidParams,
+    MigrationError,
     MonitorError,
     OperationTimeout,
     SupervisorError,
@@ -64,6 +65,14 @@ REFUSED_QMP_COMMANDS = {
     "balloon": "instance.balloon",
     "qmp_capabilities": "(already negotiated)",
     "human-monitor-command": "instance.monitor",
+}
+
+#: QEMU run states in which ``cont`` must not be sent, and why.
+NOT_RESUMABLE = {
+    # QEMU would run a guest that now lives on the migration target: two copies.
+    "postmigrate": "it was migrated away and runs on the target now",
+    "finish-migrate": "it is finishing a migration",
+    "inmigrate": "it waits for an incoming migration",
 }
 
 MIB = 1024 * 1024
@@ -102,7 +111,7 @@ class Instance:
         self.log = structlog.get_logger("supervisor.engine.instance").bind(instance=name)
         self.definition: InstanceSpec | None = None
         self.record: RuntimeRecord | None = None
-        self.state = S.STOPPED
+        self._state = S.STOPPED
         self.reason: str | None = None
         self.process: QemuProcess | None = None
         self.qmp: qmp.QMPClient | None = None
@@ -124,17 +133,31 @@ class Instance:
 
     # -- state ---------------------------------------------------------------------------
 
-    def set_state(self, new: InstanceState, reason: str, **details: Any) -> None:
-        """Change state and publish ``instance.state`` (a no-op for an illegal change)."""
-        previous = self.state
-        if new == previous or not can_transition(previous, new):
-            return
-        self.state = new
-        self._publish_state(previous, reason, **details)
+    @property
+    def state(self) -> InstanceState:
+        """The current state; it changes only through `set_state`."""
+        return self._state
 
-    def _publish_state(self, previous: InstanceState, reason: str, **details: Any) -> None:
+    def set_state(self, new: InstanceState, reason: str, **details: Any) -> None:
+        """Change state as the table allows and publish ``instance.state``.
+
+        Setting the current state again does nothing; a move the table does not list is
+        refused and logged as an error (a bug: the table or the caller is wrong).
+        """
+        previous = self._state
+        if new == previous:
+            return
+        if not can_transition(previous, new):
+            self.log.error(
+                "illegal state change refused",
+                previous=str(previous),
+                state=str(new),
+                reason=reason,
+            )
+            return
+        self._state = new
         self.reason = reason
-        data = {"state": str(self.state), "previous": str(previous), "reason": reason, **details}
+        data = {"state": str(new), "previous": str(previous), "reason": reason, **details}
         self.log.info("state", **data)
         self.bus.publish(make_event(self.name, "instance.state", data))
 
@@ -364,10 +387,11 @@ class Instance:
         client = self.require_running() if self.qmp is None else self.qmp
         result = await client.execute("query-status")
         self.qemu_status = str(result["status"])
-        wanted = state_for_qemu_status(self.qemu_status)
-        if self.state in TERMINAL or self.state == S.STARTING:
+        if self.state == S.STOPPING:
+            return self.qemu_status  # the stop in progress decides what comes next
+        if self.state in TERMINAL:
             self.set_state(S.STARTING, "adopted")
-        self.set_state(wanted, "adopted")
+        self.set_state(state_for_qemu_status(self.qemu_status), "adopted")
         return self.qemu_status
 
     def _handle_exit(self, status: ExitStatus) -> None:
@@ -416,8 +440,7 @@ class Instance:
         call is cancelled before QEMU exits, the instance returns to QEMU's state.
         """
         if self.state == S.CRASHED:
-            self.state, previous = S.STOPPED, self.state
-            self._publish_state(previous, "stop requested")
+            self.set_state(S.STOPPED, "stop requested")
             return
         if not self.alive or self.process is None:
             return
@@ -450,8 +473,7 @@ class Instance:
             if not self._exited.is_set() and self.state == S.STOPPING:
                 self._exit_reason = None
                 running = self.qemu_status == "running"
-                self.state = S.RUNNING if running else S.PAUSED
-                self._publish_state(S.STOPPING, "stop abandoned")
+                self.set_state(S.RUNNING if running else S.PAUSED, "stop abandoned")
 
     async def pause(self) -> None:
         client = self.require_running()
@@ -460,7 +482,16 @@ class Instance:
         self.set_state(S.PAUSED, "paused")
 
     async def resume(self) -> None:
+        """``cont``, unless QEMU's guest is (being) migrated: `MigrationError` then."""
         client = self.require_running()
+        status = str((await self._execute(client, "query-status"))["status"])
+        if status in NOT_RESUMABLE:
+            raise MigrationError(
+                f"instance {self.name!r} cannot be resumed: {NOT_RESUMABLE[status]} "
+                f"(QEMU status {status})",
+                name=self.name,
+                qemu_status=status,
+            )
         await self._execute(client, "cont")
         self.qemu_status = "running"
         self.set_state(S.RUNNING, "resumed")
