@@ -46,6 +46,7 @@ from supervisor.model.states import (
     TERMINAL,
     InstanceState,
     can_transition,
+    exit_for_shutdown,
     state_for_qemu_status,
 )
 from supervisor.qemu.process import ExitStatus, QemuProcess
@@ -129,7 +130,7 @@ class Instance:
         #: Set once this run's monitor has answered (state, sizes known).
         self.monitor_ready = anyio.Event()
         self._exit_reason: str | None = None
-        self._shutdown_reason: str | None = None
+        self._shutdown_cause: str | None = None
 
     # -- state ---------------------------------------------------------------------------
 
@@ -216,7 +217,7 @@ class Instance:
         self._exited = anyio.Event()
         self.monitor_ready = anyio.Event()
         self._exit_reason = None
-        self._shutdown_reason = None
+        self._shutdown_cause = None
         exited = await self._first_session(process, startup, task_status)
         while not exited:  # the monitor went away, QEMU did not
             with anyio.move_on_after(MONITOR_RETRY_S):
@@ -365,8 +366,7 @@ class Instance:
                 self.set_state(S.RUNNING, "resumed" if self.state == S.PAUSED else "started")
         elif event.name == "SHUTDOWN":
             self.qemu_status = "shutdown"
-            guest = bool(event.data.get("guest"))
-            self._shutdown_reason = "guest-shutdown" if guest else str(event.data.get("reason"))
+            self._shutdown_cause = str(event.data.get("reason"))
         elif event.name == "BALLOON_CHANGE":
             self.memory_seen_mib = int(event.data["actual"]) // MIB
         elif event.name == "GUEST_PANICKED":
@@ -406,16 +406,14 @@ class Instance:
             details["signal"] = status.signal
         if self._exit_reason is not None:
             new, reason = S.STOPPED, self._exit_reason
-        elif self._shutdown_reason == "guest-shutdown":
-            new, reason = S.STOPPED, "guest-shutdown"
-        elif self._shutdown_reason is not None:
-            # QEMU was told to quit: a monitor `quit`, a signal, its UI.
-            new, reason = S.STOPPED, "host-powerdown"
-            details["qemu_reason"] = self._shutdown_reason
+        elif self._shutdown_cause is not None:
+            new, reason = exit_for_shutdown(self._shutdown_cause)
+            details["qemu_reason"] = self._shutdown_cause
         else:
             new, reason = S.CRASHED, "crashed"
             if not status.known:
                 details["exit_status"] = None
+        if new == S.CRASHED:
             self.crash_history.append(time.monotonic())
         if self.on_exit is not None:
             try:

@@ -61,3 +61,29 @@ _QEMU_STATUSES = {
     "finish-migrate": S.MIGRATING,
     "shutdown": S.STOPPING,
 }
+
+
+def exit_for_shutdown(cause: str) -> tuple[InstanceState, str]:
+    """The state and reason of a QEMU exit that followed a SHUTDOWN event with `cause`.
+
+    The reasons (README, "Events") say who ended the run: the guest (``guest-shutdown``,
+    ``guest-reset`` with ``reboot_behavior = "exit"``), QEMU's own failure or the guest's
+    panic (crashed: the restart policy applies), or someone on the host going round the
+    supervisor (``quit`` over QMP, a ``signal``, the ``ui``, a ``reset`` with
+    ``-no-reboot``). A cause this table does not know (a later QEMU's) is ``shutdown``.
+    """
+    return _SHUTDOWN_CAUSES.get(cause, (S.STOPPED, "shutdown"))
+
+
+_SHUTDOWN_CAUSES = {
+    "guest-shutdown": (S.STOPPED, "guest-shutdown"),
+    "guest-reset": (S.STOPPED, "guest-reset"),
+    "guest-panic": (S.CRASHED, "guest-panic"),
+    "host-error": (S.CRASHED, "host-error"),
+    "host-qmp-quit": (S.STOPPED, "quit"),
+    "host-signal": (S.STOPPED, "signal"),
+    "host-ui": (S.STOPPED, "ui"),
+    "host-qmp-system-reset": (S.STOPPED, "reset"),
+    "subsystem-reset": (S.STOPPED, "reset"),
+    "snapshot-load": (S.STOPPED, "reset"),
+}
