@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import grp
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -41,7 +41,7 @@ from supervisor.model.errors import (
     SupervisorError,
     host_io_errors,
 )
-from supervisor.model.spec import InstanceSpec
+from supervisor.model.spec import InstanceSpec, decode_spec
 from supervisor.model.states import InstanceState
 from supervisor.qemu.process import QemuProcess, adopt
 from supervisor.qemu.runtime import RuntimeRecord, load_record, save_record
@@ -273,17 +273,26 @@ class Supervisor(anyio.AsyncContextManagerMixin):
     # -- operations (API.md §3) ----------------------------------------------------------
 
     async def start(
-        self, spec: InstanceSpec | None = None, *, name: str | None = None, paused: bool = False
+        self,
+        spec: InstanceSpec | Mapping[str, Any] | None = None,
+        *,
+        name: str | None = None,
+        paused: bool = False,
     ) -> InstanceInfo:
         """Start an instance from `spec`, or the defined instance `name`.
 
-        Returns once QEMU runs (or is paused). Raises `InstanceExists` when it is
-        already running, `InvalidConfigError` for a bad spec and `HypervisorError`
-        when QEMU fails to start (everything is rolled back).
+        `spec` is an `InstanceSpec` or a plain mapping of its fields (parsed JSON or
+        TOML), decoded as ``instance.start`` decodes its ``spec``: `InvalidParams`
+        names the field (``spec.disks[1].path``). Returns once QEMU runs (or is
+        paused). Raises `InstanceExists` when it is already running,
+        `InvalidConfigError` for a bad spec, `MonitorError`, `OperationTimeout` or
+        `HypervisorError` when QEMU fails to start (everything is rolled back).
         """
         if (spec is None) == (name is None):
             raise InvalidConfigError("spec", "give exactly one of spec or name")
         if spec is not None:
+            if not isinstance(spec, InstanceSpec):
+                spec = decode_spec(spec)
             name = spec.name
         assert name is not None
         if spec is None and name not in self._instances:
