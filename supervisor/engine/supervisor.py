@@ -336,11 +336,12 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         try:
             if previous is not None:
                 save_record(instance.paths.runtime_record, previous)
-                return
-            self.launcher.forget(instance)
+            else:
+                self.launcher.forget(instance)
         except OSError as error:
             instance.log.error("roll-back of a failed start incomplete", error=str(error))
-        if instance.definition is None and self._instances.get(instance.name) is instance:
+        known = previous is not None or instance.definition is not None
+        if not known and self._instances.get(instance.name) is instance:
             del self._instances[instance.name]
 
     async def stop(
