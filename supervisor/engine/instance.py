@@ -81,6 +81,9 @@ MIB = 1024 * 1024
 #: How soon a lost monitor connection to a live QEMU is tried again.
 MONITOR_RETRY_S = 2.0
 
+#: How long an exit waits for QEMU's last events (the SHUTDOWN that says why).
+DRAIN_S = 2.0
+
 #: How long an operation waits for the one in progress before it gets `Busy`.
 BUSY_WAIT_S = 5.0
 
@@ -271,7 +274,8 @@ class Instance:
                     anyio.create_task_group() as tg,
                 ):
                     self.qmp = session = client
-                    tg.start_soon(self._pump_events, qmp_events)
+                    pumped = anyio.Event()
+                    tg.start_soon(self._pump_events, qmp_events, pumped)
                     if startup is not None:
                         await startup(client)
                     else:
@@ -285,8 +289,13 @@ class Instance:
                     # Returns when QEMU exits, or when the monitor is lost first.
                     async with anyio.create_task_group() as watch:
                         watch.start_soon(self._cancel_on_monitor_loss, client, watch.cancel_scope)
-                        # Report the exit before the QMP connection is torn down.
-                        self._handle_exit(await process.wait_exit())
+                        # Report the exit before the QMP connection is torn down, and
+                        # after QEMU's last events (SHUTDOWN says why it went): they are
+                        # read up to the connection's end, which comes with the exit.
+                        status = await process.wait_exit()
+                        with anyio.CancelScope(shield=True), anyio.move_on_after(DRAIN_S):
+                            await pumped.wait()
+                        self._handle_exit(status)
                         exited = True
                         watch.cancel_scope.cancel()
                     tg.cancel_scope.cancel()
@@ -340,7 +349,8 @@ class Instance:
             exit_status=None if status is None else status.code,
         ) from error
 
-    async def _pump_events(self, events: qmp.EventSubscription) -> None:
+    async def _pump_events(self, events: qmp.EventSubscription, done: anyio.Event) -> None:
+        """Feed QEMU's events to the state machine and the bus; `done` once they end."""
         try:
             async for item in events:
                 if isinstance(item, qmp.EventsDropped):
@@ -353,6 +363,8 @@ class Instance:
         except qmp.ConnectionLostError:
             # QEMU closed the monitor: its exit shows through the pidfd.
             self.log.debug("qmp connection lost")
+        finally:
+            done.set()
 
     def _on_qmp_event(self, event: qmp.QMPEvent) -> None:
         self.bus.publish(make_event(self.name, f"qmp.{event.name}", event.data))

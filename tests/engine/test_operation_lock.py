@@ -127,8 +127,10 @@ async def test_a_busy_start_touches_nothing(
 
 @pytest.mark.guest
 async def test_a_reboot_queued_behind_a_stop_finds_the_instance_stopped(
-    config: Config, state_dir: Path
+    config: Config, state_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The reboot waits for the stop however long a loaded machine makes that.
+    monkeypatch.setattr(instance_module, "BUSY_WAIT_S", 300)
     async with Supervisor(config) as sup, sup.events(kinds=["instance.state"]) as events:
         info = await sup.start(guest_spec("vm"))  # not booted yet: ACPI goes unanswered
         assert info.pid is not None
