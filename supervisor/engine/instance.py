@@ -22,6 +22,7 @@ import msgspec
 from anyio.abc import TaskStatus
 
 from protocols import qmp
+from protocols.groups import sole_exception, ungrouped
 from protocols.hmp import HMPCommandError, HMPError, HMPTimeoutError, QMPHumanMonitor
 from supervisor.engine.events import EventBus, make_event
 from supervisor.engine.monitor_commands import (
@@ -41,8 +42,10 @@ from supervisor.model.errors import (
     InstanceNotRunning,
     InvalidConfigError,
     InvalidParams,
+    MigrationError,
     MonitorError,
     OperationTimeout,
+    SupervisorError,
 )
 from supervisor.model.spec import InstanceSpec
 from supervisor.model.states import (
@@ -50,12 +53,21 @@ from supervisor.model.states import (
     TERMINAL,
     InstanceState,
     can_transition,
+    exit_for_shutdown,
     state_for_qemu_status,
 )
 from supervisor.qemu.process import ExitStatus, QemuProcess
 from supervisor.qemu.runtime import RuntimeRecord
 
 S = InstanceState
+
+#: QEMU run states in which ``cont`` must not be sent, and why.
+NOT_RESUMABLE = {
+    # QEMU would run a guest that now lives on the migration target: two copies.
+    "postmigrate": "it was migrated away and runs on the target now",
+    "finish-migrate": "it is finishing a migration",
+    "inmigrate": "it waits for an incoming migration",
+}
 
 MIB = 1024 * 1024
 
@@ -64,6 +76,9 @@ _WITHHELD = "failed (QEMU's message is withheld: it may quote an argument)"
 
 #: How soon a lost monitor connection to a live QEMU is tried again.
 MONITOR_RETRY_S = 2.0
+
+#: How long an exit waits for QEMU's last events (the SHUTDOWN that says why).
+DRAIN_S = 2.0
 
 #: How long an operation waits for the one in progress before it gets `Busy`.
 BUSY_WAIT_S = 5.0
@@ -96,7 +111,7 @@ class Instance:
         self.log = get_logger(__name__).bind(instance=name)
         self.definition: InstanceSpec | None = None
         self.record: RuntimeRecord | None = None
-        self.state = S.STOPPED
+        self._state = S.STOPPED
         self.reason: str | None = None
         self.process: QemuProcess | None = None
         self.qmp: qmp.QMPClient | None = None
@@ -114,21 +129,35 @@ class Instance:
         #: Set once this run's monitor has answered (state, sizes known).
         self.monitor_ready = anyio.Event()
         self._exit_reason: str | None = None
-        self._shutdown_reason: str | None = None
+        self._shutdown_cause: str | None = None
 
     # -- state ---------------------------------------------------------------------------
 
-    def set_state(self, new: InstanceState, reason: str, **details: Any) -> None:
-        """Change state and publish ``instance.state`` (a no-op for an illegal change)."""
-        previous = self.state
-        if new == previous or not can_transition(previous, new):
-            return
-        self.state = new
-        self._publish_state(previous, reason, **details)
+    @property
+    def state(self) -> InstanceState:
+        """The current state; it changes only through `set_state`."""
+        return self._state
 
-    def _publish_state(self, previous: InstanceState, reason: str, **details: Any) -> None:
+    def set_state(self, new: InstanceState, reason: str, **details: Any) -> None:
+        """Change state as the table allows and publish ``instance.state``.
+
+        Setting the current state again does nothing; a move the table does not list is
+        refused and logged as an error (a bug: the table or the caller is wrong).
+        """
+        previous = self._state
+        if new == previous:
+            return
+        if not can_transition(previous, new):
+            self.log.error(
+                "illegal state change refused",
+                previous=str(previous),
+                state=str(new),
+                reason=reason,
+            )
+            return
+        self._state = new
         self.reason = reason
-        data = {"state": str(self.state), "previous": str(previous), "reason": reason, **details}
+        data = {"state": str(new), "previous": str(previous), "reason": reason, **details}
         self.log.info("state", **data)
         self.bus.publish(make_event(self.name, "instance.state", data))
 
@@ -141,11 +170,15 @@ class Instance:
         """Run one operation at a time on this instance.
 
         A second operation waits up to `BUSY_WAIT_S` for the first (so back-to-back
-        calls just queue), then gets `Busy`.
+        calls just queue), then gets `Busy` and holds nothing. Ownership is what
+        ``acquire`` returned, never guessed from the lock's state afterwards: the lock
+        may have passed to a third task that has not run yet.
         """
+        acquired = False
         with anyio.move_on_after(BUSY_WAIT_S):
             await self._operation_lock.acquire()
-        if not self._operation_lock.locked() or self._operation is not None:
+            acquired = True
+        if not acquired:
             raise Busy(self.name, self._operation or "another operation")
         self._operation = what
         try:
@@ -183,7 +216,7 @@ class Instance:
         self._exited = anyio.Event()
         self.monitor_ready = anyio.Event()
         self._exit_reason = None
-        self._shutdown_reason = None
+        self._shutdown_cause = None
         exited = await self._first_session(process, startup, task_status)
         while not exited:  # the monitor went away, QEMU did not
             with anyio.move_on_after(MONITOR_RETRY_S):
@@ -210,7 +243,7 @@ class Instance:
                 await self._abort_start(process, error)
         limit = self.config.start_timeout_s
         await self._abort_start(
-            process, TimeoutError(f"QEMU was not up within start_timeout_s ({limit:g} s)")
+            process, OperationTimeout(f"start of {self.name!r} (start_timeout_s)", limit)
         )
         return True
 
@@ -230,39 +263,38 @@ class Instance:
         started = exited = False
         session: qmp.QMPClient | None = None
         try:
-            async with (
-                qmp.connect(self.paths.qmp_socket, timeout=self.config.qmp_timeout_s) as client,
-                client.events(max_buffer=self.config.event_queue_size) as qmp_events,
-                anyio.create_task_group() as tg,
-            ):
-                self.qmp = session = client
-                pumped = anyio.Event()
-                tg.start_soon(self._pump_events, qmp_events, pumped)
-                if startup is not None:
-                    await startup(client)
-                else:
-                    await self.refresh_status()
-                await self._read_sizes(client)
-                if start_scope is not None:
-                    start_scope.deadline = math.inf
-                started = True
-                self.monitor_ready.set()
-                task_status.started()
-                # Returns when QEMU exits, or when the monitor is lost first.
-                status: ExitStatus | None = None
-                async with anyio.create_task_group() as watch:
-                    watch.start_soon(self._cancel_on_monitor_loss, client, watch.cancel_scope)
-                    status = await process.wait_exit()
-                    watch.cancel_scope.cancel()
-                if status is not None:
-                    # QEMU sends its last events (SHUTDOWN says why it stops) before it
-                    # exits, but its pidfd may be seen first: take them in (its monitor
-                    # connection ends right after them) before the exit is judged.
-                    with anyio.move_on_after(self.config.qmp_timeout_s):
-                        await pumped.wait()
-                    self._handle_exit(status)
-                    exited = True
-                tg.cancel_scope.cancel()
+            with ungrouped():
+                async with (
+                    qmp.connect(self.paths.qmp_socket, timeout=self.config.qmp_timeout_s) as client,
+                    client.events(max_buffer=self.config.event_queue_size) as qmp_events,
+                    anyio.create_task_group() as tg,
+                ):
+                    self.qmp = session = client
+                    pumped = anyio.Event()
+                    tg.start_soon(self._pump_events, qmp_events, pumped)
+                    if startup is not None:
+                        await startup(client)
+                    else:
+                        await self.refresh_status()
+                    await self._read_sizes(client)
+                    if start_scope is not None:
+                        start_scope.deadline = math.inf
+                    started = True
+                    self.monitor_ready.set()
+                    task_status.started()
+                    # Returns when QEMU exits, or when the monitor is lost first.
+                    async with anyio.create_task_group() as watch:
+                        watch.start_soon(self._cancel_on_monitor_loss, client, watch.cancel_scope)
+                        # Report the exit before the QMP connection is torn down, and
+                        # after QEMU's last events (SHUTDOWN says why it went): they are
+                        # read up to the connection's end, which comes with the exit.
+                        status = await process.wait_exit()
+                        with anyio.CancelScope(shield=True), anyio.move_on_after(DRAIN_S):
+                            await pumped.wait()
+                        self._handle_exit(status)
+                        exited = True
+                        watch.cancel_scope.cancel()
+                    tg.cancel_scope.cancel()
         except Exception:
             if startup is not None and not started:
                 raise
@@ -282,7 +314,12 @@ class Instance:
         scope.cancel()
 
     async def _abort_start(self, process: QemuProcess, error: BaseException) -> None:
-        """Kill a QEMU whose start failed and raise `HypervisorError` explaining why."""
+        """Kill a QEMU whose start failed and raise the `SupervisorError` saying why.
+
+        QEMU's errors are `MonitorError` (5), its silence `OperationTimeout` (6), a
+        field at fault `InvalidConfigError` (7), and anything else, QEMU's death
+        included, `HypervisorError` (4) with the tail of its output.
+        """
         with anyio.CancelScope(shield=True):
             if process.is_alive():
                 process.kill()
@@ -290,21 +327,25 @@ class Instance:
                 await process.wait_exit()
             self._exit_reason = "start-failed"
             self._handle_exit(process.exit_status or ExitStatus(code=None, signal=None))
-        if isinstance(error, HypervisorError | InvalidConfigError):
+        error = sole_exception(error)
+        if isinstance(error, SupervisorError):
             raise error
+        during = f"during the start of {self.name!r}"
         if isinstance(error, qmp.ExecuteError):
-            cause = _execute_error_text(error)
-        else:
-            cause = str(error) or type(error).__name__
+            detail = _execute_error_text(error)
+            raise MonitorError(error.error_class, f"{detail} ({during})") from error
+        if isinstance(error, qmp.QMPTimeoutError):
+            what = "QMP handshake" if error.command is None else error.command
+            raise OperationTimeout(f"{what} {during}", error.timeout) from error
         status = process.exit_status
         raise HypervisorError(
-            f"QEMU of {self.name!r} failed to start: {cause}",
+            f"QEMU of {self.name!r} failed to start: {str(error) or type(error).__name__}",
             stderr=process.stderr_tail(),
             exit_status=None if status is None else status.code,
         ) from error
 
-    async def _pump_events(self, events: qmp.EventSubscription, pumped: anyio.Event) -> None:
-        """Take in QEMU's events until its monitor connection ends, then set `pumped`."""
+    async def _pump_events(self, events: qmp.EventSubscription, done: anyio.Event) -> None:
+        """Feed QEMU's events to the state machine and the bus; `done` once they end."""
         try:
             async for item in events:
                 if isinstance(item, qmp.EventsDropped):
@@ -317,7 +358,8 @@ class Instance:
         except qmp.ConnectionLostError:
             # QEMU closed the monitor: its exit shows through the pidfd.
             self.log.debug("qmp connection lost")
-            pumped.set()
+        finally:
+            done.set()
 
     def _on_qmp_event(self, event: qmp.QMPEvent) -> None:
         self.bus.publish(make_event(self.name, f"qmp.{event.name}", event.data))
@@ -331,8 +373,7 @@ class Instance:
                 self.set_state(S.RUNNING, "resumed" if self.state == S.PAUSED else "started")
         elif event.name == "SHUTDOWN":
             self.qemu_status = "shutdown"
-            guest = bool(event.data.get("guest"))
-            self._shutdown_reason = "guest-shutdown" if guest else str(event.data.get("reason"))
+            self._shutdown_cause = str(event.data.get("reason"))
         elif event.name == "BALLOON_CHANGE":
             self.memory_seen_mib = int(event.data["actual"]) // MIB
         elif event.name == "GUEST_PANICKED":
@@ -353,10 +394,11 @@ class Instance:
         client = self.require_running() if self.qmp is None else self.qmp
         result = await client.execute("query-status")
         self.qemu_status = str(result["status"])
-        wanted = state_for_qemu_status(self.qemu_status)
-        if self.state in TERMINAL or self.state == S.STARTING:
+        if self.state == S.STOPPING:
+            return self.qemu_status  # the stop in progress decides what comes next
+        if self.state in TERMINAL:
             self.set_state(S.STARTING, "adopted")
-        self.set_state(wanted, "adopted")
+        self.set_state(state_for_qemu_status(self.qemu_status), "adopted")
         return self.qemu_status
 
     def _handle_exit(self, status: ExitStatus) -> None:
@@ -371,16 +413,14 @@ class Instance:
             details["signal"] = status.signal
         if self._exit_reason is not None:
             new, reason = S.STOPPED, self._exit_reason
-        elif self._shutdown_reason == "guest-shutdown":
-            new, reason = S.STOPPED, "guest-shutdown"
-        elif self._shutdown_reason is not None:
-            # QEMU was told to quit: a monitor `quit`, a signal, its UI.
-            new, reason = S.STOPPED, "host-powerdown"
-            details["qemu_reason"] = self._shutdown_reason
+        elif self._shutdown_cause is not None:
+            new, reason = exit_for_shutdown(self._shutdown_cause)
+            details["qemu_reason"] = self._shutdown_cause
         else:
             new, reason = S.CRASHED, "crashed"
             if not status.known:
                 details["exit_status"] = None
+        if new == S.CRASHED:
             self.crash_history.append(time.monotonic())
         if self.on_exit is not None:
             try:
@@ -405,8 +445,7 @@ class Instance:
         call is cancelled before QEMU exits, the instance returns to QEMU's state.
         """
         if self.state == S.CRASHED:
-            self.state, previous = S.STOPPED, self.state
-            self._publish_state(previous, "stop requested")
+            self.set_state(S.STOPPED, "stop requested")
             return
         if not self.alive or self.process is None:
             return
@@ -439,8 +478,7 @@ class Instance:
             if not self._exited.is_set() and self.state == S.STOPPING:
                 self._exit_reason = None
                 running = self.qemu_status == "running"
-                self.state = S.RUNNING if running else S.PAUSED
-                self._publish_state(S.STOPPING, "stop abandoned")
+                self.set_state(S.RUNNING if running else S.PAUSED, "stop abandoned")
 
     async def pause(self) -> None:
         client = self.require_running()
@@ -449,7 +487,16 @@ class Instance:
         self.set_state(S.PAUSED, "paused")
 
     async def resume(self) -> None:
+        """``cont``, unless QEMU's guest is (being) migrated: `MigrationError` then."""
         client = self.require_running()
+        status = str((await self._execute(client, "query-status"))["status"])
+        if status in NOT_RESUMABLE:
+            raise MigrationError(
+                f"instance {self.name!r} cannot be resumed: {NOT_RESUMABLE[status]} "
+                f"(QEMU status {status})",
+                name=self.name,
+                qemu_status=status,
+            )
         await self._execute(client, "cont")
         self.qemu_status = "running"
         self.set_state(S.RUNNING, "resumed")

@@ -19,10 +19,11 @@ import socket
 import time
 from pathlib import Path
 
+import anyio
 import msgspec
 
 from protocols import qmp
-from supervisor.engine.instance import Instance, StartupSteps
+from supervisor.engine.instance import KILL_WAIT_S, Instance, StartupSteps
 from supervisor.host.chroot import create_chroot, remove_chroot
 from supervisor.host.pinning import CpuPinningError, pin_vcpus
 from supervisor.host.statedir import StateDir, refuse_symlink
@@ -199,11 +200,12 @@ class Launcher:
             create_chroot(record.paths.chroot)
         return msgspec.structs.replace(record, pid=None, started_at=None)
 
-    def launch(self, instance: Instance, record: RuntimeRecord) -> QemuProcess:
+    async def launch(self, instance: Instance, record: RuntimeRecord) -> QemuProcess:
         """Spawn QEMU paused for `record` and save the record with its pid.
 
         Raises `HypervisorError` when QEMU cannot be executed or the record cannot be
-        saved (QEMU is killed then); the caller releases what `prepare` leased.
+        saved (QEMU is killed and reaped then); the caller releases what `prepare`
+        leased. Call it shielded: the only wait is for a killed QEMU to go.
         """
         paths = record.paths
         for stale in (paths.serial_socket, paths.pid_file):
@@ -227,6 +229,8 @@ class Launcher:
             save_record(paths.runtime_record, started)
         except OSError as error:
             process.kill()
+            with anyio.move_on_after(KILL_WAIT_S):
+                await process.wait_exit()
             raise HypervisorError(
                 f"cannot save the runtime record {paths.runtime_record}: {error.strerror}"
             ) from None

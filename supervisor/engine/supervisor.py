@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import grp
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 
+from protocols.groups import ungrouped
 from supervisor import __version__
 from supervisor.engine.events import EventBus, Subscription
 from supervisor.engine.instance import Instance, backoff_delay, recent_crashes
@@ -32,14 +33,16 @@ from supervisor.log import get_logger
 from supervisor.model.api import InstanceInfo, InstanceSummary
 from supervisor.model.config import Config, instance_file, instance_files, load_instance_file
 from supervisor.model.errors import (
+    Busy,
     HypervisorError,
     InstanceExists,
     InstanceNotFound,
     InstanceNotRunning,
     InvalidConfigError,
     SupervisorError,
+    host_io_errors,
 )
-from supervisor.model.spec import InstanceSpec
+from supervisor.model.spec import InstanceSpec, decode_spec
 from supervisor.model.states import InstanceState
 from supervisor.qemu.process import QemuProcess, adopt
 from supervisor.qemu.runtime import RuntimeRecord, load_record, save_record
@@ -69,33 +72,26 @@ class Supervisor(anyio.AsyncContextManagerMixin):
     @asynccontextmanager
     async def __asynccontextmanager__(self) -> AsyncGenerator[Supervisor, None]:
         self.state_dir.acquire()
-        body_error: BaseException | None = None
         try:
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                self._load_definitions()
-                await self._adopt_all()
-                self._recover_uid_leases()
-                await self._autostart()
-                try:
-                    yield self
-                except anyio.get_cancelled_exc_class():
-                    raise
-                except BaseException as error:
-                    # The task group would wrap the body's exception in an exception
-                    # group; the supervisor's own tasks never raise, so it leaves bare.
-                    body_error = error
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        if self.config.shutdown_on_exit:
-                            await self._stop_all()
-                    self.bus.close_all()
-                    tg.cancel_scope.cancel()
+            # The supervisor's own tasks never raise: an error of the body leaves bare.
+            with ungrouped():
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    self._load_definitions()
+                    await self._adopt_all()
+                    self._recover_uid_leases()
+                    await self._autostart()
+                    try:
+                        yield self
+                    finally:
+                        with anyio.CancelScope(shield=True):
+                            if self.config.shutdown_on_exit:
+                                await self._stop_all()
+                        self.bus.close_all()
+                        tg.cancel_scope.cancel()
         finally:
             self._tg = None
             self.state_dir.release()
-        if body_error is not None:
-            raise body_error
 
     # -- registry --------------------------------------------------------------------
 
@@ -262,12 +258,13 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         assert self._tg is not None
         with anyio.CancelScope(shield=True):
             try:
-                process = self.launcher.launch(instance, record)
+                process = await self.launcher.launch(instance, record)
             except BaseException:
                 self.launcher.release_record(record)
                 raise
             try:
-                await self._tg.start(self._run, instance, process, paused)
+                with ungrouped():
+                    await self._tg.start(self._run, instance, process, paused)
             except SupervisorError:
                 raise
             except Exception as error:  # a bug must not take the daemon down
@@ -277,55 +274,75 @@ class Supervisor(anyio.AsyncContextManagerMixin):
     # -- operations (API.md §3) ----------------------------------------------------------
 
     async def start(
-        self, spec: InstanceSpec | None = None, *, name: str | None = None, paused: bool = False
+        self,
+        spec: InstanceSpec | Mapping[str, Any] | None = None,
+        *,
+        name: str | None = None,
+        paused: bool = False,
     ) -> InstanceInfo:
         """Start an instance from `spec`, or the defined instance `name`.
 
-        Returns once QEMU runs (or is paused). Raises `InstanceExists` when it is
-        already running, `InvalidConfigError` for a bad spec and `HypervisorError`
-        when QEMU fails to start (everything is rolled back).
+        `spec` is an `InstanceSpec` or a plain mapping of its fields (parsed JSON or
+        TOML), decoded as ``instance.start`` decodes its ``spec``: `InvalidParams`
+        names the field (``spec.disks[1].path``). Returns once QEMU runs (or is
+        paused). Raises `InstanceExists` when it is already running,
+        `InvalidConfigError` for a bad spec, `MonitorError`, `OperationTimeout` or
+        `HypervisorError` when QEMU fails to start (everything is rolled back).
         """
         if (spec is None) == (name is None):
             raise InvalidConfigError("spec", "give exactly one of spec or name")
         if spec is not None:
+            if not isinstance(spec, InstanceSpec):
+                spec = decode_spec(spec)
             name = spec.name
         assert name is not None
         if spec is None and name not in self._instances:
             path = instance_file(self.config.instances_dir, name)
             if not path.exists():
                 raise InstanceNotFound(name)
-        registered = name in self._instances
         instance = self._instance(name, create=True)
-        previous_record = instance.record
-        try:
-            async with instance.operation("start"):
-                if instance.alive:
-                    raise InstanceExists(name, "is already running")
-                if spec is None:
-                    spec = self._reload_definition(instance)
-                    if spec is None and previous_record is not None:
-                        spec = previous_record.spec
+        async with instance.operation("start"):
+            # Only the holder of the lock reads or rolls back anything: a caller that gets
+            # `Busy` touches nothing. A failed start may have dropped the instance while
+            # this one waited: it is known again now.
+            if self._instances.setdefault(name, instance) is not instance:
+                raise Busy(name, "start")
+            previous_record = instance.record
+            try:
+                with host_io_errors(f"start of {name!r}", instance.paths.directory):
+                    if instance.alive:
+                        raise InstanceExists(name, "is already running")
                     if spec is None:
-                        raise InstanceNotFound(name)
-                known_uuid = previous_record.spec.uuid if previous_record is not None else None
-                record = await self.launcher.prepare(instance, spec, known_uuid=known_uuid)
-                await self._launch(instance, record, paused=paused)
-        except SupervisorError:
-            if not instance.alive:
-                self._roll_back_start(instance, previous_record, registered=registered)
-            raise
+                        spec = self._reload_definition(instance)
+                        if spec is None and previous_record is not None:
+                            spec = previous_record.spec
+                        if spec is None:
+                            raise InstanceNotFound(name)
+                    known_uuid = previous_record.spec.uuid if previous_record else None
+                    record = await self.launcher.prepare(instance, spec, known_uuid=known_uuid)
+                    await self._launch(instance, record, paused=paused)
+            except SupervisorError:
+                if not instance.alive:
+                    self._roll_back_start(instance, previous_record)
+                raise
         return instance.info()
 
-    def _roll_back_start(
-        self, instance: Instance, previous: RuntimeRecord | None, *, registered: bool
-    ) -> None:
-        """Leave no trace of a failed start: the earlier record, or no instance at all."""
+    def _roll_back_start(self, instance: Instance, previous: RuntimeRecord | None) -> None:
+        """Leave no trace of a failed start: the earlier record, or no instance at all.
+
+        Runs while the start's error is on its way to the caller: a host failure here
+        (the disk that made the start fail) is logged, never raised in its place.
+        """
         instance.record = previous
-        if previous is not None:
-            save_record(instance.paths.runtime_record, previous)
-            return
-        self.launcher.forget(instance)
-        if not registered and instance.definition is None:
+        try:
+            if previous is not None:
+                save_record(instance.paths.runtime_record, previous)
+            else:
+                self.launcher.forget(instance)
+        except OSError as error:
+            instance.log.error("roll-back of a failed start incomplete", error=str(error))
+        known = previous is not None or instance.definition is not None
+        if not known and self._instances.get(instance.name) is instance:
             del self._instances[instance.name]
 
     async def stop(
@@ -342,14 +359,16 @@ class Supervisor(anyio.AsyncContextManagerMixin):
     async def reboot(self, name: str) -> InstanceInfo:
         """Stop, then start again from the saved runtime record (same uuid, same argv)."""
         instance = self._instance(name)
-        record = instance.record
-        if record is None or not instance.alive:
-            raise InstanceNotRunning(name, str(instance.state))
-        paused = instance.state == S.PAUSED
         async with instance.operation("reboot"):
+            # Read under the lock: a stop that ran first has the last word.
+            record = instance.record
+            if record is None or not instance.alive:
+                raise InstanceNotRunning(name, str(instance.state))
+            paused = instance.state == S.PAUSED
             await instance.stop(force=False, timeout_s=self.config.stop_timeout_s)
-            record = self.launcher.renew(record)
-            await self._launch(instance, record, paused=paused)
+            with host_io_errors(f"reboot of {name!r}", instance.paths.directory):
+                record = self.launcher.renew(record)
+                await self._launch(instance, record, paused=paused)
         return instance.info()
 
     async def pause(self, name: str) -> InstanceInfo:
@@ -381,8 +400,9 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         async with instance.operation("cleanup"):
             if instance.alive:
                 raise InstanceExists(name, "is running: stop it first")
-            self.launcher.release(instance)
-            self.launcher.forget(instance)
+            with host_io_errors(f"cleanup of {name!r}", instance.paths.directory):
+                self.launcher.release(instance)
+                self.launcher.forget(instance)
             instance.record = None
             if not instance_file(self.config.instances_dir, name).exists():
                 del self._instances[name]
