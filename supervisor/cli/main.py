@@ -279,12 +279,13 @@ async def _cmdline(args: argparse.Namespace) -> int:
 
 async def _serve(args: argparse.Namespace) -> int:
     from supervisor.cli.serve import serve
-    from supervisor.host.statedir import StateDirLocked
+    from supervisor.control.server import ControlSocketError
+    from supervisor.host.statedir import ControlSocketInTheWay, StateDirLocked
 
     _configure_logging()
     try:
         await serve(_config(args))
-    except StateDirLocked as error:
+    except (StateDirLocked, ControlSocketInTheWay, ControlSocketError) as error:
         print(f"kvm-supervisor: {error}", file=sys.stderr)
         return EXIT_DAEMON_ERROR
     return EXIT_OK

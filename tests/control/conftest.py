@@ -19,7 +19,7 @@ import anyio.abc
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 from core.conftest import kill_leftover_qemus
-from core.test_daemon import CLI, Daemon
+from core.test_daemon import Daemon
 
 from supervisor.control.server import serve_control
 from supervisor.engine.supervisor import Supervisor
@@ -46,7 +46,11 @@ class Peer:
     def __init__(self, path: Path, timeout_s: float = 30) -> None:
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.settimeout(timeout_s)
-        self.sock.connect(str(path))
+        try:
+            self.sock.connect(str(path))
+        except OSError:
+            self.sock.close()
+            raise
         self._buffer = b""
 
     def __enter__(self) -> Peer:
@@ -100,6 +104,35 @@ def rss_kib(pid: int) -> int:
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def open_connections(pid: int, socket_path: Path) -> int:
+    """How many connections accepted on `socket_path` process `pid` holds open.
+
+    Accepted unix sockets carry the listener's path in /proc/net/unix; the listener
+    itself is the one in listening state (flag __SO_ACCEPTCON).
+    """
+    accepted = set()
+    with open("/proc/net/unix") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            listening = len(fields) >= 8 and int(fields[3], 16) & 0x10000
+            if len(fields) >= 8 and fields[7] == str(socket_path) and not listening:
+                accepted.add(f"socket:[{fields[6]}]")
+    held = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            held += os.readlink(f"/proc/{pid}/fd/{fd}") in accepted
+        except FileNotFoundError:
+            continue
+    return held
+
+
+def idle_fd_count(pid: int, socket_path: Path) -> int:
+    """The descriptors process `pid` holds once it has closed every connection."""
+    wait_until(lambda: open_connections(pid, socket_path) == 0, "the connections to close")
+    return fd_count(pid)
 
 
 def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 30) -> None:

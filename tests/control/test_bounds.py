@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import select
 import socket
-from typing import Any
 
 import pytest
 
-from .conftest import Daemon, Peer, daemon_pid, fd_count, rss_kib, wait_until
+from .conftest import Daemon, Peer, daemon_pid, idle_fd_count, rss_kib, wait_until
 
 pytestmark = [pytest.mark.guest]
 
@@ -42,7 +41,7 @@ def test_a_client_that_never_reads_its_replies_cannot_grow_the_daemon(
     ping(daemon)
     with Peer(daemon.socket) as warm:  # the OpenRPC document is built once, then cached
         assert warm.call("rpc.discover")["result"]["methods"]
-    idle_fds = fd_count(pid)
+    idle_fds = idle_fd_count(pid, daemon.socket)
     bound = rss_kib(pid) + RSS_GROWTH_BOUND_KIB
 
     payload = memoryview(PIPELINED[kind])
@@ -68,7 +67,7 @@ def test_a_client_that_never_reads_its_replies_cannot_grow_the_daemon(
         finally:
             bad.close()
         # The connection's tasks, replies and descriptor go with it.
-        wait_until(lambda: fd_count(pid) == idle_fds, "the bad connection's descriptor")
+        assert idle_fd_count(pid, daemon.socket) == idle_fds
         ping(daemon)
         assert rss_kib(pid) < bound
     assert b"request crashed" not in daemon.log.read_bytes()
@@ -127,7 +126,6 @@ def test_a_request_line_that_never_ends_is_cut_but_idle_connections_are_not(
         assert idle.call("events.subscribe", {"kinds": ["instance.state"]})["result"]
         # One byte at a time, never a newline: cut at the line's deadline.
         slow.sock.settimeout(0)
-        cut: list[Any] = []
         for byte in b'{"jsonrpc":"2.0","id":7,"method":"supervisor.ping","params":{}' * 3:
             try:
                 slow.sock.send(bytes([byte]))
@@ -135,9 +133,9 @@ def test_a_request_line_that_never_ends_is_cut_but_idle_connections_are_not(
                 break
             readable, _, _ = select.select([slow.sock], [], [], 0.2)  # the client's pace
             if readable:
-                slow.sock.settimeout(30)
-                cut = slow.messages_until_closed()
                 break
+        slow.sock.settimeout(30)
+        cut = slow.messages_until_closed()
         assert len(cut) == 1, "the slow line was not cut"
         error = cut[0]["error"]
         assert error["code"] == -32600 and error["data"] == {"timeout_s": 1.0}
