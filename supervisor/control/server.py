@@ -58,9 +58,6 @@ Response = jsonrpc.Response | jsonrpc.ErrorResponse
 ACCEPT_RETRY_S: Final = 0.1
 #: Bytes read from a connection at once.
 RECEIVE_BYTES: Final = 64 * 1024
-#: How long the error that ends a connection (oversize or unfinished line) may take to
-#: go out: a client that is not reading misses it.
-FAREWELL_TIMEOUT_S: Final = 1.0
 #: Without inotify, how often the socket file is checked for deletion or replacement.
 SOCKET_CHECK_S: Final = 30.0
 LISTEN_BACKLOG: Final = 128
@@ -158,7 +155,7 @@ class _Connection:
         """Read lines and start their requests until the client is done sending or gone.
 
         Returns the error line to end the connection with when the client broke a limit
-        (a line too long, or too slow to complete), else None.
+        (a line too long, or too slow to complete): nothing more is read then. Else None.
         """
         config = self.sup.config
         framer = jsonrpc.LineFramer(config.max_request_bytes)
@@ -369,18 +366,16 @@ async def _serve_connection(server: _ControlServer, stream: SocketStream) -> Non
         if not allowed:
             log.warning("connection refused: not root, the daemon's user or in the control group")
             return
-        farewell: bytes | None = None
         async with anyio.create_task_group() as tg:
             connection = _Connection(server, sock, tg, log)
             try:
                 farewell = await connection.read_requests()
             finally:
                 connection.close()
-                if farewell is not None:
-                    tg.cancel_scope.cancel()
-        if farewell is not None:
-            with anyio.move_on_after(FAREWELL_TIMEOUT_S), contextlib.suppress(OSError):
-                await _send_all(sock, farewell)
+            # After the answers already going out; requests in flight still answer, and
+            # the connection closes once they have (as at the end of the client's input).
+            if farewell is not None:
+                await connection.send(farewell)
 
 
 def _listen(path: Path, control_group: str) -> socket.socket:
