@@ -57,14 +57,6 @@ class StateDirLocked(Exception):
         self.holder_pid = holder_pid
 
 
-class ControlSocketInTheWay(FileExistsError):
-    """Something that is not a socket sits at the control socket's path; it is left alone."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(f"control socket {path} exists and is not a socket: move it away")
-        self.path = path
-
-
 class InstancePaths(msgspec.Struct, frozen=True, kw_only=True):
     """Where one instance's runtime files live."""
 
@@ -166,7 +158,7 @@ class StateDir:
         except FileNotFoundError:
             return
         if not stat.S_ISSOCK(mode):
-            raise ControlSocketInTheWay(self.control_socket)
+            raise FileExistsError(f"{self.control_socket} exists and is not a socket")
         # We hold the lock, so no daemon listens on it: a killed predecessor left it behind.
         self.control_socket.unlink()
         _log.info("removed a stale control socket", path=str(self.control_socket))

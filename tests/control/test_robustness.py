@@ -263,7 +263,10 @@ def test_serve_refuses_a_non_socket_at_the_socket_path(daemon: Daemon, kind: str
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("kvm-supervisor: control socket") and "not a socket" in last
+    assert (
+        last.startswith("kvm-supervisor: ")
+        and f"{daemon.socket} exists and is not a socket" in last
+    )
     if kind == "file":
         assert daemon.socket.read_text() == "precious\n"
     assert daemon.socket.is_symlink() or daemon.socket.exists()
@@ -279,3 +282,23 @@ def test_serve_reports_a_bind_failure_in_one_line(daemon: Daemon) -> None:
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"kvm-supervisor: control socket {deep / 'control.sock'}")
+
+
+def test_serve_reports_a_read_only_state_dir_in_one_line(daemon: Daemon) -> None:
+    # A read-only tmpfs over the state dir, in a mount namespace that ends with the daemon.
+    state = daemon.state_dir / "state"
+    state.mkdir()
+    daemon.state_dir = state
+    daemon.write_config()
+    serve = " ".join([*CLI, "serve", "--config", str(daemon.config)])
+    result = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", f"mount -t tmpfs -o ro tmpfs {state} && exec {serve}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("kvm-supervisor: ") and "Read-only file system" in last
