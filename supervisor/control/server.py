@@ -60,7 +60,8 @@ ACCEPT_RETRY_S: Final = 0.1
 RECEIVE_BYTES: Final = 64 * 1024
 #: Without inotify, how often the socket file is checked for deletion or replacement.
 SOCKET_CHECK_S: Final = 30.0
-LISTEN_BACKLOG: Final = 128
+#: Connections waiting to be accepted (the kernel caps it at net.core.somaxconn).
+LISTEN_BACKLOG: Final = socket.SOMAXCONN
 
 _ENCODER: Final = msgspec.json.Encoder()
 
@@ -141,6 +142,7 @@ class _Connection:
         self.budget = _RequestBudget(self.sup.config.max_requests_per_connection)
         #: Cancelled when an answer cannot be sent: nobody reads them any more.
         self.reading = anyio.CancelScope()
+        self.closed = False
 
     async def send(self, payload: bytes) -> None:
         """Send one line; a peer that is gone just misses it (its requests still finish)."""
@@ -279,6 +281,12 @@ class _Connection:
         return result
 
     def _subscribe(self, params: api.SubscribeParams) -> api.SubscribeResult:
+        if self.closed:
+            # Forwarding would keep the connection open when its end is due.
+            raise jsonrpc.RPCError(
+                jsonrpc.ErrorCode.INVALID_REQUEST,
+                "Invalid request: the client's input has ended, and events with it",
+            )
         subscription_id = next(self._subscription_ids)
         subscription = self.sup.bus.open(instances=params.instances, kinds=params.kinds)
         scope = anyio.CancelScope()
@@ -313,6 +321,8 @@ class _Connection:
                 )
 
     def close(self) -> None:
+        """End the subscriptions: nothing is read any more, so none can be ended later."""
+        self.closed = True
         for subscription, scope in self.subscriptions.values():
             self.sup.bus.close(subscription)
             scope.cancel()
@@ -416,7 +426,7 @@ class _ControlServer:
         self.connections = 0
         self._identity: tuple[int, int] | None = None
         self._accepting = anyio.CancelScope()
-        self._reported: str | None = None
+        self._foreign: tuple[int, int] | None = None
 
     def listen(self) -> socket.socket:
         """Bind the control socket at startup.
@@ -434,7 +444,6 @@ class _ControlServer:
     def _listen(self) -> socket.socket:
         sock = _listen(self.path, self.sup.config.control_group)
         self._identity = _file_identity(self.path)
-        self._reported = None
         return sock
 
     async def run(
@@ -509,14 +518,16 @@ class _ControlServer:
                 await changed()
 
     async def _check_socket(self, tg: TaskGroup) -> None:
-        """Make the socket again if it was deleted; log loudly when it is not ours."""
-        problem = self.socket_problem()
-        if problem is None or problem == self._reported:
+        """Make the socket again if it was deleted; log loudly (once) when something else
+        took its place, which is left alone."""
+        identity = _file_identity(self.path)
+        if identity == self._identity:
             return
-        self._reported = problem
         log = _log.bind(socket=str(self.path))
-        if _file_identity(self.path) is not None:
-            log.error("control socket was replaced: clients cannot reach the daemon")
+        if identity is not None:
+            if identity != self._foreign:
+                self._foreign = identity
+                log.error("control socket was replaced: clients cannot reach the daemon")
             return
         log.error("control socket was deleted: making it again")
         try:
@@ -539,6 +550,7 @@ class _ControlServer:
         return None
 
     def unlink_if_ours(self) -> None:
+        """Remove the socket file, unless something else has taken its place."""
         if _file_identity(self.path) == self._identity:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
@@ -550,9 +562,8 @@ async def serve_control(sup: Supervisor, path: Path | None = None) -> AsyncItera
 
     ``path`` defaults to ``<state_dir>/control.sock``, where the state dir's lock holder
     has removed a stale socket left by a killed predecessor; any other path must be free.
-    The engine never imports
-    this module: the daemon (or an embedding program) composes the two,
-    ``async with Supervisor(cfg) as sup, serve_control(sup):``, so the socket
+    The engine never imports this module: the daemon (or an embedding program) composes
+    the two, ``async with Supervisor(cfg) as sup, serve_control(sup):``, so the socket
     serves only once every instance the state dir knows is registered.
 
     :raises ControlSocketError: on entering, the socket cannot be bound; never an

@@ -147,6 +147,21 @@ async def test_a_line_that_crashes_the_decoder_gets_internal_error(
         assert (await peer.call("instance.list"))["result"] == []
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("batch", [False, True])
+async def test_the_end_of_input_ends_the_connection_even_with_a_subscription_in_flight(
+    control_config: Config, batch: bool
+) -> None:
+    subscribe = b'{"jsonrpc":"2.0","id":1,"method":"events.subscribe"}'
+    async with served(control_config) as path, AsyncPeer.connect(path) as peer:
+        await peer.send((b"[" + subscribe + b"]" if batch else subscribe) + b"\n")
+        await peer.stream.send_eof()
+        answer = await peer.message()
+        assert (answer[0] if batch else answer)["id"] == 1
+        with anyio.fail_after(30), pytest.raises(anyio.IncompleteRead):
+            await peer.message()
+
+
 # -- the peer-credential check ------------------------------------------------------------
 
 
