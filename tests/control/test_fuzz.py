@@ -1,6 +1,6 @@
-"""Random and mutated JSON-RPC against a live `kvm-supervisor serve`: every line gets a
-well-formed answer, nothing crashes, and the daemon serves on with its descriptors
-unchanged once the fuzzing connection is gone."""
+"""Random and mutated JSON-RPC against a live `kvm-supervisor serve`: every answer is
+well-formed, nothing crashes (no -32603, no crash in the log), and the daemon serves on
+with its descriptors unchanged once the fuzzing connection is gone."""
 
 from __future__ import annotations
 
