@@ -23,7 +23,7 @@ from msgspec import Meta
 
 from supervisor.model.errors import InvalidConfigError, InvalidParams
 from supervisor.model.hvparams import PATH_PARAMETERS, is_url, resolve_hvparams
-from supervisor.model.spec import InstanceSpec, decode_spec
+from supervisor.model.spec import PATTERN_END, InstanceSpec, decode_spec
 
 __all__ = [
     "DEFAULT_INSTANCES_DIR",
@@ -46,7 +46,7 @@ UID_MAX: Final = 2**32 - 2
 Seconds = Annotated[float, Meta(gt=0)]
 Port = Annotated[int, Meta(ge=1, le=65535)]
 #: One uid_pool entry in Ganeti's syntax: a uid (``"5000"``) or a range (``"5000-5099"``).
-UidRange = Annotated[str, Meta(pattern=r"^[0-9]+(-[0-9]+)?$")]
+UidRange = Annotated[str, Meta(pattern=r"^[0-9]+(-[0-9]+)?" + PATTERN_END)]
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
@@ -63,6 +63,13 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
     image_dirs: list[Annotated[str, Meta(min_length=1)]] = msgspec.field(default_factory=list)
     #: Longest request line accepted on the control socket.
     max_request_bytes: Annotated[int, Meta(ge=4096, le=64 * 1024 * 1024)] = 1024 * 1024
+    #: Control socket connections served at once; more are closed at once.
+    max_connections: Annotated[int, Meta(ge=1, le=65536)] = 64
+    #: Requests one connection may have read and not yet answered (batch members count
+    #: one each); at the bound the daemon stops reading it. Also the largest batch.
+    max_requests_per_connection: Annotated[int, Meta(ge=1, le=65536)] = 64
+    #: From a request line's first byte to its newline; a slower line ends the connection.
+    request_line_timeout_s: Seconds = 30.0
     #: Stop the VMs when the daemon exits (otherwise they keep running and are adopted).
     shutdown_on_exit: bool = False
     #: ACPI shutdown wait before a kill; Ganeti's default shutdown timeout.
