@@ -91,11 +91,14 @@ def decode_incoming(line: bytes, *, max_batch: int | None = None) -> IncomingLin
 
 
 def _decode_member(member: msgspec.Raw) -> Incoming:
-    # The envelope decoder already walked the member, so it nests shallowly enough.
+    # The envelope decoder walked the member's nesting but left its strings unchecked:
+    # invalid UTF-8 inside a member shows only now.
     try:
         return _checked(_REQUEST_DECODER.decode(member))
     except msgspec.ValidationError as exc:
         return _unreadable(member, exc)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        return _parse_error(exc)
 
 
 def _checked(request: Request) -> Incoming:

@@ -76,6 +76,18 @@ def test_invalid_utf8_in_params_passes_the_envelope_and_fails_the_params() -> No
     assert caught.value.code == ErrorCode.INVALID_PARAMS
 
 
+def test_invalid_utf8_in_a_batch_member_is_that_members_parse_error() -> None:
+    # Found by tests/control/test_fuzz.py: the batch envelope leaves members' strings
+    # unchecked, so the member's own decode meets the bad bytes.
+    good = b'{"jsonrpc":"2.0","id":1,"method":"m"}'
+    incoming = decode_incoming(b"[" + good + b',{"jsonrpc":"2.\x80","id":2}]')
+    assert incoming.is_batch
+    first, second = incoming.items
+    assert isinstance(first, Request)
+    assert isinstance(second, ErrorResponse)
+    assert second.error.code == ErrorCode.PARSE_ERROR
+
+
 def test_line_timeout_response() -> None:
     error = line_timeout_response(1.5)
     assert (error.id, error.error.code) == (None, ErrorCode.INVALID_REQUEST)
