@@ -307,7 +307,13 @@ def test_serve_reports_a_read_only_state_dir_in_one_line(daemon: Daemon) -> None
     daemon.write_config()
     serve = " ".join([*CLI, "serve", "--config", str(daemon.config)])
     result = subprocess.run(
-        ["unshare", "--mount", "sh", "-c", f"mount -t tmpfs -o ro,mode=0700 tmpfs {state} && exec {serve}"],
+        [
+            "unshare",
+            "--mount",
+            "sh",
+            "-c",
+            f"mount -t tmpfs -o ro,mode=0700 tmpfs {state} && exec {serve}",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
