@@ -1,0 +1,224 @@
+"""Fixtures for the restart and adoption tests: a daemon that may be killed at will.
+
+Guests here never boot: specs have no kernel, and most starts are paused (``-S``), so
+the tests measure the supervisor, not TCG. Every QEMU a test's state dir started is
+found by its command line (``-pidfile`` under the state dir) and killed afterwards,
+whether or not any record or pid file names it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import QEMU
+
+from supervisor.model.config import Config
+
+from core.conftest import check_config_dict, state_dir, wait_gone
+
+__all__ = ["EngineDaemon", "bare_config", "engine_daemon", "qemus_of", "state_dir", "wait_gone"]
+
+CLI = [sys.executable, "-m", "supervisor.cli"]
+#: Runs the daemon with a fault injected (see crash_daemon.py).
+CRASH_DAEMON = [sys.executable, str(Path(__file__).with_name("crash_daemon.py"))]
+DEADLINE_S = 90.0
+
+
+def qemus_of(state_dir: Path) -> dict[int, list[str]]:
+    """Live (non-zombie) processes started for `state_dir`: ``-pidfile`` lies under it."""
+    found: dict[int, list[str]] = {}
+    prefix = f"{state_dir}/"
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        pidfiles = [b for a, b in itertools.pairwise(args) if a == "-pidfile"]
+        if state != "Z" and pidfiles and pidfiles[-1].startswith(prefix):
+            found[int(entry.name)] = args
+    return found
+
+
+def uuid_of(args: Sequence[str]) -> str | None:
+    return next((b for a, b in itertools.pairwise(args) if a == "-uuid"), None)
+
+
+def kill_qemus_of(state_dir: Path) -> None:
+    for pid in qemus_of(state_dir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        wait_gone(pid)
+
+
+class RPCFailed(Exception):
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(f"{error['code']}: {error['message']}")
+        self.code: int = error["code"]
+        self.message: str = error["message"]
+
+
+class EngineDaemon:
+    """`kvm-supervisor serve` (or its fault-injecting variant) on a private state dir."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.defs = state_dir / "defs"
+        self.config = state_dir / "supervisor.toml"
+        self.socket = state_dir / "control.sock"
+        self.log = state_dir / "daemon.log"
+        self.notify_path = state_dir / "notify.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._notify: socket.socket | None = None
+        self._ids = itertools.count(1)
+
+    def write_config(self, **extra: Any) -> None:
+        self.defs.mkdir(exist_ok=True)
+        values = {"state_dir": str(self.state_dir), "instances_dir": str(self.defs), **extra}
+        self.config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+
+    def define(self, name: str, **fields: Any) -> None:
+        """An instance file: no kernel (nothing boots), 64 MiB; `fields` as TOML values."""
+        lines = ["memory_mib = 64", *(f"{k} = {json.dumps(v)}" for k, v in fields.items())]
+        (self.defs / f"{name}.toml").write_text("\n".join(lines) + "\n")
+
+    def spawn(self, *, crash_at: str | None = None) -> None:
+        """Start the daemon; returns at once (see `wait_ready`, `connect`)."""
+        self.notify_path.unlink(missing_ok=True)
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._notify.bind(str(self.notify_path))
+        prefix = CLI if crash_at is None else [*CRASH_DAEMON, crash_at]
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [*prefix, "serve", "--config", str(self.config)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env={**os.environ, "NOTIFY_SOCKET": str(self.notify_path)},
+            )
+
+    def wait_ready(self, timeout_s: float = DEADLINE_S) -> bytes:
+        """Wait for the daemon's sd_notify READY=1."""
+        assert self.proc is not None and self._notify is not None
+        self._notify.settimeout(0.2)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited: {self.log.read_text()[-3000:]}")
+            try:
+                message = self._notify.recv(4096)
+            except TimeoutError:
+                continue
+            if b"READY=1" in message:
+                return message
+        raise TimeoutError("daemon did not send READY=1")
+
+    def start(self, *, crash_at: str | None = None) -> None:
+        self.spawn(crash_at=crash_at)
+        self.wait_ready()
+
+    def connect(self, timeout_s: float = DEADLINE_S) -> socket.socket:
+        """A connection to the control socket, made the moment the daemon accepts one."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            sock = socket.socket(socket.AF_UNIX)
+            try:
+                sock.connect(str(self.socket))
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"daemon exited: {self.log.read_text()[-3000:]}") from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.socket} not served") from None
+                continue
+            sock.settimeout(DEADLINE_S)
+            return sock
+
+    def send(self, sock: socket.socket, method: str, **params: Any) -> int:
+        request_id = next(self._ids)
+        line = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+        sock.sendall(json.dumps(line).encode() + b"\n")
+        return request_id
+
+    @staticmethod
+    def replies(sock: socket.socket, count: int) -> dict[int, dict[str, Any]]:
+        """The next `count` replies by id (notifications skipped)."""
+        data = b""
+        found: dict[int, dict[str, Any]] = {}
+        while len(found) < count:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"connection closed after {len(found)} of {count} replies")
+            data += chunk
+            *lines, data = data.split(b"\n")
+            for line in lines:
+                message = json.loads(line)
+                if "id" in message:
+                    found[message["id"]] = message
+        return found
+
+    def call(self, method: str, **params: Any) -> Any:
+        with self.connect() as sock:
+            request_id = self.send(sock, method, **params)
+            reply = self.replies(sock, 1)[request_id]
+        if "error" in reply:
+            raise RPCFailed(reply["error"])
+        return reply["result"]
+
+    def settled(self, timeout_s: float = DEADLINE_S) -> list[dict[str, Any]]:
+        """`instance.list` once no instance is `starting` (adoption happens in the background)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            listed: list[dict[str, Any]] = self.call("instance.list")
+            if all(item["state"] != "starting" for item in listed):
+                return listed
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"still starting: {listed}")
+            time.sleep(0.05)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        if self.proc is not None:
+            self.proc.wait(timeout=DEADLINE_S)
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
+
+
+@pytest.fixture
+def bare_config(state_dir: Path) -> Iterator[Config]:
+    """The embedded supervisor's config for guests that never boot; QEMUs killed afterwards."""
+    (state_dir / "defs").mkdir()
+    try:
+        yield check_config_dict({"state_dir": str(state_dir), "instances_dir": str(state_dir / "defs")})
+    finally:
+        kill_qemus_of(state_dir)
+
+
+@pytest.fixture
+def engine_daemon(state_dir: Path) -> Iterator[EngineDaemon]:
+    if not Path(QEMU).exists():
+        pytest.fail(f"{QEMU} is missing: run `make deps`")
+    daemon = EngineDaemon(state_dir)
+    daemon.write_config()
+    try:
+        yield daemon
+    finally:
+        daemon.kill(signal.SIGTERM)
+        kill_qemus_of(state_dir)
