@@ -75,6 +75,14 @@ BUSY_WAIT_S = 5.0
 #: How long a killed QEMU may take to disappear before we report it as stuck.
 KILL_WAIT_S = 10.0
 
+#: QEMU run states of a guest whose state comes from, or went to, another host: it
+#: must not run here (`resume` refuses them).
+MIGRATION_STATUSES = frozenset({"inmigrate", "finish-migrate", "postmigrate"})
+
+#: QEMU run states in which `stop` kills at once: a guest that never ran has nothing to
+#: shut down, and pressing the power button of a migrated one would need a ``cont``.
+KILLED_ON_STOP = MIGRATION_STATUSES | {"prelaunch"}
+
 StartupSteps = Callable[[qmp.QMPClient], Awaitable[None]]
 
 
@@ -410,8 +418,7 @@ class Instance:
             if not force and self.qmp is not None and not self.qmp.closed:
                 with contextlib.suppress(qmp.QMPError):
                     status = (await self.qmp.execute("query-status"))["status"]
-                    # A guest that never ran (started paused) has nothing to shut down.
-                    force = status == "prelaunch"
+                    force = status in KILLED_ON_STOP
                     if not force:
                         await self.qmp.execute("system_powerdown")
                         if status != "running":
@@ -444,6 +451,10 @@ class Instance:
 
     async def resume(self) -> None:
         client = self.require_running()
+        # Asked, not taken from our state: a migrated guest resumed would run twice.
+        status = (await self._execute(client, "query-status"))["status"]
+        if status in MIGRATION_STATUSES:
+            raise InstanceNotRunning(self.name, f"{self.state}, QEMU {status}")
         await self._execute(client, "cont")
         self.qemu_status = "running"
         self.set_state(S.RUNNING, "resumed")

@@ -1,12 +1,14 @@
 """The supervisor: every instance of one state dir, in the caller's event loop.
 
-``async with Supervisor(config) as sup:`` takes the state dir's lock, adopts the
-QEMUs a previous daemon left running and starts the instances marked
-``autostart``. The control socket is another layer's
-(`supervisor.control.server.serve_control`). Leaving the block cancels the
-supervisor's tasks and leaves the VMs running (unless ``shutdown_on_exit``). The
-library changes no process-wide setting: no signal handlers, no logging set-up,
-no threads, no umask or cwd change.
+``async with Supervisor(config) as sup:`` takes the state dir's lock, registers every
+runtime record, adopts the QEMUs a previous daemon left running (the monitors answer
+in the background, each instance's adoption under its operation lock) and starts the
+instances marked ``autostart`` in the background, `AUTOSTART_CONCURRENCY` at a time.
+The control socket is another layer's (`supervisor.control.server.serve_control`).
+Leaving the block cancels the supervisor's tasks and leaves the VMs running (unless
+``shutdown_on_exit``). The library changes no process-wide setting: no signal
+handlers, no logging set-up, no umask or cwd change; blocking file-system work runs
+in anyio's worker threads (`anyio.to_thread`).
 
 Errors: operations raise `supervisor.model.errors.SupervisorError` subclasses (never
 exception groups).
@@ -18,9 +20,11 @@ import grp
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import structlog
 
 from supervisor import __version__
@@ -40,14 +44,17 @@ from supervisor.model.errors import (
 )
 from supervisor.model.spec import InstanceSpec
 from supervisor.model.states import InstanceState
-from supervisor.qemu.process import QemuProcess, adopt
-from supervisor.qemu.runtime import RuntimeRecord, load_record, save_record
+from supervisor.qemu.process import QemuProcess, adopt, pids_by_option
+from supervisor.qemu.runtime import RuntimeRecord, load_record, store_record
 
 S = InstanceState
 
 #: Restart policy ``on-crash``: at most this many crashes in `RESTART_WINDOW_S`.
 RESTART_LIMIT = 5
 RESTART_WINDOW_S = 600.0
+
+#: How many ``autostart`` instances start at once when the supervisor starts.
+AUTOSTART_CONCURRENCY = 4
 
 
 class Supervisor(anyio.AsyncContextManagerMixin):
@@ -61,6 +68,8 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         self._instances: dict[str, Instance] = {}
         self._definition_mtimes: dict[str, float] = {}
         self._tg: anyio.abc.TaskGroup | None = None
+        self._autostart_scope = anyio.CancelScope()
+        self._autostart_done = anyio.Event()
         self._group_id = _group_id(config.control_group)
         self.launcher = Launcher(config, self.state_dir, group_id=self._group_id)
         self.log = structlog.get_logger("supervisor")
@@ -75,7 +84,7 @@ class Supervisor(anyio.AsyncContextManagerMixin):
                 self._load_definitions()
                 await self._adopt_all()
                 self._recover_uid_leases()
-                await self._autostart()
+                tg.start_soon(self._autostart)
                 try:
                     yield self
                 except anyio.get_cancelled_exc_class():
@@ -86,6 +95,9 @@ class Supervisor(anyio.AsyncContextManagerMixin):
                     body_error = error
                 finally:
                     with anyio.CancelScope(shield=True):
+                        # A start under way completes or rolls back (`_launch`) first.
+                        self._autostart_scope.cancel()
+                        await self._autostart_done.wait()
                         if self.config.shutdown_on_exit:
                             await self._stop_all()
                     self.bus.close_all()
@@ -154,35 +166,102 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         return instance.definition
 
     async def _adopt_all(self) -> None:
-        adopted: list[Instance] = []
+        """Register every runtime record; adopt, in the background, the QEMUs still running.
+
+        Returns once each instance whose QEMU lives is `starting` (alive) and its
+        adoption task holds the instance's operation lock: an operation arriving later
+        waits for the adoption, and a `start` finds the instance running. The QEMUs
+        are found by their records' pids and by their command lines (``-pidfile``
+        under this state dir), so a QEMU spawned just before the previous daemon died,
+        before its pid was saved, is found too.
+        """
+        assert self._tg is not None
+        instances_root = self.state_dir.instances_root
+        scanned = await anyio.to_thread.run_sync(pids_by_option, "pidfile", f"{instances_root}/")
+        running: dict[str, list[int]] = {}
+        for pid_file, pids in scanned.items():
+            running.setdefault(Path(pid_file).parent.name, []).extend(pids)
         for name in self.state_dir.instance_names():
+            pids = running.pop(name, [])
             try:
                 record = load_record(self.state_dir.instance(name).runtime_record)
             except FileNotFoundError:
-                continue  # a dir without a record (`cmdline` makes those): nothing ran
+                record = None  # a dir without a record (`cmdline` makes those): nothing ran
             except SupervisorError as error:
                 self.log.error("runtime record unreadable", instance=name, error=str(error))
+                record = None
+            if record is None:
+                if pids:
+                    self.log.error("QEMU without a runtime record: not supervised", pids=pids)
                 continue
             instance = self._instance(name, create=True)
             instance.record = record
-            process = None
-            if record.pid is not None and record.spec.uuid is not None:
-                process = adopt(
-                    record.pid, name, record.spec.uuid, log_path=instance.paths.qemu_log
-                )
+            process = self._find_qemu(instance, record, pids)
             if process is None:
                 instance.log.info("not running after restart: cleaned", pid=record.pid)
                 self.launcher.release(instance)
                 continue
+            if record.pid != process.pid:  # spawned, and its daemon died before saving this
+                record = msgspec.structs.replace(record, pid=process.pid)
+                await store_record(instance.paths.runtime_record, record)
+                instance.record = record
             instance.started_at = record.started_at
-            assert self._tg is not None
-            await self._tg.start(self._run, instance, process, None)
-            adopted.append(instance)
-        # Monitors answer concurrently; a hung QEMU delays this by qmp_timeout_s at most
-        # (its instance stays `starting` and its monitor is retried in the background).
-        with anyio.move_on_after(self.config.qmp_timeout_s):
-            for instance in adopted:
-                await instance.monitor_ready.wait()
+            await self._tg.start(self._adopt, instance, process)
+        for name, pids in running.items():
+            self.log.error("QEMU without an instance dir: not supervised", name=name, pids=pids)
+
+    def _find_qemu(
+        self, instance: Instance, record: RuntimeRecord, pids: list[int]
+    ) -> QemuProcess | None:
+        """The live QEMU of `record`: its pid, else one found with its ``-pidfile``."""
+        found = None
+        candidates = ([record.pid] if record.pid is not None else []) + pids
+        for pid in dict.fromkeys(candidates):
+            if found is not None:
+                instance.log.error("a second QEMU of this instance: not supervised", pid=pid)
+                continue
+            found = adopt(pid, record.name, record.uuid, log_path=instance.paths.qemu_log)
+        return found
+
+    async def _adopt(
+        self,
+        instance: Instance,
+        process: QemuProcess,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Adopt one live QEMU under the instance's operation lock.
+
+        Started (``task_status``) once the lock is held and the instance is alive. A
+        start the previous daemon had not finished (``start_completed`` false: QEMU
+        may still be in ``-S``) is finished: the start-up steps run again, then
+        ``cont`` unless that start asked for a paused guest; if they fail, QEMU is
+        killed and the instance left stopped. Otherwise the lock is held until the
+        monitor has answered, at most ``qmp_timeout_s``.
+        """
+        record = instance.record
+        assert record is not None and self._tg is not None
+        started = False
+        try:
+            async with instance.operation("adopt"):
+                if record.start_completed:
+                    await self._tg.start(self._run, instance, process, None)
+                    task_status.started()
+                    started = True
+                    with anyio.move_on_after(self.config.qmp_timeout_s):
+                        await instance.monitor_ready.wait()
+                    return
+                instance.set_state(S.STARTING, "finishing an interrupted start", pid=process.pid)
+                task_status.started()
+                started = True
+                await self._tg.start(self._run, instance, process, record.start_paused)
+        except SupervisorError as error:
+            instance.log.error("interrupted start failed", error=str(error))
+        except Exception:  # a bug must not take the other instances down
+            instance.log.exception("adoption failed")
+        finally:
+            if not started:
+                task_status.started()
 
     def _recover_uid_leases(self) -> None:
         """Release the leases of instances whose QEMU did not survive a daemon crash."""
@@ -193,13 +272,28 @@ class Supervisor(anyio.AsyncContextManagerMixin):
             self.log.info("uid lease released", uid=lease.uid, instance=lease.owner)
 
     async def _autostart(self) -> None:
-        for instance in list(self._instances.values()):
-            definition = instance.definition
-            if definition is not None and definition.autostart and not instance.alive:
-                try:
-                    await self.start(name=instance.name)
-                except SupervisorError as error:
-                    instance.log.error("autostart failed", error=str(error))
+        """Start the ``autostart`` instances that do not run, `AUTOSTART_CONCURRENCY` at once."""
+        try:
+            with self._autostart_scope:
+                slots = anyio.Semaphore(AUTOSTART_CONCURRENCY)
+                async with anyio.create_task_group() as tg:
+                    for instance in list(self._instances.values()):
+                        definition = instance.definition
+                        if definition is not None and definition.autostart and not instance.alive:
+                            tg.start_soon(self._autostart_one, instance, slots)
+        finally:
+            self._autostart_done.set()
+
+    async def _autostart_one(self, instance: Instance, slots: anyio.Semaphore) -> None:
+        async with slots:
+            try:
+                await self.start(name=instance.name)
+            except InstanceExists:
+                instance.log.info("autostart: already started")
+            except SupervisorError as error:
+                instance.log.error("autostart failed", error=str(error))
+            except Exception:  # a bug must not take the other instances down
+                instance.log.exception("autostart failed")
 
     async def _stop_all(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -234,7 +328,9 @@ class Supervisor(anyio.AsyncContextManagerMixin):
             return  # started or cleaned up by someone else meanwhile
         try:
             async with instance.operation("restart"):
-                record = self.launcher.renew(instance.record)
+                if instance.state != S.CRASHED or instance.record is None:
+                    return  # ... or while this waited for the lock
+                record = await self.launcher.renew(instance.record)
                 instance.restarts += 1
                 # The new run gets a task of its own; this one ends here.
                 await self._launch(instance, record, paused=False)
@@ -261,7 +357,9 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         assert self._tg is not None
         with anyio.CancelScope(shield=True):
             try:
-                process = self.launcher.launch(instance, record)
+                process = await self.launcher.launch(instance, record, paused=paused)
+            except InstanceExists:
+                raise  # the leases under its name are the live run's
             except BaseException:
                 self.launcher.release_record(record)
                 raise
@@ -311,17 +409,17 @@ class Supervisor(anyio.AsyncContextManagerMixin):
                 await self._launch(instance, record, paused=paused)
         except SupervisorError:
             if not instance.alive:
-                self._roll_back_start(instance, previous_record, registered=registered)
+                await self._roll_back_start(instance, previous_record, registered=registered)
             raise
         return instance.info()
 
-    def _roll_back_start(
+    async def _roll_back_start(
         self, instance: Instance, previous: RuntimeRecord | None, *, registered: bool
     ) -> None:
         """Leave no trace of a failed start: the earlier record, or no instance at all."""
         instance.record = previous
         if previous is not None:
-            save_record(instance.paths.runtime_record, previous)
+            await store_record(instance.paths.runtime_record, previous)
             return
         self.launcher.forget(instance)
         if not registered and instance.definition is None:
@@ -347,7 +445,7 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         paused = instance.state == S.PAUSED
         async with instance.operation("reboot"):
             await instance.stop(force=False, timeout_s=self.config.stop_timeout_s)
-            record = self.launcher.renew(record)
+            record = await self.launcher.renew(record)
             await self._launch(instance, record, paused=paused)
         return instance.info()
 

@@ -22,7 +22,8 @@ S = InstanceState
 TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
     S.STOPPED: frozenset({S.STARTING, S.INCOMING}),
     S.CRASHED: frozenset({S.STARTING, S.INCOMING}),
-    S.STARTING: frozenset({S.RUNNING, S.PAUSED, S.STOPPING}),
+    # INCOMING and MIGRATING: a QEMU adopted in the middle of a migration.
+    S.STARTING: frozenset({S.RUNNING, S.PAUSED, S.STOPPING, S.INCOMING, S.MIGRATING}),
     S.RUNNING: frozenset({S.PAUSED, S.STOPPING, S.MIGRATING}),
     S.PAUSED: frozenset({S.RUNNING, S.STOPPING, S.MIGRATING}),
     S.STOPPING: frozenset(),
@@ -48,7 +49,8 @@ def state_for_qemu_status(status: str) -> InstanceState:
     if status == "inmigrate":
         return S.INCOMING
     if status in {"finish-migrate", "postmigrate"}:
-        return S.MIGRATING if status == "finish-migrate" else S.PAUSED
+        # The guest's state went (or is going) to a target: never resumed here.
+        return S.MIGRATING
     if status == "shutdown":
         return S.STOPPING
     return S.PAUSED

@@ -23,10 +23,9 @@ from typing import Any
 
 import pytest
 from conftest import QEMU
+from core.conftest import check_config_dict, state_dir, wait_gone
 
 from supervisor.model.config import Config
-
-from core.conftest import check_config_dict, state_dir, wait_gone
 
 __all__ = ["EngineDaemon", "bare_config", "engine_daemon", "qemus_of", "state_dir", "wait_gone"]
 
@@ -206,7 +205,9 @@ def bare_config(state_dir: Path) -> Iterator[Config]:
     """The embedded supervisor's config for guests that never boot; QEMUs killed afterwards."""
     (state_dir / "defs").mkdir()
     try:
-        yield check_config_dict({"state_dir": str(state_dir), "instances_dir": str(state_dir / "defs")})
+        yield check_config_dict(
+            {"state_dir": str(state_dir), "instances_dir": str(state_dir / "defs")}
+        )
     finally:
         kill_qemus_of(state_dir)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import random
 import time
-from pathlib import Path
 
 import pytest
 
@@ -92,10 +91,13 @@ def test_daemon_killed_between_spawn_and_pid_record_adopts_the_qemu(
     stop_all(engine_daemon)
 
 
-@pytest.mark.parametrize(("paused", "state", "qemu_status"), [
-    (False, "running", "running"),
-    (True, "paused", "prelaunch"),
-])
+@pytest.mark.parametrize(
+    ("paused", "state", "qemu_status"),
+    [
+        (False, "running", "running"),
+        (True, "paused", "prelaunch"),
+    ],
+)
 def test_a_start_interrupted_before_cont_is_finished_after_restart(
     engine_daemon: EngineDaemon, paused: bool, state: str, qemu_status: str
 ) -> None:
