@@ -64,6 +64,17 @@ def kill_qemus_of(state_dir: Path) -> None:
         wait_gone(pid)
 
 
+def toml_lines(values: dict[str, Any]) -> str:
+    """``key = value`` lines; a dict becomes an inline table (of strings, numbers, bools)."""
+
+    def value(item: Any) -> str:
+        if isinstance(item, dict):
+            return "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in item.items()) + " }"
+        return json.dumps(item)
+
+    return "".join(f"{key} = {value(item)}\n" for key, item in values.items())
+
+
 class RPCFailed(Exception):
     def __init__(self, error: dict[str, Any]) -> None:
         super().__init__(f"{error['code']}: {error['message']}")
@@ -88,12 +99,11 @@ class EngineDaemon:
     def write_config(self, **extra: Any) -> None:
         self.defs.mkdir(exist_ok=True)
         values = {"state_dir": str(self.state_dir), "instances_dir": str(self.defs), **extra}
-        self.config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+        self.config.write_text(toml_lines(values))
 
     def define(self, name: str, **fields: Any) -> None:
-        """An instance file: no kernel (nothing boots), 64 MiB; `fields` as TOML values."""
-        lines = ["memory_mib = 64", *(f"{k} = {json.dumps(v)}" for k, v in fields.items())]
-        (self.defs / f"{name}.toml").write_text("\n".join(lines) + "\n")
+        """An instance file: no kernel (nothing boots), 64 MiB, and `fields`."""
+        (self.defs / f"{name}.toml").write_text(toml_lines({"memory_mib": 64, **fields}))
 
     def spawn(self, *, crash_at: str | None = None) -> None:
         """Start the daemon; returns at once (see `wait_ready`, `connect`)."""
@@ -193,8 +203,12 @@ class EngineDaemon:
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
-        if self.proc is not None:
-            self.proc.wait(timeout=DEADLINE_S)
+            try:
+                self.proc.wait(timeout=DEADLINE_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise
         if self._notify is not None:
             self._notify.close()
             self._notify = None
@@ -221,5 +235,7 @@ def engine_daemon(state_dir: Path) -> Iterator[EngineDaemon]:
     try:
         yield daemon
     finally:
-        daemon.kill(signal.SIGTERM)
-        kill_qemus_of(state_dir)
+        try:
+            daemon.kill(signal.SIGTERM)
+        finally:
+            kill_qemus_of(state_dir)
