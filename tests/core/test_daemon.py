@@ -283,7 +283,13 @@ def test_kill_9_daemon_then_restart_adopts_running_vms(daemon: Daemon) -> None:
     for pid in before.values():
         os.kill(pid, 0)  # still there: the VMs outlive their daemon
     daemon.start()
-    after = {i["name"]: (i["state"], i["pid"]) for i in daemon.cli_json("list")}
+    # Adoption goes on in the background: `starting` until each monitor answers.
+    deadline = time.monotonic() + 60
+    listed = daemon.cli_json("list")
+    while any(i["state"] == "starting" for i in listed):
+        assert time.monotonic() < deadline, listed
+        listed = daemon.cli_json("list")
+    after = {i["name"]: (i["state"], i["pid"]) for i in listed}
     assert after == {name: ("running", pid) for name, pid in before.items()}
     assert daemon.cli_json("pause", "a2")["state"] == "paused"
     stopped = daemon.cli_json("stop", "a1", "--force")
