@@ -68,8 +68,6 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         self._instances: dict[str, Instance] = {}
         self._definition_mtimes: dict[str, float] = {}
         self._tg: anyio.abc.TaskGroup | None = None
-        self._autostart_scope = anyio.CancelScope()
-        self._autostart_done = anyio.Event()
         self._group_id = _group_id(config.control_group)
         self.launcher = Launcher(config, self.state_dir, group_id=self._group_id)
         self.log = structlog.get_logger("supervisor")
@@ -84,7 +82,8 @@ class Supervisor(anyio.AsyncContextManagerMixin):
                 self._load_definitions()
                 await self._adopt_all()
                 self._recover_uid_leases()
-                tg.start_soon(self._autostart)
+                autostart, autostart_done = anyio.CancelScope(), anyio.Event()
+                tg.start_soon(self._autostart, autostart, autostart_done)
                 try:
                     yield self
                 except anyio.get_cancelled_exc_class():
@@ -96,8 +95,8 @@ class Supervisor(anyio.AsyncContextManagerMixin):
                 finally:
                     with anyio.CancelScope(shield=True):
                         # A start under way completes or rolls back (`_launch`) first.
-                        self._autostart_scope.cancel()
-                        await self._autostart_done.wait()
+                        autostart.cancel()
+                        await autostart_done.wait()
                         if self.config.shutdown_on_exit:
                             await self._stop_all()
                     self.bus.close_all()
@@ -180,7 +179,9 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         scanned = await anyio.to_thread.run_sync(pids_by_option, "pidfile", f"{instances_root}/")
         running: dict[str, list[int]] = {}
         for pid_file, pids in scanned.items():
-            running.setdefault(Path(pid_file).parent.name, []).extend(pids)
+            path = Path(pid_file)
+            ours = path.parent.parent == instances_root and path.name == "qemu.pid"
+            running.setdefault(path.parent.name if ours else pid_file, []).extend(pids)
         for name in self.state_dir.instance_names():
             pids = running.pop(name, [])
             try:
@@ -203,8 +204,11 @@ class Supervisor(anyio.AsyncContextManagerMixin):
                 continue
             if record.pid != process.pid:  # spawned, and its daemon died before saving this
                 record = msgspec.structs.replace(record, pid=process.pid)
-                await store_record(instance.paths.runtime_record, record)
                 instance.record = record
+                try:
+                    await store_record(instance.paths.runtime_record, record)
+                except OSError as error:
+                    instance.log.error("runtime record not updated", error=str(error))
             instance.started_at = record.started_at
             await self._tg.start(self._adopt, instance, process)
         for name, pids in running.items():
@@ -217,10 +221,12 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         found = None
         candidates = ([record.pid] if record.pid is not None else []) + pids
         for pid in dict.fromkeys(candidates):
-            if found is not None:
-                instance.log.error("a second QEMU of this instance: not supervised", pid=pid)
-                continue
             found = adopt(pid, record.name, record.uuid, log_path=instance.paths.qemu_log)
+            if found is not None:
+                break
+        for pid in pids:
+            if found is None or pid != found.pid:
+                instance.log.error("a QEMU with this instance's files: not supervised", pid=pid)
         return found
 
     async def _adopt(
@@ -271,10 +277,10 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         for lease in self.launcher.uid_pool.recover(live):
             self.log.info("uid lease released", uid=lease.uid, instance=lease.owner)
 
-    async def _autostart(self) -> None:
+    async def _autostart(self, scope: anyio.CancelScope, done: anyio.Event) -> None:
         """Start the ``autostart`` instances that do not run, `AUTOSTART_CONCURRENCY` at once."""
         try:
-            with self._autostart_scope:
+            with scope:
                 slots = anyio.Semaphore(AUTOSTART_CONCURRENCY)
                 async with anyio.create_task_group() as tg:
                     for instance in list(self._instances.values()):
@@ -282,7 +288,7 @@ class Supervisor(anyio.AsyncContextManagerMixin):
                         if definition is not None and definition.autostart and not instance.alive:
                             tg.start_soon(self._autostart_one, instance, slots)
         finally:
-            self._autostart_done.set()
+            done.set()
 
     async def _autostart_one(self, instance: Instance, slots: anyio.Semaphore) -> None:
         async with slots:
