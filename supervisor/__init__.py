@@ -5,7 +5,12 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
+
+# Silent until the host program configures logging (see `supervisor.log`): without a
+# handler of ours, logging's last resort would print warnings on stderr.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 __all__ = ["Supervisor", "__version__", "load_config"]

@@ -6,13 +6,14 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from helpers import start_listening
 
 QEMU = os.environ.get("KVM_SUPERVISOR_TEST_QEMU", "/usr/bin/qemu-system-x86_64")
 REPO = Path(__file__).resolve().parent.parent
@@ -47,31 +48,6 @@ class PausedQemu:
             self.proc.stderr.close()
 
 
-def _listening_unix_sockets() -> set[str]:
-    """Paths of the unix sockets in listening state (/proc/net/unix flag __SO_ACCEPTCON)."""
-    listening = set()
-    with open("/proc/net/unix") as table:
-        next(table)
-        for line in table:
-            fields = line.split()
-            if len(fields) >= 8 and int(fields[3], 16) & 0x10000:
-                listening.add(fields[7])
-    return listening
-
-
-def _wait_for_sockets(paths: list[Path], proc: subprocess.Popen[bytes], deadline_s: float) -> None:
-    # QEMU creates a socket file a moment before it listens on it: wait for listening.
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise RuntimeError(f"qemu exited with {proc.returncode}: {stderr}")
-        if {str(p) for p in paths} <= _listening_unix_sockets():
-            return
-        time.sleep(0.01)
-    raise TimeoutError(f"qemu did not listen on {paths} within {deadline_s}s")
-
-
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A short temp dir: unix socket paths must fit in 108 bytes."""
@@ -102,16 +78,9 @@ def start_paused_qemu(workdir: Path, extra_args: list[str] | None = None) -> Pau
         f"unix:{hmp_path},server=on,wait=off",
         *(extra_args or []),
     ]
-    proc = subprocess.Popen(
-        args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    proc = start_listening(
+        args, [qmp_path, hmp_path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    try:
-        _wait_for_sockets([qmp_path, hmp_path], proc, 20.0)
-    except BaseException:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        raise
     return PausedQemu(proc, workdir, qmp_path, hmp_path, list(extra_args or []))
 
 
@@ -127,3 +96,23 @@ def paused_qemu(short_tmp: Path) -> Iterator[PausedQemu]:
         if qemu.proc.poll() is None:
             os.kill(qemu.pid, signal.SIGCONT)
         qemu.kill()
+
+
+def run_python(
+    code: str, *args: str, prefix: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh interpreter that imports this checkout, to its end.
+
+    `prefix` goes before the interpreter (``ip netns exec NAME``). Fails the test with the
+    program's stderr when it exits non-zero.
+    """
+    result = subprocess.run(
+        [*prefix, sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result

@@ -24,6 +24,7 @@ from ._client import (
     connect_unix,
 )
 from ._codec import (
+    batch_too_large_response,
     decode_incoming,
     decode_params,
     decode_server_line,
@@ -33,6 +34,7 @@ from ._codec import (
     error_response,
     field_path,
     invalid_params,
+    line_timeout_response,
     oversize_response,
     result_response,
 )
@@ -73,6 +75,7 @@ __all__ = [
     "RequestId",
     "Response",
     "ServerMessage",
+    "batch_too_large_response",
     "connect_unix",
     "decode_incoming",
     "decode_params",
@@ -83,6 +86,7 @@ __all__ = [
     "error_response",
     "field_path",
     "invalid_params",
+    "line_timeout_response",
     "oversize_response",
     "result_response",
 ]

@@ -19,6 +19,7 @@ import msgspec
 from anyio.abc import SocketAttribute
 from msgspec import UNSET
 
+from ..groups import ungrouped
 from ._codec import decode_server_line, encode_message
 from ._errors import ProtocolError, RPCConnectionLostError, RPCError
 from ._framing import LineFramer, Oversize
@@ -88,28 +89,21 @@ class RPCClient(anyio.AsyncContextManagerMixin):
 
     @asynccontextmanager
     async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
-        body_error: BaseException | None = None
         stream = await anyio.connect_unix(self._path)
         self._socket = sock = stream.extra(SocketAttribute.raw_socket)
         self._loss = None
         try:
-            async with anyio.create_task_group() as task_group:
-                task_group.start_soon(self._read_messages, sock)
-                try:
-                    yield self
-                except anyio.get_cancelled_exc_class():
-                    raise
-                except BaseException as exc:
-                    # The task group would wrap it in an exception group; the reader
-                    # never raises, so re-raising it afterwards keeps it bare.
-                    body_error = exc
-                finally:
-                    self._lose("the client was closed", None)
-                    task_group.cancel_scope.cancel()
+            # The reader never raises: an error of the body leaves bare.
+            with ungrouped():
+                async with anyio.create_task_group() as task_group:
+                    task_group.start_soon(self._read_messages, sock)
+                    try:
+                        yield self
+                    finally:
+                        self._lose("the client was closed", None)
+                        task_group.cancel_scope.cancel()
         finally:
             await anyio.aclose_forcefully(stream)
-        if body_error is not None:
-            raise body_error
 
     async def call(self, method: str, params: Any = None) -> Any:
         """Call a method and return its result (decoded JSON: dicts, lists, ...).

@@ -59,14 +59,16 @@ class _AnyServerMessage(msgspec.Struct):
 _SERVER_DECODER: Final = msgspec.json.Decoder(_AnyServerMessage | list[_AnyServerMessage])
 
 
-def decode_incoming(line: bytes) -> IncomingLine:
+def decode_incoming(line: bytes, *, max_batch: int | None = None) -> IncomingLine:
     """Decode one line a client sent (without its ``\\n``).
 
-    Never raises: malformed JSON gives a -32700 error response, a message that is not a
-    valid request (wrong envelope, ``params`` neither object nor array, an empty batch,
-    a batch member that is not an object) a -32600 one, each batch member its own. Such
-    error responses carry the request's id when it could be read, else ``null``; they are
-    owed even to requests without an id. A blank line holds nothing.
+    Never raises: malformed JSON (invalid UTF-8, nesting too deep to decode included)
+    gives a -32700 error response, a message that is not a valid request (wrong envelope,
+    ``params`` neither object nor array, an empty batch, a batch member that is not an
+    object) a -32600 one, each batch member its own. A batch of more than ``max_batch``
+    members gets one -32600 error (``data.max_batch``) and none of its members is decoded.
+    Such error responses carry the request's id when it could be read, else ``null``; they
+    are owed even to requests without an id. A blank line holds nothing.
     """
     if not line.strip():
         return IncomingLine([], is_batch=False)
@@ -74,7 +76,7 @@ def decode_incoming(line: bytes) -> IncomingLine:
         envelope = _ENVELOPE_DECODER.decode(line)
     except msgspec.ValidationError as exc:
         return IncomingLine([_unreadable(line, exc)], is_batch=False)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         return IncomingLine([_parse_error(exc)], is_batch=False)
     if isinstance(envelope, Request):
         return IncomingLine([_checked(envelope)], is_batch=False)
@@ -83,10 +85,13 @@ def decode_incoming(line: bytes) -> IncomingLine:
             [error_response(None, ErrorCode.INVALID_REQUEST, "Invalid request: empty batch")],
             is_batch=False,
         )
+    if max_batch is not None and len(envelope) > max_batch:
+        return IncomingLine([batch_too_large_response(len(envelope), max_batch)], is_batch=False)
     return IncomingLine([_decode_member(member) for member in envelope], is_batch=True)
 
 
 def _decode_member(member: msgspec.Raw) -> Incoming:
+    # The envelope decoder already walked the member, so it nests shallowly enough.
     try:
         return _checked(_REQUEST_DECODER.decode(member))
     except msgspec.ValidationError as exc:
@@ -108,7 +113,7 @@ def _unreadable(data: bytes | msgspec.Raw, exc: msgspec.ValidationError) -> Erro
         request_id = msgspec.json.decode(data, type=_IdProbe).id
     except msgspec.ValidationError:
         request_id = None
-    except msgspec.DecodeError as syntax_error:
+    except (msgspec.DecodeError, RecursionError) as syntax_error:
         return _parse_error(syntax_error)
     return _invalid_request(request_id, str(exc))
 
@@ -119,14 +124,22 @@ def _invalid_request(request_id: RequestId | UnsetType, reason: str) -> ErrorRes
     )
 
 
-def _parse_error(exc: msgspec.DecodeError) -> ErrorResponse:
-    return error_response(None, ErrorCode.PARSE_ERROR, f"Parse error: {exc}", {"reason": str(exc)})
+def _parse_error(exc: msgspec.DecodeError | RecursionError) -> ErrorResponse:
+    reason = _decode_failure(exc)
+    return error_response(None, ErrorCode.PARSE_ERROR, f"Parse error: {reason}", {"reason": reason})
+
+
+def _decode_failure(exc: msgspec.DecodeError | RecursionError) -> str:
+    # msgspec gives up on deep nesting with Python's RecursionError.
+    return "JSON nested too deeply" if isinstance(exc, RecursionError) else str(exc)
 
 
 def decode_params(request: Request, params_type: type[T]) -> T:
     """Decode a request's params with the method's own type (absent params as ``{}``).
 
-    :raises RPCError: -32602 naming the offending field (see :func:`invalid_params`).
+    :raises RPCError: -32602 naming the offending field (see :func:`invalid_params`), or
+        for params that are no valid JSON (the envelope leaves them undecoded: invalid
+        UTF-8 in a string, say), with ``data.path`` ``""``.
     """
     decoder = _PARAMS_DECODERS.get(params_type)
     if decoder is None:
@@ -136,6 +149,11 @@ def decode_params(request: Request, params_type: type[T]) -> T:
         decoded: T = decoder.decode(params)
     except msgspec.ValidationError as exc:
         raise invalid_params(exc) from None
+    except (msgspec.DecodeError, RecursionError) as exc:
+        reason = _decode_failure(exc)
+        raise RPCError(
+            ErrorCode.INVALID_PARAMS, f"Invalid params: {reason}", {"path": "", "reason": reason}
+        ) from None
     return decoded
 
 
@@ -198,6 +216,27 @@ def oversize_response(max_line_bytes: int) -> ErrorResponse:
         ErrorCode.INVALID_REQUEST,
         f"Invalid request: line longer than {max_line_bytes} bytes",
         {"max_bytes": max_line_bytes},
+    )
+
+
+def line_timeout_response(timeout_s: float) -> ErrorResponse:
+    """The -32600 answer to a line not completed within ``timeout_s`` of its first byte;
+    the connection is closed after it, like after an oversize line."""
+    return error_response(
+        None,
+        ErrorCode.INVALID_REQUEST,
+        f"Invalid request: line not completed within {timeout_s:g} s",
+        {"timeout_s": timeout_s},
+    )
+
+
+def batch_too_large_response(size: int, max_batch: int) -> ErrorResponse:
+    """The -32600 answer to a batch of more than ``max_batch`` requests."""
+    return error_response(
+        None,
+        ErrorCode.INVALID_REQUEST,
+        f"Invalid request: a batch of {size} requests, more than {max_batch}",
+        {"max_batch": max_batch},
     )
 
 

@@ -30,6 +30,11 @@ class LineFramer:
         self._oversize = False
         self._end_of_stream = False
 
+    @property
+    def holds_partial_line(self) -> bool:
+        """Whether the bytes received so far end inside a line (one yet to be completed)."""
+        return bool(self._buffer)
+
     def feed(self, data: bytes) -> list[bytes | Oversize]:
         """Add received bytes and return the lines they complete.
 

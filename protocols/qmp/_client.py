@@ -32,6 +32,7 @@ from typing import Any, Final
 import anyio
 from anyio.abc import SocketAttribute, UNIXSocketStream
 
+from ..groups import ungrouped
 from ._core import (
     CAPABILITIES_COMMAND,
     NEED_DATA,
@@ -404,25 +405,18 @@ class _Session(anyio.AsyncContextManagerMixin):
         client = QMPClient(
             stream.extra(SocketAttribute.raw_socket), protocol, version, self._timeout
         )
-        body_error: BaseException | None = None
         try:
-            async with anyio.create_task_group() as task_group:
-                task_group.start_soon(client._run_background)
-                try:
-                    yield client
-                except anyio.get_cancelled_exc_class():
-                    raise
-                except BaseException as exc:
-                    # The task group would wrap the body's exception in an exception
-                    # group; the background tasks never raise, so it leaves unwrapped.
-                    body_error = exc
-                finally:
-                    client._lose("the QMP client was closed", None)
+            # The background tasks never raise: an error of the body leaves bare.
+            with ungrouped():
+                async with anyio.create_task_group() as task_group:
+                    task_group.start_soon(client._run_background)
+                    try:
+                        yield client
+                    finally:
+                        client._lose("the QMP client was closed", None)
         finally:
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
-        if body_error is not None:
-            raise body_error
 
 
 def connect(

@@ -279,13 +279,19 @@ async def _cmdline(args: argparse.Namespace) -> int:
 
 async def _serve(args: argparse.Namespace) -> int:
     from supervisor.cli.serve import serve
+    from supervisor.control.server import ControlSocketError
     from supervisor.host.statedir import StateDirLocked
 
     _configure_logging()
     try:
         await serve(_config(args))
-    except StateDirLocked as error:
+    except (StateDirLocked, ControlSocketError) as error:
         print(f"kvm-supervisor: {error}", file=sys.stderr)
+        return EXIT_DAEMON_ERROR
+    except OSError as error:
+        # The state dir cannot be set up (read-only, a file where the control socket
+        # goes): the daemon's failures while it runs are logged where they happen.
+        print(f"kvm-supervisor: cannot start: {error}", file=sys.stderr)
         return EXIT_DAEMON_ERROR
     return EXIT_OK
 

@@ -14,13 +14,15 @@ from __future__ import annotations
 import signal
 
 import anyio
-import structlog
 
 from supervisor.cli.sdnotify import sd_notify
 from supervisor.control.server import serve_control
 from supervisor.engine.supervisor import Supervisor
+from supervisor.log import get_logger
 from supervisor.model.config import Config
 from supervisor.qemu.process import reap_orphans, set_child_subreaper
+
+_log = get_logger(__name__)
 
 #: How often orphans reparented to the daemon are reaped; they are rare (QEMU's own
 #: helpers), and SIGCHLD wakes the reaper at once anyway.
@@ -32,14 +34,13 @@ async def _reap_orphans_on_sigchld() -> None:
         while True:
             reaped = reap_orphans()
             if reaped:
-                structlog.get_logger("supervisor").debug("reaped orphans", pids=sorted(reaped))
+                _log.debug("reaped orphans", pids=sorted(reaped))
             with anyio.move_on_after(ORPHAN_SWEEP_S):
                 await signals.__anext__()
 
 
 async def serve(config: Config) -> None:
     """Run the daemon until SIGTERM or SIGINT."""
-    log = structlog.get_logger("supervisor")
     set_child_subreaper()
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as stop_signals:
         async with (
@@ -48,7 +49,7 @@ async def serve(config: Config) -> None:
             anyio.create_task_group() as tg,
         ):
             tg.start_soon(_reap_orphans_on_sigchld)
-            log.info(
+            _log.info(
                 "serving",
                 socket=str(config.control_socket),
                 state_dir=config.state_dir,
@@ -56,7 +57,7 @@ async def serve(config: Config) -> None:
             )
             sd_notify("READY=1")
             async for signum in stop_signals:
-                log.info("stopping", signal=signal.Signals(signum).name)
+                _log.info("stopping", signal=signal.Signals(signum).name)
                 sd_notify("STOPPING=1")
                 tg.cancel_scope.cancel()
                 break

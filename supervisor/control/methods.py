@@ -35,28 +35,19 @@ async def _ping(sup: Supervisor, _: api.NoParams) -> api.PingResult:
 
 
 async def _info(sup: Supervisor, _: api.NoParams) -> api.SupervisorInfo:
-    qemu = await sup.launcher.qemu_summary()
-    node = node_info(await sup.launcher.hv_version())
     return api.SupervisorInfo(
         version=sup.version,
         pid=os.getpid(),
         uptime_s=round(sup.uptime_s(), 3),
         state_dir=sup.config.state_dir,
-        qemu=qemu,
-        node=api.NodeInfo(
-            memory_total_mib=node.memory_total_mib,
-            memory_free_mib=node.memory_free_mib,
-            memory_dom0_mib=node.memory_dom0_mib,
-            cpu_count=node.cpu_count,
-            hv_version=list(node.hv_version),
-        ),
+        qemu=await sup.launcher.qemu_summary(),
+        node=node_info(await sup.launcher.hv_version()),
     )
 
 
 async def _verify(sup: Supervisor, _: api.NoParams) -> api.VerifyResult:
     qemu = await sup.launcher.qemu_summary()
-    report = verify_node(qemu_path=qemu.path, state_dir=Path(sup.config.state_dir))
-    return api.VerifyResult(problems=list(report.problems), warnings=list(report.warnings))
+    return verify_node(qemu_path=qemu.path, state_dir=Path(sup.config.state_dir))
 
 
 async def _start(sup: Supervisor, params: api.StartParams) -> api.InstanceInfo:

@@ -19,13 +19,21 @@ from typing import Any
 
 import anyio
 import msgspec
-import structlog
 from anyio.abc import TaskStatus
 
 from protocols import qmp
-from protocols.hmp import HMPError, HMPTimeoutError, QMPHumanMonitor
+from protocols.groups import sole_exception, ungrouped
+from protocols.hmp import HMPCommandError, HMPError, HMPTimeoutError, QMPHumanMonitor
 from supervisor.engine.events import EventBus, make_event
+from supervisor.engine.monitor_commands import (
+    SECRET_HMP,
+    SECRET_QMP,
+    hmp_command_name,
+    hmp_refusal,
+    qmp_refusal,
+)
 from supervisor.host.statedir import InstancePaths
+from supervisor.log import get_logger
 from supervisor.model.api import ConsoleInfo, InstanceInfo, NicInfo
 from supervisor.model.config import Config
 from supervisor.model.errors import (
@@ -34,8 +42,10 @@ from supervisor.model.errors import (
     InstanceNotRunning,
     InvalidConfigError,
     InvalidParams,
+    MigrationError,
     MonitorError,
     OperationTimeout,
+    SupervisorError,
 )
 from supervisor.model.spec import InstanceSpec
 from supervisor.model.states import (
@@ -43,6 +53,7 @@ from supervisor.model.states import (
     TERMINAL,
     InstanceState,
     can_transition,
+    exit_for_shutdown,
     state_for_qemu_status,
 )
 from supervisor.qemu.process import ExitStatus, QemuProcess
@@ -50,24 +61,24 @@ from supervisor.qemu.runtime import RuntimeRecord
 
 S = InstanceState
 
-#: QMP commands that would change state behind the supervisor's back, and what to use instead.
-REFUSED_QMP_COMMANDS = {
-    "quit": "instance.stop",
-    "system_powerdown": "instance.stop",
-    "stop": "instance.pause",
-    "cont": "instance.resume",
-    "migrate": "migration.start",
-    "migrate-incoming": "migration.accept",
-    "migrate_cancel": "migration.cancel",
-    "balloon": "instance.balloon",
-    "qmp_capabilities": "(already negotiated)",
-    "human-monitor-command": "instance.monitor",
+#: QEMU run states in which ``cont`` must not be sent, and why.
+NOT_RESUMABLE = {
+    # QEMU would run a guest that now lives on the migration target: two copies.
+    "postmigrate": "it was migrated away and runs on the target now",
+    "finish-migrate": "it is finishing a migration",
+    "inmigrate": "it waits for an incoming migration",
 }
 
 MIB = 1024 * 1024
 
+#: In place of QEMU's message when a command with a secret argument fails.
+_WITHHELD = "failed (QEMU's message is withheld: it may quote an argument)"
+
 #: How soon a lost monitor connection to a live QEMU is tried again.
 MONITOR_RETRY_S = 2.0
+
+#: How long an exit waits for QEMU's last events (the SHUTDOWN that says why).
+DRAIN_S = 2.0
 
 #: How long an operation waits for the one in progress before it gets `Busy`.
 BUSY_WAIT_S = 5.0
@@ -75,13 +86,9 @@ BUSY_WAIT_S = 5.0
 #: How long a killed QEMU may take to disappear before we report it as stuck.
 KILL_WAIT_S = 10.0
 
-#: QEMU run states of a guest whose state comes from, or went to, another host: it
-#: must not run here (`resume` refuses them).
-MIGRATION_STATUSES = frozenset({"inmigrate", "finish-migrate", "postmigrate"})
-
 #: QEMU run states in which `stop` kills at once: a guest that never ran has nothing to
 #: shut down, and pressing the power button of a migrated one would need a ``cont``.
-KILLED_ON_STOP = MIGRATION_STATUSES | {"prelaunch"}
+KILLED_ON_STOP = frozenset({*NOT_RESUMABLE, "prelaunch"})
 
 StartupSteps = Callable[[qmp.QMPClient], Awaitable[None]]
 
@@ -105,10 +112,10 @@ class Instance:
         self.paths = paths
         self.bus = bus
         self.config = config
-        self.log = structlog.get_logger("supervisor.engine.instance").bind(instance=name)
+        self.log = get_logger(__name__).bind(instance=name)
         self.definition: InstanceSpec | None = None
         self.record: RuntimeRecord | None = None
-        self.state = S.STOPPED
+        self._state = S.STOPPED
         self.reason: str | None = None
         self.process: QemuProcess | None = None
         self.qmp: qmp.QMPClient | None = None
@@ -126,21 +133,35 @@ class Instance:
         #: Set once this run's monitor has answered (state, sizes known).
         self.monitor_ready = anyio.Event()
         self._exit_reason: str | None = None
-        self._shutdown_reason: str | None = None
+        self._shutdown_cause: str | None = None
 
     # -- state ---------------------------------------------------------------------------
 
-    def set_state(self, new: InstanceState, reason: str, **details: Any) -> None:
-        """Change state and publish ``instance.state`` (a no-op for an illegal change)."""
-        previous = self.state
-        if new == previous or not can_transition(previous, new):
-            return
-        self.state = new
-        self._publish_state(previous, reason, **details)
+    @property
+    def state(self) -> InstanceState:
+        """The current state; it changes only through `set_state`."""
+        return self._state
 
-    def _publish_state(self, previous: InstanceState, reason: str, **details: Any) -> None:
+    def set_state(self, new: InstanceState, reason: str, **details: Any) -> None:
+        """Change state as the table allows and publish ``instance.state``.
+
+        Setting the current state again does nothing; a move the table does not list is
+        refused and logged as an error (a bug: the table or the caller is wrong).
+        """
+        previous = self._state
+        if new == previous:
+            return
+        if not can_transition(previous, new):
+            self.log.error(
+                "illegal state change refused",
+                previous=str(previous),
+                state=str(new),
+                reason=reason,
+            )
+            return
+        self._state = new
         self.reason = reason
-        data = {"state": str(self.state), "previous": str(previous), "reason": reason, **details}
+        data = {"state": str(new), "previous": str(previous), "reason": reason, **details}
         self.log.info("state", **data)
         self.bus.publish(make_event(self.name, "instance.state", data))
 
@@ -153,11 +174,15 @@ class Instance:
         """Run one operation at a time on this instance.
 
         A second operation waits up to `BUSY_WAIT_S` for the first (so back-to-back
-        calls just queue), then gets `Busy`.
+        calls just queue), then gets `Busy` and holds nothing. Ownership is what
+        ``acquire`` returned, never guessed from the lock's state afterwards: the lock
+        may have passed to a third task that has not run yet.
         """
+        acquired = False
         with anyio.move_on_after(BUSY_WAIT_S):
             await self._operation_lock.acquire()
-        if not self._operation_lock.locked() or self._operation is not None:
+            acquired = True
+        if not acquired:
             raise Busy(self.name, self._operation or "another operation")
         self._operation = what
         try:
@@ -195,7 +220,7 @@ class Instance:
         self._exited = anyio.Event()
         self.monitor_ready = anyio.Event()
         self._exit_reason = None
-        self._shutdown_reason = None
+        self._shutdown_cause = None
         exited = await self._first_session(process, startup, task_status)
         while not exited:  # the monitor went away, QEMU did not
             with anyio.move_on_after(MONITOR_RETRY_S):
@@ -222,7 +247,7 @@ class Instance:
                 await self._abort_start(process, error)
         limit = self.config.start_timeout_s
         await self._abort_start(
-            process, TimeoutError(f"QEMU was not up within start_timeout_s ({limit:g} s)")
+            process, OperationTimeout(f"start of {self.name!r} (start_timeout_s)", limit)
         )
         return True
 
@@ -242,31 +267,38 @@ class Instance:
         started = exited = False
         session: qmp.QMPClient | None = None
         try:
-            async with (
-                qmp.connect(self.paths.qmp_socket, timeout=self.config.qmp_timeout_s) as client,
-                client.events(max_buffer=self.config.event_queue_size) as qmp_events,
-                anyio.create_task_group() as tg,
-            ):
-                self.qmp = session = client
-                tg.start_soon(self._pump_events, qmp_events)
-                if startup is not None:
-                    await startup(client)
-                else:
-                    await self.refresh_status()
-                await self._read_sizes(client)
-                if start_scope is not None:
-                    start_scope.deadline = math.inf
-                started = True
-                self.monitor_ready.set()
-                task_status.started()
-                # Returns when QEMU exits, or when the monitor is lost first.
-                async with anyio.create_task_group() as watch:
-                    watch.start_soon(self._cancel_on_monitor_loss, client, watch.cancel_scope)
-                    # Report the exit before the QMP connection is torn down.
-                    self._handle_exit(await process.wait_exit())
-                    exited = True
-                    watch.cancel_scope.cancel()
-                tg.cancel_scope.cancel()
+            with ungrouped():
+                async with (
+                    qmp.connect(self.paths.qmp_socket, timeout=self.config.qmp_timeout_s) as client,
+                    client.events(max_buffer=self.config.event_queue_size) as qmp_events,
+                    anyio.create_task_group() as tg,
+                ):
+                    self.qmp = session = client
+                    pumped = anyio.Event()
+                    tg.start_soon(self._pump_events, qmp_events, pumped)
+                    if startup is not None:
+                        await startup(client)
+                    else:
+                        await self.refresh_status()
+                    await self._read_sizes(client)
+                    if start_scope is not None:
+                        start_scope.deadline = math.inf
+                    started = True
+                    self.monitor_ready.set()
+                    task_status.started()
+                    # Returns when QEMU exits, or when the monitor is lost first.
+                    async with anyio.create_task_group() as watch:
+                        watch.start_soon(self._cancel_on_monitor_loss, client, watch.cancel_scope)
+                        # Report the exit before the QMP connection is torn down, and
+                        # after QEMU's last events (SHUTDOWN says why it went): they are
+                        # read up to the connection's end, which comes with the exit.
+                        status = await process.wait_exit()
+                        with anyio.CancelScope(shield=True), anyio.move_on_after(DRAIN_S):
+                            await pumped.wait()
+                        self._handle_exit(status)
+                        exited = True
+                        watch.cancel_scope.cancel()
+                    tg.cancel_scope.cancel()
         except Exception:
             if startup is not None and not started:
                 raise
@@ -286,7 +318,12 @@ class Instance:
         scope.cancel()
 
     async def _abort_start(self, process: QemuProcess, error: BaseException) -> None:
-        """Kill a QEMU whose start failed and raise `HypervisorError` explaining why."""
+        """Kill a QEMU whose start failed and raise the `SupervisorError` saying why.
+
+        QEMU's errors are `MonitorError` (5), its silence `OperationTimeout` (6), a
+        field at fault `InvalidConfigError` (7), and anything else, QEMU's death
+        included, `HypervisorError` (4) with the tail of its output.
+        """
         with anyio.CancelScope(shield=True):
             if process.is_alive():
                 process.kill()
@@ -294,20 +331,25 @@ class Instance:
                 await process.wait_exit()
             self._exit_reason = "start-failed"
             self._handle_exit(process.exit_status or ExitStatus(code=None, signal=None))
-        if isinstance(error, HypervisorError | InvalidConfigError):
+        error = sole_exception(error)
+        if isinstance(error, SupervisorError):
             raise error
+        during = f"during the start of {self.name!r}"
         if isinstance(error, qmp.ExecuteError):
-            cause = f"{error.command}: {error.desc}"
-        else:
-            cause = str(error) or type(error).__name__
+            detail = _execute_error_text(error)
+            raise MonitorError(error.error_class, f"{detail} ({during})") from error
+        if isinstance(error, qmp.QMPTimeoutError):
+            what = "QMP handshake" if error.command is None else error.command
+            raise OperationTimeout(f"{what} {during}", error.timeout) from error
         status = process.exit_status
         raise HypervisorError(
-            f"QEMU of {self.name!r} failed to start: {cause}",
+            f"QEMU of {self.name!r} failed to start: {str(error) or type(error).__name__}",
             stderr=process.stderr_tail(),
             exit_status=None if status is None else status.code,
         ) from error
 
-    async def _pump_events(self, events: qmp.EventSubscription) -> None:
+    async def _pump_events(self, events: qmp.EventSubscription, done: anyio.Event) -> None:
+        """Feed QEMU's events to the state machine and the bus; `done` once they end."""
         try:
             async for item in events:
                 if isinstance(item, qmp.EventsDropped):
@@ -316,10 +358,12 @@ class Instance:
                 try:
                     self._on_qmp_event(item)
                 except (KeyError, TypeError, ValueError):
-                    self.log.exception("unexpected QMP event data", event=item.name)
+                    self.log.exception("unexpected QMP event data", qmp_event=item.name)
         except qmp.ConnectionLostError:
             # QEMU closed the monitor: its exit shows through the pidfd.
             self.log.debug("qmp connection lost")
+        finally:
+            done.set()
 
     def _on_qmp_event(self, event: qmp.QMPEvent) -> None:
         self.bus.publish(make_event(self.name, f"qmp.{event.name}", event.data))
@@ -333,8 +377,7 @@ class Instance:
                 self.set_state(S.RUNNING, "resumed" if self.state == S.PAUSED else "started")
         elif event.name == "SHUTDOWN":
             self.qemu_status = "shutdown"
-            guest = bool(event.data.get("guest"))
-            self._shutdown_reason = "guest-shutdown" if guest else str(event.data.get("reason"))
+            self._shutdown_cause = str(event.data.get("reason"))
         elif event.name == "BALLOON_CHANGE":
             self.memory_seen_mib = int(event.data["actual"]) // MIB
         elif event.name == "GUEST_PANICKED":
@@ -355,10 +398,11 @@ class Instance:
         client = self.require_running() if self.qmp is None else self.qmp
         result = await client.execute("query-status")
         self.qemu_status = str(result["status"])
-        wanted = state_for_qemu_status(self.qemu_status)
-        if self.state in TERMINAL or self.state == S.STARTING:
+        if self.state == S.STOPPING:
+            return self.qemu_status  # the stop in progress decides what comes next
+        if self.state in TERMINAL:
             self.set_state(S.STARTING, "adopted")
-        self.set_state(wanted, "adopted")
+        self.set_state(state_for_qemu_status(self.qemu_status), "adopted")
         return self.qemu_status
 
     def _handle_exit(self, status: ExitStatus) -> None:
@@ -373,16 +417,14 @@ class Instance:
             details["signal"] = status.signal
         if self._exit_reason is not None:
             new, reason = S.STOPPED, self._exit_reason
-        elif self._shutdown_reason == "guest-shutdown":
-            new, reason = S.STOPPED, "guest-shutdown"
-        elif self._shutdown_reason is not None:
-            # QEMU was told to quit: a monitor `quit`, a signal, its UI.
-            new, reason = S.STOPPED, "host-powerdown"
-            details["qemu_reason"] = self._shutdown_reason
+        elif self._shutdown_cause is not None:
+            new, reason = exit_for_shutdown(self._shutdown_cause)
+            details["qemu_reason"] = self._shutdown_cause
         else:
             new, reason = S.CRASHED, "crashed"
             if not status.known:
                 details["exit_status"] = None
+        if new == S.CRASHED:
             self.crash_history.append(time.monotonic())
         if self.on_exit is not None:
             try:
@@ -407,8 +449,7 @@ class Instance:
         call is cancelled before QEMU exits, the instance returns to QEMU's state.
         """
         if self.state == S.CRASHED:
-            self.state, previous = S.STOPPED, self.state
-            self._publish_state(previous, "stop requested")
+            self.set_state(S.STOPPED, "stop requested")
             return
         if not self.alive or self.process is None:
             return
@@ -440,8 +481,7 @@ class Instance:
             if not self._exited.is_set() and self.state == S.STOPPING:
                 self._exit_reason = None
                 running = self.qemu_status == "running"
-                self.state = S.RUNNING if running else S.PAUSED
-                self._publish_state(S.STOPPING, "stop abandoned")
+                self.set_state(S.RUNNING if running else S.PAUSED, "stop abandoned")
 
     async def pause(self) -> None:
         client = self.require_running()
@@ -450,11 +490,16 @@ class Instance:
         self.set_state(S.PAUSED, "paused")
 
     async def resume(self) -> None:
+        """``cont``, unless QEMU's guest is (being) migrated: `MigrationError` then."""
         client = self.require_running()
-        # Asked, not taken from our state: a migrated guest resumed would run twice.
-        status = (await self._execute(client, "query-status"))["status"]
-        if status in MIGRATION_STATUSES:
-            raise InstanceNotRunning(self.name, f"{self.state}, QEMU {status}")
+        status = str((await self._execute(client, "query-status"))["status"])
+        if status in NOT_RESUMABLE:
+            raise MigrationError(
+                f"instance {self.name!r} cannot be resumed: {NOT_RESUMABLE[status]} "
+                f"(QEMU status {status})",
+                name=self.name,
+                qemu_status=status,
+            )
         await self._execute(client, "cont")
         self.qemu_status = "running"
         self.set_state(S.RUNNING, "resumed")
@@ -464,24 +509,37 @@ class Instance:
         await self._execute(client, "balloon", {"value": memory_mib * MIB})
 
     async def qmp_passthrough(self, command: str, arguments: dict[str, Any] | None) -> Any:
-        if command in REFUSED_QMP_COMMANDS:
-            raise InvalidConfigError(
-                "command",
-                f"{command!r} would bypass the supervisor: use {REFUSED_QMP_COMMANDS[command]}",
-            )
+        """Run a QMP command for a client (`monitor_commands.REFUSED_QMP` are refused)."""
+        refusal = qmp_refusal(command)
+        if refusal is not None:
+            raise InvalidConfigError("command", refusal)
         return await self._execute(self.require_running(), command, arguments)
 
     async def human_monitor(self, command: str) -> str:
+        """Run an HMP command line for a client (`monitor_commands.REFUSED_HMP` are refused).
+
+        Errors never quote the command line: it may hold a password.
+        """
+        refusal = hmp_refusal(command)
+        if refusal is not None:
+            raise InvalidConfigError("command", refusal)
         client = self.require_running()
         try:
             output: str = await QMPHumanMonitor(client).command(command)
-        except ValueError as error:  # a control character, or too long for QEMU's editor
-            raise InvalidParams("command", str(error)) from None
+        except ValueError:
+            raise InvalidParams(
+                "command",
+                "holds a control character, or is longer than QEMU's line editor takes",
+            ) from None
         except HMPTimeoutError:
             timeout = self.config.qmp_timeout_s
             raise OperationTimeout(f"monitor command on {self.name!r}", timeout) from None
+        except HMPCommandError as error:
+            name, _ = hmp_command_name(command)
+            detail = _WITHHELD if name in SECRET_HMP else error.output
+            raise MonitorError("HMPError", f"{name}: {detail}") from None
         except HMPError as error:
-            raise MonitorError("HMPError", str(error)) from None
+            raise MonitorError(type(error).__name__, "the monitor failed") from None
         except qmp.QMPError as error:
             raise self._monitor_error(error) from None
         return output
@@ -498,7 +556,7 @@ class Instance:
         if isinstance(error, qmp.QMPTimeoutError):
             return OperationTimeout(f"{error.command} on {self.name!r}", self.config.qmp_timeout_s)
         if isinstance(error, qmp.ExecuteError):
-            return MonitorError(error.error_class, f"{error.command}: {error.desc}")
+            return MonitorError(error.error_class, _execute_error_text(error))
         return MonitorError(type(error).__name__, str(error))
 
     # -- reporting ---------------------------------------------------------------------
@@ -555,6 +613,11 @@ class Instance:
     def _console_dict(self) -> dict[str, Any]:
         result: dict[str, Any] = msgspec.to_builtins(self.console())
         return result
+
+
+def _execute_error_text(error: qmp.ExecuteError) -> str:
+    """``command: QEMU's description``; the description withheld for `SECRET_QMP` commands."""
+    return f"{error.command}: {_WITHHELD if error.command in SECRET_QMP else error.desc}"
 
 
 def backoff_delay(crashes: int) -> float:

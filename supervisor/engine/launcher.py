@@ -26,35 +26,33 @@ from pathlib import Path
 
 import anyio
 import msgspec
-import structlog
 
 from protocols import qmp
 from supervisor.engine.instance import KILL_WAIT_S, Instance, StartupSteps
 from supervisor.host.chroot import create_chroot, remove_chroot
 from supervisor.host.pinning import CpuPinningError, pin_vcpus
-from supervisor.host.statedir import StateDir
-from supervisor.host.uidpool import UidPool, UidPoolExhausted
+from supervisor.host.statedir import StateDir, refuse_symlink
+from supervisor.host.uidpool import UidPool
+from supervisor.log import get_logger
 from supervisor.model.api import QemuInfo
 from supervisor.model.config import Config
 from supervisor.model.errors import HypervisorError, InstanceExists, InvalidConfigError
-from supervisor.model.hvparams import HvParams, parse_cpu_mask, resolve_hvparams
+from supervisor.model.hvparams import parse_cpu_mask, resolve_hvparams
 from supervisor.model.spec import InstanceSpec, assign_macs, ensure_uuid
 from supervisor.model.states import InstanceState
 from supervisor.model.validation import check_host_basics, check_syntax, raise_first
 from supervisor.qemu.accel import probe_kvm, resolve_accelerator
 from supervisor.qemu.capabilities import CapabilityCache, check_host_qemu
 from supervisor.qemu.cmdline import (
-    LaunchResources,
-    bind_addresses,
     build_command_line,
     free_port,
-    run_as_for_uid,
+    launch_resources,
     socket_path_problems,
 )
 from supervisor.qemu.process import QemuProcess, launch
 from supervisor.qemu.runtime import RuntimeRecord, store_record
 
-_log = structlog.get_logger("supervisor.engine.launcher")
+_log = get_logger(__name__)
 
 QMP_CHARDEV_ID = "qmp-listen"
 
@@ -169,7 +167,18 @@ class Launcher:
         paths = self.state_dir.create_instance_dir(spec.name, group_id=self.group_id)
         uid = None
         try:
-            resources, uid = await self._lease(spec, hv)
+            if hv.security_model == "pool":
+                uid = await self._request_uid(spec.name)
+            resources = await launch_resources(
+                spec,
+                hv,
+                port_range=self.config.display_port_range,
+                # The live view: other starts may lease ports while this one awaits.
+                taken_ports=self._leased_ports.values(),
+                uid=uid,
+            )
+            if resources.display_port is not None:
+                self._leased_ports[spec.name] = resources.display_port
             command = build_command_line(spec, hv, caps, paths, accel, resources=resources)
             if hv.use_chroot:
                 create_chroot(paths.chroot)
@@ -178,42 +187,16 @@ class Launcher:
             raise
         return RuntimeRecord.for_start(spec, hv, command, caps, paths, uid=uid)
 
-    async def _lease(self, spec: InstanceSpec, hv: HvParams) -> tuple[LaunchResources, int | None]:
-        display_port = None
-        if (hv.vnc_bind_address or hv.spice_bind) and spec.network_port is None:
-            low, high = self.config.display_port_range
-            display_port = free_port(low, high, set(self._leased_ports.values()))
-            if display_port is None:
-                raise InvalidConfigError("display_port_range", f"no free port in {low}-{high}")
-            self._leased_ports[spec.name] = display_port
-        uid = None
-        pool_user = None
-        if hv.security_model == "pool":
-            uid = await self._request_uid(spec.name)
-            pool_user = run_as_for_uid(uid)
-        vnc_address, spice_address = bind_addresses(hv)
-        return (
-            LaunchResources(
-                display_port=display_port,
-                pool_user=pool_user,
-                vnc_address=vnc_address,
-                spice_address=spice_address,
-            ),
-            uid,
-        )
-
     async def _request_uid(self, owner: str, uid: int | None = None) -> int:
         """Lease a pool uid (exactly `uid` if given) in a worker thread: it scans ``/proc``.
 
         Shielded, so a lease taken is always returned to the caller, who releases it.
+        Raises `UidPoolExhausted` when none is free.
         """
         assert self.uid_pool is not None
         request = functools.partial(self.uid_pool.request, owner, uid=uid)
         with anyio.CancelScope(shield=True):
-            try:
-                lease = await anyio.to_thread.run_sync(request)
-            except UidPoolExhausted as error:
-                raise InvalidConfigError("uid_pool", str(error)) from None
+            lease = await anyio.to_thread.run_sync(request)
         return lease.uid
 
     async def renew(self, record: RuntimeRecord) -> RuntimeRecord:
@@ -245,8 +228,9 @@ class Launcher:
 
         Raises `InstanceExists` when the instance is alive (checked after every await,
         so nothing spawns a second QEMU), `HypervisorError` when QEMU cannot be
-        executed or a record cannot be saved (QEMU is killed then). The caller releases
-        what `prepare` leased, except after `InstanceExists` (the live run holds it).
+        executed or a record cannot be saved (QEMU is killed and reaped then). The
+        caller releases what `prepare` leased, except after `InstanceExists` (the live
+        run holds it). Call it shielded: a start is never cut between its saves.
         """
         _refuse_second_qemu(instance)
         intent = msgspec.structs.replace(
@@ -259,17 +243,19 @@ class Launcher:
                 await _save(instance.record)
             _refuse_second_qemu(instance)
         paths = record.paths
-        for stale in (paths.hmp_socket, paths.serial_socket, paths.pid_file):
+        for stale in (paths.serial_socket, paths.pid_file):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
         listener = _listening_socket(paths.qmp_socket)
         try:
             argv = launch_argv(record.argv, listener.fileno())
             try:
+                refuse_symlink(paths.serial_log)  # QEMU appends to it (as root, maybe)
                 process = launch(argv, log_path=paths.qemu_log, pass_fds=(listener.fileno(),))
             except OSError as error:
                 raise HypervisorError(
-                    f"cannot execute {argv[0]}: {error.strerror}", stderr=str(error)
+                    f"cannot start QEMU: {error.filename or argv[0]}: {error.strerror}",
+                    stderr=str(error),
                 ) from None
         finally:
             listener.close()
@@ -278,7 +264,7 @@ class Launcher:
             await _save(started)
         except HypervisorError:
             process.kill()
-            with anyio.CancelScope(shield=True), anyio.move_on_after(KILL_WAIT_S):
+            with anyio.move_on_after(KILL_WAIT_S):
                 await process.wait_exit()
             raise
         instance.record = started

@@ -7,8 +7,9 @@ instances marked ``autostart`` in the background, `AUTOSTART_CONCURRENCY` at a t
 The control socket is another layer's (`supervisor.control.server.serve_control`).
 Leaving the block cancels the supervisor's tasks and leaves the VMs running (unless
 ``shutdown_on_exit``). The library changes no process-wide setting: no signal
-handlers, no logging set-up, no umask or cwd change; blocking file-system work runs
-in anyio's worker threads (`anyio.to_thread`).
+handlers, no logging set-up, no umask or cwd change. It starts no threads of its own:
+blocking file-system work runs in anyio's worker threads (`anyio.to_thread`), as does
+an interface lookup under trio (`supervisor.host.interfaces`).
 
 Errors: operations raise `supervisor.model.errors.SupervisorError` subclasses (never
 exception groups).
@@ -18,31 +19,34 @@ from __future__ import annotations
 
 import grp
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import msgspec
-import structlog
 
+from protocols.groups import ungrouped
 from supervisor import __version__
 from supervisor.engine.events import EventBus, Subscription
 from supervisor.engine.instance import Instance, backoff_delay, recent_crashes
 from supervisor.engine.launcher import Launcher
 from supervisor.host.statedir import StateDir
+from supervisor.log import get_logger
 from supervisor.model.api import InstanceInfo, InstanceSummary
 from supervisor.model.config import Config, instance_file, instance_files, load_instance_file
 from supervisor.model.errors import (
+    Busy,
     HypervisorError,
     InstanceExists,
     InstanceNotFound,
     InstanceNotRunning,
     InvalidConfigError,
     SupervisorError,
+    host_io_errors,
 )
-from supervisor.model.spec import InstanceSpec
+from supervisor.model.spec import InstanceSpec, decode_spec
 from supervisor.model.states import InstanceState
 from supervisor.qemu.process import QemuProcess, adopt, pids_by_option
 from supervisor.qemu.runtime import RuntimeRecord, load_record, store_record
@@ -62,50 +66,43 @@ class Supervisor(anyio.AsyncContextManagerMixin):
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.state_dir = StateDir(config.state_dir)
+        self._group_id = _group_id(config.control_group)
+        self.state_dir = StateDir(config.state_dir, group_id=self._group_id)
         self.bus = EventBus(config.event_queue_size)
         self.started_monotonic = time.monotonic()
         self._instances: dict[str, Instance] = {}
         self._definition_mtimes: dict[str, float] = {}
         self._tg: anyio.abc.TaskGroup | None = None
-        self._group_id = _group_id(config.control_group)
         self.launcher = Launcher(config, self.state_dir, group_id=self._group_id)
-        self.log = structlog.get_logger("supervisor")
+        self.log = get_logger(__name__)
 
     @asynccontextmanager
     async def __asynccontextmanager__(self) -> AsyncGenerator[Supervisor, None]:
         self.state_dir.acquire()
-        body_error: BaseException | None = None
         try:
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                self._load_definitions()
-                await self._adopt_all()
-                self._recover_uid_leases()
-                autostart, autostart_done = anyio.CancelScope(), anyio.Event()
-                tg.start_soon(self._autostart, autostart, autostart_done)
-                try:
-                    yield self
-                except anyio.get_cancelled_exc_class():
-                    raise
-                except BaseException as error:
-                    # The task group would wrap the body's exception in an exception
-                    # group; the supervisor's own tasks never raise, so it leaves bare.
-                    body_error = error
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        # A start under way completes or rolls back (`_launch`) first.
-                        autostart.cancel()
-                        await autostart_done.wait()
-                        if self.config.shutdown_on_exit:
-                            await self._stop_all()
-                    self.bus.close_all()
-                    tg.cancel_scope.cancel()
+            # The supervisor's own tasks never raise: an error of the body leaves bare.
+            with ungrouped():
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    self._load_definitions()
+                    await self._adopt_all()
+                    self._recover_uid_leases()
+                    autostart, autostart_done = anyio.CancelScope(), anyio.Event()
+                    tg.start_soon(self._autostart, autostart, autostart_done)
+                    try:
+                        yield self
+                    finally:
+                        with anyio.CancelScope(shield=True):
+                            # A start under way completes or rolls back (`_launch`) first.
+                            autostart.cancel()
+                            await autostart_done.wait()
+                            if self.config.shutdown_on_exit:
+                                await self._stop_all()
+                        self.bus.close_all()
+                        tg.cancel_scope.cancel()
         finally:
             self._tg = None
             self.state_dir.release()
-        if body_error is not None:
-            raise body_error
 
     # -- registry --------------------------------------------------------------------
 
@@ -370,7 +367,8 @@ class Supervisor(anyio.AsyncContextManagerMixin):
                 self.launcher.release_record(record)
                 raise
             try:
-                await self._tg.start(self._run, instance, process, paused)
+                with ungrouped():
+                    await self._tg.start(self._run, instance, process, paused)
             except SupervisorError:
                 raise
             except Exception as error:  # a bug must not take the daemon down
@@ -380,55 +378,75 @@ class Supervisor(anyio.AsyncContextManagerMixin):
     # -- operations (API.md §3) ----------------------------------------------------------
 
     async def start(
-        self, spec: InstanceSpec | None = None, *, name: str | None = None, paused: bool = False
+        self,
+        spec: InstanceSpec | Mapping[str, Any] | None = None,
+        *,
+        name: str | None = None,
+        paused: bool = False,
     ) -> InstanceInfo:
         """Start an instance from `spec`, or the defined instance `name`.
 
-        Returns once QEMU runs (or is paused). Raises `InstanceExists` when it is
-        already running, `InvalidConfigError` for a bad spec and `HypervisorError`
-        when QEMU fails to start (everything is rolled back).
+        `spec` is an `InstanceSpec` or a plain mapping of its fields (parsed JSON or
+        TOML), decoded as ``instance.start`` decodes its ``spec``: `InvalidParams`
+        names the field (``spec.disks[1].path``). Returns once QEMU runs (or is
+        paused). Raises `InstanceExists` when it is already running,
+        `InvalidConfigError` for a bad spec, `MonitorError`, `OperationTimeout` or
+        `HypervisorError` when QEMU fails to start (everything is rolled back).
         """
         if (spec is None) == (name is None):
             raise InvalidConfigError("spec", "give exactly one of spec or name")
         if spec is not None:
+            if not isinstance(spec, InstanceSpec):
+                spec = decode_spec(spec)
             name = spec.name
         assert name is not None
         if spec is None and name not in self._instances:
             path = instance_file(self.config.instances_dir, name)
             if not path.exists():
                 raise InstanceNotFound(name)
-        registered = name in self._instances
         instance = self._instance(name, create=True)
-        previous_record = instance.record
-        try:
-            async with instance.operation("start"):
-                if instance.alive:
-                    raise InstanceExists(name, "is already running")
-                if spec is None:
-                    spec = self._reload_definition(instance)
-                    if spec is None and previous_record is not None:
-                        spec = previous_record.spec
+        async with instance.operation("start"):
+            # Only the holder of the lock reads or rolls back anything: a caller that gets
+            # `Busy` touches nothing. A failed start may have dropped the instance while
+            # this one waited: it is known again now.
+            if self._instances.setdefault(name, instance) is not instance:
+                raise Busy(name, "start")
+            previous_record = instance.record
+            try:
+                with host_io_errors(f"start of {name!r}", instance.paths.directory):
+                    if instance.alive:
+                        raise InstanceExists(name, "is already running")
                     if spec is None:
-                        raise InstanceNotFound(name)
-                known_uuid = previous_record.spec.uuid if previous_record is not None else None
-                record = await self.launcher.prepare(instance, spec, known_uuid=known_uuid)
-                await self._launch(instance, record, paused=paused)
-        except SupervisorError:
-            if not instance.alive:
-                await self._roll_back_start(instance, previous_record, registered=registered)
-            raise
+                        spec = self._reload_definition(instance)
+                        if spec is None and previous_record is not None:
+                            spec = previous_record.spec
+                        if spec is None:
+                            raise InstanceNotFound(name)
+                    known_uuid = previous_record.spec.uuid if previous_record else None
+                    record = await self.launcher.prepare(instance, spec, known_uuid=known_uuid)
+                    await self._launch(instance, record, paused=paused)
+            except SupervisorError:
+                if not instance.alive:
+                    await self._roll_back_start(instance, previous_record)
+                raise
         return instance.info()
 
-    async def _roll_back_start(
-        self, instance: Instance, previous: RuntimeRecord | None, *, registered: bool
-    ) -> None:
-        """Leave no trace of a failed start: the earlier record, or no instance at all."""
+    async def _roll_back_start(self, instance: Instance, previous: RuntimeRecord | None) -> None:
+        """Leave no trace of a failed start: the earlier record, or no instance at all.
+
+        Runs while the start's error is on its way to the caller: a host failure here
+        (the disk that made the start fail) is logged, never raised in its place.
+        """
         instance.record = previous
-        if previous is not None:
-            await store_record(instance.paths.runtime_record, previous)
-            return
-        self.launcher.forget(instance)
-        if not registered and instance.definition is None:
+        try:
+            if previous is not None:
+                await store_record(instance.paths.runtime_record, previous)
+            else:
+                self.launcher.forget(instance)
+        except OSError as error:
+            instance.log.error("roll-back of a failed start incomplete", error=str(error))
+        known = previous is not None or instance.definition is not None
+        if not known and self._instances.get(instance.name) is instance:
             del self._instances[instance.name]
 
     async def stop(
@@ -445,14 +463,16 @@ class Supervisor(anyio.AsyncContextManagerMixin):
     async def reboot(self, name: str) -> InstanceInfo:
         """Stop, then start again from the saved runtime record (same uuid, same argv)."""
         instance = self._instance(name)
-        record = instance.record
-        if record is None or not instance.alive:
-            raise InstanceNotRunning(name, str(instance.state))
-        paused = instance.state == S.PAUSED
         async with instance.operation("reboot"):
+            # Read under the lock: a stop that ran first has the last word.
+            record = instance.record
+            if record is None or not instance.alive:
+                raise InstanceNotRunning(name, str(instance.state))
+            paused = instance.state == S.PAUSED
             await instance.stop(force=False, timeout_s=self.config.stop_timeout_s)
-            record = await self.launcher.renew(record)
-            await self._launch(instance, record, paused=paused)
+            with host_io_errors(f"reboot of {name!r}", instance.paths.directory):
+                record = await self.launcher.renew(record)
+                await self._launch(instance, record, paused=paused)
         return instance.info()
 
     async def pause(self, name: str) -> InstanceInfo:
@@ -484,8 +504,9 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         async with instance.operation("cleanup"):
             if instance.alive:
                 raise InstanceExists(name, "is running: stop it first")
-            self.launcher.release(instance)
-            self.launcher.forget(instance)
+            with host_io_errors(f"cleanup of {name!r}", instance.paths.directory):
+                self.launcher.release(instance)
+                self.launcher.forget(instance)
             instance.record = None
             if not instance_file(self.config.instances_dir, name).exists():
                 del self._instances[name]

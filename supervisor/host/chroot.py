@@ -14,11 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import structlog
+from supervisor.log import get_logger
 
 __all__ = ["create_chroot", "remove_chroot"]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 
 def create_chroot(path: Path) -> None:

@@ -1,4 +1,5 @@
-"""What the node offers (``supervisor.info``'s ``node``) and what is wrong with it (``verify``).
+"""What the node offers (``supervisor.info``'s ``node``) and what is wrong with it (``verify``),
+as the API types that carry them (`supervisor.model.api.NodeInfo`, ``VerifyResult``).
 
 Memory figures follow Ganeti's ``GetLinuxNodeInfo``: free memory is MemFree + Buffers +
 Cached (page cache can be reclaimed for guests), and the memory used by the node itself
@@ -14,14 +15,12 @@ import tempfile
 from pathlib import Path
 from typing import Final
 
-import msgspec
+from supervisor.model.api import NodeInfo, VerifyResult
 
 __all__ = [
     "KVM_DEVICE",
     "MODULES_DIR",
     "TUN_DEVICE",
-    "NodeInfo",
-    "VerifyResult",
     "kvm_is_paravirtual",
     "node_info",
     "verify_node",
@@ -31,23 +30,6 @@ KVM_DEVICE: Final = Path("/dev/kvm")
 TUN_DEVICE: Final = Path("/dev/net/tun")
 MODULES_DIR: Final = Path("/sys/module")
 MEMINFO: Final = Path("/proc/meminfo")
-
-
-class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """The node's memory (MiB), CPUs and QEMU version."""
-
-    memory_total_mib: int
-    memory_free_mib: int
-    memory_dom0_mib: int
-    cpu_count: int
-    hv_version: tuple[int, int, int]
-
-
-class VerifyResult(msgspec.Struct, frozen=True, kw_only=True):
-    """Problems stop instances from working; warnings make them work worse."""
-
-    problems: list[str]
-    warnings: list[str]
 
 
 def _meminfo_kib(text: str) -> dict[str, int]:
@@ -75,7 +57,7 @@ def node_info(hv_version: tuple[int, int, int], *, meminfo: Path = MEMINFO) -> N
         memory_free_mib=free // 1024,
         memory_dom0_mib=kib.get("Active", 0) // 1024,
         cpu_count=os.cpu_count() or 1,
-        hv_version=hv_version,
+        hv_version=list(hv_version),
     )
 
 

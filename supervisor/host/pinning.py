@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Final
 
 import msgspec
-import structlog
 
 from protocols.qmp import QMPClient
+from supervisor.log import get_logger
 from supervisor.model.hvparams import CpuSet, format_cpu_mask, parse_cpu_mask
 
 __all__ = ["CpuPinningError", "online_cpus", "pin_vcpus"]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 ONLINE_CPUS: Final = Path("/sys/devices/system/cpu/online")
 

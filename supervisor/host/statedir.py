@@ -4,19 +4,25 @@ Layout (names are short because a unix socket path must fit in 107 bytes)::
 
     <state_dir>/supervisor.lock      flock held by the running daemon; holds its pid
     <state_dir>/control.sock         the control socket
-    <state_dir>/instances/<name>/    one dir per instance (0750): qmp.sock, hmp.sock,
-                                     serial.sock, serial.log, qemu.pid, qemu.log, runtime.json
+    <state_dir>/instances/<name>/    one dir per instance (0750): qmp.sock, serial.sock,
+                                     serial.log, qemu.pid, qemu.log, runtime.json
     <state_dir>/uid-leases/<uid>     uid pool leases (`supervisor.host.uidpool`)
     <state_dir>/chroot/<name>/       chroot with ``use_chroot`` (`supervisor.host.chroot`)
     <state_dir>/quarantine/          chroots that were not empty at cleanup
 
-The state dir itself is created 0755: members of the control group must reach the control
-socket through it.
+The daemon (often root) writes here, so nobody else may: the state dir is created 0750
+with the control group as its group (members reach the control socket through it), and
+an existing one owned by another user than root or the daemon's, or writable by group or
+others, is refused (`InvalidConfigError` naming ``state_dir``); so is an instance dir
+that is a symlink or writable by others. Files the daemon opens here are opened with
+``O_NOFOLLOW`` (`open_no_follow`): a symlink planted in place of the lock file, a log or
+a runtime record is refused, never followed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -27,8 +33,8 @@ from types import TracebackType
 from typing import Final
 
 import msgspec
-import structlog
 
+from supervisor.log import get_logger
 from supervisor.model.errors import InvalidConfigError
 from supervisor.model.spec import NAME_PATTERN
 
@@ -37,9 +43,11 @@ __all__ = [
     "InstancePaths",
     "StateDir",
     "StateDirLocked",
+    "open_no_follow",
+    "refuse_symlink",
 ]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 #: sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES: Final = 107
@@ -62,7 +70,6 @@ class InstancePaths(msgspec.Struct, frozen=True, kw_only=True):
 
     directory: Path
     qmp_socket: Path
-    hmp_socket: Path
     serial_socket: Path
     #: Every byte of serial output (QEMU's chardev ``logfile=``).
     serial_log: Path
@@ -75,7 +82,7 @@ class InstancePaths(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def sockets(self) -> tuple[Path, ...]:
         """The unix sockets QEMU listens on."""
-        return (self.qmp_socket, self.hmp_socket, self.serial_socket)
+        return (self.qmp_socket, self.serial_socket)
 
 
 class StateDir:
@@ -85,8 +92,10 @@ class StateDir:
     lock holder's business.
     """
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, group_id: int | None = None) -> None:
         self.path = Path(path)
+        #: The control group, given to the state dir and the instance dirs it creates.
+        self.group_id = group_id
         self._lock_fd: int | None = None
 
     def __repr__(self) -> str:
@@ -130,14 +139,19 @@ class StateDir:
     def acquire(self) -> None:
         """Take the state dir: lock it, write our pid, remove a stale control socket.
 
-        Creates the dir if needed. Never blocks: raises `StateDirLocked` naming the holder's
-        pid when another daemon runs on it. The lock goes away with this process (or
-        `release`); the descriptor is close-on-exec, so QEMUs never inherit it.
+        Creates the dir if needed (0750, group `group_id`). Never blocks: raises
+        `StateDirLocked` naming the holder's pid when another daemon runs on it, and
+        `InvalidConfigError` naming ``state_dir`` when the dir is not the daemon's alone or
+        the lock file is a symlink. The lock goes away with this process (or `release`);
+        the descriptor is close-on-exec, so QEMUs never inherit it.
         """
         if self._lock_fd is not None:
             raise RuntimeError(f"{self} is already locked")
-        _make_dir(self.path, 0o755, parents=True)
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._make_root()
+        try:
+            fd = open_no_follow(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise InvalidConfigError("state_dir", f"{self.lock_file}: {error.strerror}") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -151,6 +165,15 @@ class StateDir:
             raise
         self._lock_fd = fd
         _log.debug("state dir locked", state_dir=str(self.path))
+
+    def _make_root(self) -> None:
+        """Create the state dir 0750 with the control group, or check the existing one
+        (and its instances dir, which adoption reads before any instance dir is made)."""
+        if _make_dir(self.path, 0o750, parents=True, follow=True):
+            if self.group_id is not None:
+                os.chown(self.path, -1, self.group_id)
+        elif self.instances_root.exists() or self.instances_root.is_symlink():
+            _check_private(self.instances_root, follow=False)
 
     def _remove_stale_control_socket(self) -> None:
         try:
@@ -193,7 +216,6 @@ class StateDir:
         return InstancePaths(
             directory=directory,
             qmp_socket=directory / "qmp.sock",
-            hmp_socket=directory / "hmp.sock",
             serial_socket=directory / "serial.sock",
             serial_log=directory / "serial.log",
             pid_file=directory / "qemu.pid",
@@ -219,7 +241,7 @@ class StateDir:
                     f"{MAX_SOCKET_PATH_BYTES}-byte limit of unix sockets: "
                     "use a shorter instance name or state_dir",
                 )
-        _make_dir(self.path, 0o755, parents=True)
+        self._make_root()
         _make_dir(self.instances_root, 0o755)
         _make_dir(paths.directory, 0o750)
         if group_id is not None:
@@ -233,7 +255,9 @@ class StateDir:
         except FileNotFoundError:
             return []
         return sorted(
-            entry.name for entry in entries if _NAME.fullmatch(entry.name) and entry.is_dir()
+            entry.name
+            for entry in entries
+            if _NAME.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink()
         )
 
     def remove_instance_dir(self, name: str) -> None:
@@ -242,15 +266,69 @@ class StateDir:
             shutil.rmtree(self.instance(name).directory)
 
 
-def _make_dir(path: Path, mode: int, *, parents: bool = False) -> None:
-    """Create `path` with exactly `mode` (the umask is not ours to change); keep an existing one."""
+def open_no_follow(path: Path, flags: int, mode: int = 0o640) -> int:
+    """``os.open`` with ``O_NOFOLLOW | O_CLOEXEC``: a symlink at `path` is an error.
+
+    Raises OSError; for a symlink its strerror says so (rather than "Too many levels of
+    symbolic links") and its filename is `path`.
+    """
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise _symlink_error(path) from None
+        raise
+
+
+def refuse_symlink(path: Path) -> None:
+    """Raise OSError, as `open_no_follow` does, when `path` is a symlink.
+
+    For files another program opens (QEMU's serial log), where ``O_NOFOLLOW`` is not ours
+    to give.
+    """
+    if path.is_symlink():
+        raise _symlink_error(path)
+
+
+def _symlink_error(path: Path) -> OSError:
+    return OSError(errno.ELOOP, "is a symbolic link (not followed)", str(path))
+
+
+def _make_dir(path: Path, mode: int, *, parents: bool = False, follow: bool = False) -> bool:
+    """Create `path` with exactly `mode` (the umask is not ours to change); True if created.
+
+    An existing `path` is kept once `_check_private` accepts it; `follow` accepts a symlink
+    to a directory (an admin may link the state dir itself elsewhere).
+    """
     try:
         path.mkdir(mode, parents=parents)
     except FileExistsError:
-        if not path.is_dir():
-            raise
-        return
+        _check_private(path, follow=follow)
+        return False
     os.chmod(path, mode)
+    return True
+
+
+def _check_private(path: Path, *, follow: bool) -> None:
+    """Refuse a dir the daemon cannot trust: a symlink (unless `follow`), not a dir, owned
+    by someone other than root or the daemon's user, or writable by group or others."""
+    info = path.stat() if follow else path.lstat()
+    if stat.S_ISLNK(info.st_mode):
+        raise InvalidConfigError("state_dir", f"{path} is a symbolic link (not followed)")
+    if not stat.S_ISDIR(info.st_mode):
+        raise InvalidConfigError("state_dir", f"{path} is not a directory")
+    if info.st_uid not in (0, os.geteuid()):
+        raise InvalidConfigError(
+            "state_dir",
+            f"{path} is owned by uid {info.st_uid}, neither root nor the daemon's user"
+            f" ({os.geteuid()})",
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise InvalidConfigError(
+            "state_dir",
+            f"{path} is writable by group or others (mode {stat.S_IMODE(info.st_mode):04o}):"
+            " only the daemon may write there",
+        )
 
 
 def _read_pid(fd: int) -> int | None:

@@ -19,25 +19,24 @@ import contextlib
 import fcntl
 import itertools
 import os
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Final
 
 import msgspec
-import structlog
+
+from supervisor.log import get_logger
+from supervisor.model.config import check_uid_range
+from supervisor.model.errors import InvalidConfigError
 
 __all__ = [
     "UidLease",
     "UidPool",
     "UidPoolExhausted",
-    "parse_uid_pool",
     "uids_in_use",
 ]
 
-_log = structlog.get_logger(__name__)
-
-#: ``(uid_t) -1`` means "no uid" to the kernel.
-_UID_LIMIT: Final = 2**32 - 1
+_log = get_logger(__name__)
 
 
 class UidLease(msgspec.Struct, frozen=True, kw_only=True):
@@ -51,39 +50,11 @@ _LEASE_DECODER: Final = msgspec.json.Decoder(UidLease)
 _LEASE_ENCODER: Final = msgspec.json.Encoder()
 
 
-class UidPoolExhausted(Exception):
-    """Every uid of the pool is leased or used by a running process."""
+class UidPoolExhausted(InvalidConfigError):
+    """Every uid of the pool is leased or used by a running process (path ``uid_pool``)."""
 
-
-def parse_uid_pool(text: str) -> list[tuple[int, int]]:
-    """Parse Ganeti's uid pool syntax: ``"5000-5099, 6000"`` -> ``[(5000, 5099), (6000, 6000)]``.
-
-    Comma-separated uids and inclusive ranges; blanks are ignored. Raises ValueError
-    saying what is wrong.
-    """
-    ranges: list[tuple[int, int]] = []
-    for entry in (part.strip() for part in text.split(",")):
-        if not entry:
-            continue
-        bounds = entry.split("-")
-        if len(bounds) > 2:
-            raise ValueError(f"uid range {entry!r} has more than one '-'")
-        try:
-            first, last = int(bounds[0]), int(bounds[-1])
-        except ValueError:
-            raise ValueError(f"uid range {entry!r} is not a uid or a range of uids") from None
-        ranges.append((first, last))
-    ranges.sort()
-    return ranges
-
-
-def _check_range(first: int, last: int) -> None:
-    if first > last:
-        raise ValueError(f"uid range {first}-{last} runs backwards")
-    if first < 1:
-        raise ValueError(f"uid range {first}-{last} includes root: a pool uid must be above 0")
-    if last >= _UID_LIMIT:
-        raise ValueError(f"uid range {first}-{last} goes beyond the largest uid {_UID_LIMIT - 1}")
+    def __init__(self, reason: str) -> None:
+        super().__init__("uid_pool", reason)
 
 
 def uids_in_use() -> set[int]:
@@ -111,7 +82,7 @@ class UidPool:
         self.lease_dir = lease_dir
         self.ranges = sorted(ranges)
         for first, last in self.ranges:
-            _check_range(first, last)
+            check_uid_range(first, last)
 
     def __repr__(self) -> str:
         return f"<UidPool {self.describe()} in {self.lease_dir}>"
@@ -179,12 +150,24 @@ class UidPool:
                 lease = UidLease(uid=uid, owner=owner)
                 self._write_lease(lease)
                 return lease
-            for free in self._uids():
-                if free not in taken:
-                    lease = UidLease(uid=free, owner=owner)
-                    self._write_lease(lease)
-                    _log.debug("uid leased", uid=free, instance=owner)
-                    return lease
+            lease = UidLease(uid=self._lowest_free(leases, taken), owner=owner)
+            self._write_lease(lease)
+        _log.debug("uid leased", uid=lease.uid, instance=owner)
+        return lease
+
+    def first_free(self) -> int:
+        """The uid `request` would lease to a new owner now, without leasing it.
+
+        Raises `UidPoolExhausted` when no uid is free.
+        """
+        with self._locked():
+            leases = self._read_leases()
+            return self._lowest_free(leases, leases.keys() | uids_in_use())
+
+    def _lowest_free(self, leases: Mapping[int, UidLease], taken: Collection[int]) -> int:
+        for uid in self._uids():
+            if uid not in taken:
+                return uid
         in_pool = sum(last - first + 1 for first, last in self.ranges)
         leased = sum(1 for uid in leases if self._in_pool(uid))
         raise UidPoolExhausted(

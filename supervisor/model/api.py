@@ -12,9 +12,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from supervisor.model.spec import NAME_PATTERN, InstanceSpec
-
-InstanceName = Annotated[str, Meta(pattern=NAME_PATTERN, description="Instance name.")]
+from supervisor.model.spec import InstanceName, InstanceSpec
 
 
 class _Params(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
@@ -112,6 +110,8 @@ class QemuInfo(msgspec.Struct, kw_only=True, frozen=True):
 
 
 class NodeInfo(msgspec.Struct, kw_only=True, frozen=True):
+    """The node's memory (MiB), CPUs and QEMU version ``[major, minor, micro]``."""
+
     memory_total_mib: int
     memory_free_mib: int
     memory_dom0_mib: int
@@ -129,6 +129,8 @@ class SupervisorInfo(msgspec.Struct, kw_only=True, frozen=True):
 
 
 class VerifyResult(msgspec.Struct, kw_only=True, frozen=True):
+    """Problems stop instances from working; warnings make them work worse."""
+
     problems: list[str]
     warnings: list[str]
 

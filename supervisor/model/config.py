@@ -5,10 +5,10 @@ Every `Config` key has a default, so an empty file, or one holding only
 values of the wrong type (``max_request_bytes: Expected `int`, got `str```).
 
 Relative paths are resolved against the directory of the file that holds them: in the
-config file `state_dir`, `instances_dir` and the path parameters of ``[hvparams]``; in
-an instance file its disks and path parameters (kernel, initrd, ISOs, floppy, password
-files, x509 dir, mem_path). Values coming over the control socket have no such base and
-must be absolute (`supervisor.model.validation` says so).
+config file `state_dir`, `instances_dir`, `image_dirs` and the path parameters of
+``[hvparams]``; in an instance file its disks and path parameters (kernel, initrd, ISOs,
+floppy, password files, x509 dir, mem_path). Values coming over the control socket have
+no such base and must be absolute (`supervisor.model.validation` says so).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from msgspec import Meta
 
 from supervisor.model.errors import InvalidConfigError, InvalidParams
 from supervisor.model.hvparams import PATH_PARAMETERS, is_url, resolve_hvparams
-from supervisor.model.spec import InstanceSpec, decode_spec
+from supervisor.model.spec import PATTERN_END, InstanceSpec, decode_spec
 
 __all__ = [
     "DEFAULT_INSTANCES_DIR",
@@ -31,6 +31,7 @@ __all__ = [
     "UID_MAX",
     "Config",
     "check_config",
+    "check_uid_range",
     "instance_file",
     "instance_files",
     "load_config",
@@ -39,13 +40,13 @@ __all__ = [
 
 DEFAULT_STATE_DIR: Final = "/var/lib/kvm-supervisor"
 DEFAULT_INSTANCES_DIR: Final = "/etc/kvm-supervisor/instances"
-#: Ganeti's ``UIDPOOL_UID_MAX``: user ids are 32-bit.
-UID_MAX: Final = 2**32 - 1
+#: The largest uid a pool may hold: uids are 32-bit and ``(uid_t) -1`` means "no uid".
+UID_MAX: Final = 2**32 - 2
 
 Seconds = Annotated[float, Meta(gt=0)]
 Port = Annotated[int, Meta(ge=1, le=65535)]
 #: One uid_pool entry in Ganeti's syntax: a uid (``"5000"``) or a range (``"5000-5099"``).
-UidRange = Annotated[str, Meta(pattern=r"^[0-9]+(-[0-9]+)?$")]
+UidRange = Annotated[str, Meta(pattern=r"^[0-9]+(-[0-9]+)?" + PATTERN_END)]
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
@@ -57,8 +58,18 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
     instances_dir: str = DEFAULT_INSTANCES_DIR
     #: Group whose members may use the control socket and serial consoles.
     control_group: Annotated[str, Meta(min_length=1)] = "root"
+    #: Where the host paths in specs sent by control-group members may lie (disks,
+    #: kernel, initrd, ISOs, ...); empty: nowhere (see `supervisor.control.privilege`).
+    image_dirs: list[Annotated[str, Meta(min_length=1)]] = msgspec.field(default_factory=list)
     #: Longest request line accepted on the control socket.
     max_request_bytes: Annotated[int, Meta(ge=4096, le=64 * 1024 * 1024)] = 1024 * 1024
+    #: Control socket connections served at once; more are closed at once.
+    max_connections: Annotated[int, Meta(ge=1, le=65536)] = 64
+    #: Requests one connection may have read and not yet answered (batch members count
+    #: one each); at the bound the daemon stops reading it. Also the largest batch.
+    max_requests_per_connection: Annotated[int, Meta(ge=1, le=65536)] = 64
+    #: From a request line's first byte to its newline; a slower line ends the connection.
+    request_line_timeout_s: Seconds = 30.0
     #: Stop the VMs when the daemon exits (otherwise they keep running and are adopted).
     shutdown_on_exit: bool = False
     #: ACPI shutdown wait before a kill; Ganeti's default shutdown timeout.
@@ -82,31 +93,50 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
         return Path(self.state_dir) / "control.sock"
 
     def uid_ranges(self) -> list[tuple[int, int]]:
-        """`uid_pool` as inclusive ``(first, last)`` pairs."""
+        """`uid_pool` as sorted inclusive ``(first, last)`` pairs.
+
+        Raises `InvalidConfigError` naming the entry that `check_uid_range` refuses.
+        """
         ranges = []
-        for entry in self.uid_pool:
+        for index, entry in enumerate(self.uid_pool):
             first, _, last = entry.partition("-")
-            ranges.append((int(first), int(last or first)))
-        return ranges
+            pair = int(first), int(last or first)
+            try:
+                check_uid_range(*pair)
+            except ValueError as error:
+                raise InvalidConfigError(f"uid_pool[{index}]", str(error)) from None
+            ranges.append(pair)
+        return sorted(ranges)
+
+
+def check_uid_range(first: int, last: int) -> None:
+    """Raise ValueError saying why ``first-last`` cannot be a uid pool range."""
+    if first > last:
+        raise ValueError(f"uid range {first}-{last} runs backwards")
+    if first < 1:
+        raise ValueError(f"uid range {first}-{last} includes root: a pool uid must be above 0")
+    if last > UID_MAX:
+        raise ValueError(f"uid range {first}-{last} goes beyond the largest uid {UID_MAX}")
 
 
 def check_config(config: Config) -> None:
     """Check `config` as `load_config` does; raise `InvalidConfigError` on the first problem.
 
     A hand-built `Config` (the embedding API takes one) is decoded again, so its fields
-    get the file's type checks; then uid ranges must run forwards and fit in 32 bits,
-    the display port range must run forwards, and the ``[hvparams]`` table must hold
-    known parameters with valid values.
+    get the file's type checks; then image dirs must be absolute, uid ranges must pass
+    `check_uid_range`, the display port range must run forwards, and the ``[hvparams]``
+    table must hold known parameters with valid values.
     """
     try:
         msgspec.convert(msgspec.to_builtins(config), Config)
     except msgspec.ValidationError as error:
         raise InvalidParams.from_validation_error(error, "") from None
-    for index, (first, last) in enumerate(config.uid_ranges()):
-        if first > last:
-            raise InvalidConfigError(f"uid_pool[{index}]", f"range {first}-{last} runs backwards")
-        if last > UID_MAX:
-            raise InvalidConfigError(f"uid_pool[{index}]", f"uid {last} exceeds {UID_MAX}")
+    config.uid_ranges()
+    for index, directory in enumerate(config.image_dirs):
+        if not os.path.isabs(directory):
+            raise InvalidConfigError(
+                f"image_dirs[{index}]", f"{directory!r} is not an absolute path"
+            )
     low, high = config.display_port_range
     if low > high:
         raise InvalidConfigError("display_port_range", f"range {low}-{high} runs backwards")
@@ -155,6 +185,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         config,
         state_dir=_absolute(base, config.state_dir),
         instances_dir=_absolute(base, config.instances_dir),
+        image_dirs=[_absolute(base, directory) for directory in config.image_dirs],
         hvparams=_resolve_hvparam_paths(base, config.hvparams),
     )
     check_config(config)

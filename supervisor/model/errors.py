@@ -8,7 +8,10 @@ subclass.
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import msgspec
@@ -26,6 +29,7 @@ __all__ = [
     "NetworkError",
     "OperationTimeout",
     "SupervisorError",
+    "host_io_errors",
 ]
 
 
@@ -75,6 +79,23 @@ class HypervisorError(SupervisorError):
         super().__init__(message, stderr=stderr, exit_status=exit_status)
         self.stderr = stderr
         self.exit_status = exit_status
+
+
+@contextmanager
+def host_io_errors(operation: str, where: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn a host I/O failure (state dir not writable, disk full) into `HypervisorError`.
+
+    The message names the file when the OS did, else `where` (the directory the
+    operation writes to), e.g. ``start of 'vm' failed: /var/lib/.../vm: Read-only
+    file system``.
+    """
+    try:
+        yield
+    except OSError as error:
+        path = error.filename if error.filename is not None else os.fspath(where)
+        raise HypervisorError(
+            f"{operation} failed: {os.fsdecode(path)}: {error.strerror or error}"
+        ) from error
 
 
 class MonitorError(SupervisorError):

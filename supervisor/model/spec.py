@@ -30,6 +30,7 @@ __all__ = [
     "MAX_VCPUS",
     "MIN_MEMORY_MIB",
     "NAME_PATTERN",
+    "PATTERN_END",
     "UUID_PATTERN",
     "NIC",
     "Disk",
@@ -40,11 +41,18 @@ __all__ = [
     "generated_mac",
 ]
 
+#: How every pattern ends. msgspec matches patterns with Python's `re.search`, where `$`
+#: also matches before a trailing newline (so "vm\n" passed as a name); the OpenRPC
+#: document hands the same patterns to JSON Schema validators, whose ECMA-262 regexes
+#: have no `\Z`. `$` followed by "not a newline" (a literal one: error messages show the
+#: pattern's repr, which would double a backslash) ends the string in both dialects.
+PATTERN_END: Final = "$(?!\n)"
+
 #: Instance names: no path separators, ever (names become file and socket names).
-NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
-MAC_PATTERN: Final = r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"
+NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}" + PATTERN_END
+MAC_PATTERN: Final = r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}" + PATTERN_END
 UUID_PATTERN: Final = (
-    r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$"
+    r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}" + PATTERN_END
 )
 
 #: Prefix of generated MACs: QEMU's and libvirt's own. Its first octet, 0x52, has the

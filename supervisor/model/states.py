@@ -18,17 +18,23 @@ class InstanceState(enum.StrEnum):
 
 S = InstanceState
 
-# Every state can fall to STOPPED or CRASHED when QEMU exits; the table lists the rest.
+#: Every legal change of state, and nothing else: `Instance.set_state` refuses (and logs
+#: as an error) any move not listed. QEMU exiting ends every live state (stopped or
+#: crashed).
 TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
     S.STOPPED: frozenset({S.STARTING, S.INCOMING}),
-    S.CRASHED: frozenset({S.STARTING, S.INCOMING}),
-    # INCOMING and MIGRATING: a QEMU adopted in the middle of a migration.
-    S.STARTING: frozenset({S.RUNNING, S.PAUSED, S.STOPPING, S.INCOMING, S.MIGRATING}),
-    S.RUNNING: frozenset({S.PAUSED, S.STOPPING, S.MIGRATING}),
-    S.PAUSED: frozenset({S.RUNNING, S.STOPPING, S.MIGRATING}),
-    S.STOPPING: frozenset(),
-    S.INCOMING: frozenset({S.RUNNING, S.PAUSED, S.STOPPING}),
-    S.MIGRATING: frozenset({S.RUNNING, S.PAUSED, S.STOPPING}),
+    # A stop makes a crashed instance stopped (and cancels its restart).
+    S.CRASHED: frozenset({S.STARTING, S.INCOMING, S.STOPPED}),
+    # Also the state of an adopted QEMU until its monitor tells QEMU's own state.
+    S.STARTING: frozenset(
+        {S.RUNNING, S.PAUSED, S.STOPPING, S.INCOMING, S.MIGRATING, S.STOPPED, S.CRASHED}
+    ),
+    S.RUNNING: frozenset({S.PAUSED, S.STOPPING, S.MIGRATING, S.STOPPED, S.CRASHED}),
+    S.PAUSED: frozenset({S.RUNNING, S.STOPPING, S.MIGRATING, S.STOPPED, S.CRASHED}),
+    # A stop abandoned before QEMU exited gives QEMU's state back.
+    S.STOPPING: frozenset({S.RUNNING, S.PAUSED, S.STOPPED, S.CRASHED}),
+    S.INCOMING: frozenset({S.RUNNING, S.PAUSED, S.STOPPING, S.STOPPED, S.CRASHED}),
+    S.MIGRATING: frozenset({S.RUNNING, S.PAUSED, S.STOPPING, S.STOPPED, S.CRASHED}),
 }
 
 TERMINAL = frozenset({S.STOPPED, S.CRASHED})
@@ -36,21 +42,48 @@ ALIVE = frozenset(set(InstanceState) - TERMINAL)
 
 
 def can_transition(current: InstanceState, new: InstanceState) -> bool:
-    """Whether ``current -> new`` is a legal change (QEMU exiting is always legal)."""
-    if new in TERMINAL:
-        return current not in TERMINAL
+    """Whether ``current -> new`` is in the table."""
     return new in TRANSITIONS[current]
 
 
 def state_for_qemu_status(status: str) -> InstanceState:
-    """Map QEMU's run state (``query-status``) to ours."""
-    if status == "running":
-        return S.RUNNING
-    if status == "inmigrate":
-        return S.INCOMING
-    if status in {"finish-migrate", "postmigrate"}:
-        # The guest's state went (or is going) to a target: never resumed here.
-        return S.MIGRATING
-    if status == "shutdown":
-        return S.STOPPING
-    return S.PAUSED
+    """Map QEMU's run state (``query-status``) to ours.
+
+    ``postmigrate`` (the guest now lives on the migration target) is paused here, and
+    `Instance.resume` refuses it: it must never run on this host again.
+    """
+    return _QEMU_STATUSES.get(status, S.PAUSED)
+
+
+_QEMU_STATUSES = {
+    "running": S.RUNNING,
+    "inmigrate": S.INCOMING,
+    "finish-migrate": S.MIGRATING,
+    "shutdown": S.STOPPING,
+}
+
+
+def exit_for_shutdown(cause: str) -> tuple[InstanceState, str]:
+    """The state and reason of a QEMU exit that followed a SHUTDOWN event with `cause`.
+
+    The reasons (README, "Events") say who ended the run: the guest (``guest-shutdown``,
+    ``guest-reset`` with ``reboot_behavior = "exit"``), QEMU's own failure or the guest's
+    panic (crashed: the restart policy applies), or someone on the host going round the
+    supervisor (``quit`` over QMP, a ``signal``, the ``ui``, a ``reset`` with
+    ``-no-reboot``). A cause this table does not know (a later QEMU's) is ``shutdown``.
+    """
+    return _SHUTDOWN_CAUSES.get(cause, (S.STOPPED, "shutdown"))
+
+
+_SHUTDOWN_CAUSES = {
+    "guest-shutdown": (S.STOPPED, "guest-shutdown"),
+    "guest-reset": (S.STOPPED, "guest-reset"),
+    "guest-panic": (S.CRASHED, "guest-panic"),
+    "host-error": (S.CRASHED, "host-error"),
+    "host-qmp-quit": (S.STOPPED, "quit"),
+    "host-signal": (S.STOPPED, "signal"),
+    "host-ui": (S.STOPPED, "ui"),
+    "host-qmp-system-reset": (S.STOPPED, "reset"),
+    "subsystem-reset": (S.STOPPED, "reset"),
+    "snapshot-load": (S.STOPPED, "reset"),
+}

@@ -49,6 +49,7 @@ __all__ = [
     "VNC_X509_FILES",
     "check_host_basics",
     "check_syntax",
+    "ip_version",
     "raise_first",
     "validated_hvparams",
 ]
@@ -165,7 +166,8 @@ def _console_problems(hv: HvParams) -> Iterator[InvalidConfigError]:
         )
 
 
-def _ip_version(address: str) -> int | None:
+def ip_version(address: str) -> int | None:
+    """4 or 6 for an IP address, None for anything else (an interface name, a path)."""
     try:
         return ipaddress.ip_address(address).version
     except ValueError:
@@ -187,7 +189,7 @@ def _display_problems(hv: HvParams) -> Iterator[InvalidConfigError]:
         yield InvalidConfigError(
             f"{HV}.spice_bind", "SPICE and VNC (vnc_bind_address) cannot both be enabled"
         )
-    bind_version = _ip_version(hv.spice_bind)
+    bind_version = ip_version(hv.spice_bind)
     if bind_version is not None and hv.spice_ip_version not in (0, bind_version):
         yield InvalidConfigError(
             f"{HV}.spice_ip_version",
@@ -267,7 +269,7 @@ def _nic_problems(spec: InstanceSpec) -> Iterator[InvalidConfigError]:
             if mac in first_use:
                 yield InvalidConfigError(f"{path}.mac", f"same MAC as nics[{first_use[mac]}]")
             first_use.setdefault(mac, index)
-        if nic.ip is not None and _ip_version(nic.ip) is None:
+        if nic.ip is not None and ip_version(nic.ip) is None:
             yield InvalidConfigError(f"{path}.ip", f"{nic.ip!r} is not an IP address")
         if nic.mode in ("bridged", "openvswitch") and nic.link is None:
             yield InvalidConfigError(f"{path}.link", f"a {nic.mode} NIC needs a link")
@@ -336,7 +338,7 @@ def _is_interface(name: str) -> bool:
 
 def _bind_problems(hv: HvParams) -> Iterator[InvalidConfigError]:
     vnc = hv.vnc_bind_address
-    if vnc and _ip_version(vnc) is None and not _is_interface(vnc):
+    if vnc and ip_version(vnc) is None and not _is_interface(vnc):
         if not vnc.startswith("/"):
             yield InvalidConfigError(
                 f"{HV}.vnc_bind_address",
@@ -347,7 +349,7 @@ def _bind_problems(hv: HvParams) -> Iterator[InvalidConfigError]:
                 f"{HV}.vnc_bind_address", f"no directory {vnc} for the VNC socket"
             )
     spice = hv.spice_bind
-    if spice and _ip_version(spice) is None and not _is_interface(spice):
+    if spice and ip_version(spice) is None and not _is_interface(spice):
         yield InvalidConfigError(
             f"{HV}.spice_bind", f"{spice!r} is neither an IP address nor an interface"
         )

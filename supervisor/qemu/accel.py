@@ -19,8 +19,8 @@ import os
 from typing import Final
 
 import msgspec
-import structlog
 
+from supervisor.log import get_logger
 from supervisor.model.errors import InvalidConfigError
 
 __all__ = [
@@ -32,7 +32,7 @@ __all__ = [
     "resolve_accelerator",
 ]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 KVM_DEVICE: Final = "/dev/kvm"
 #: Present when the paravirtual KVM implementation is loaded.

@@ -30,12 +30,13 @@ from typing import Final
 
 import anyio
 import msgspec
-import structlog
 
+from supervisor.log import get_logger
 from supervisor.model.errors import HypervisorError, InvalidConfigError
 from supervisor.model.hvparams import HvParams
 from supervisor.model.spec import InstanceSpec
 from supervisor.qemu.accel import KvmAvailability, probe_kvm
+from supervisor.qemu.process import run_captured
 
 __all__ = [
     "NIC_MODELS",
@@ -55,7 +56,7 @@ __all__ = [
     "usb_device_model",
 ]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 HV: Final = "spec.hvparams"
 
@@ -359,26 +360,27 @@ async def _output(path: str, *args: str, may_fail: bool = False) -> str:
     command = [path, *args]
     try:
         with anyio.fail_after(PROBE_TIMEOUT_S):
-            result = await anyio.run_process(command, check=False)
+            status, stdout, stderr = await run_captured(command)
     except TimeoutError:
         raise HypervisorError(
             f"{' '.join(command)} did not answer within {PROBE_TIMEOUT_S:g} s"
         ) from None
     except OSError as error:
         raise HypervisorError(f"cannot run {path}: {error.strerror}") from None
-    stderr = result.stderr.decode(errors="replace")
-    if result.returncode != 0 and not may_fail:
+    if status.code != 0 and not may_fail:
         raise HypervisorError(
-            f"{' '.join(command)} failed", stderr=stderr[-2000:], exit_status=result.returncode
+            f"{' '.join(command)} failed: {status.describe()}",
+            stderr=stderr.decode(errors="replace")[-2000:],
+            exit_status=status.code,
         )
-    return result.stdout.decode(errors="replace")
+    return stdout.decode(errors="replace")
 
 
 async def probe_qemu(path: str) -> QemuCapabilities:
     """Run the QEMU binary at `path` three times and return what it can do.
 
     Raises `HypervisorError` when it cannot be run, fails, hangs or prints no version.
-    On cancellation the running child is killed (by `anyio.run_process`).
+    On cancellation the running child is killed (by `run_captured`).
     """
     help_text = await _output(path, "--help")
     try:

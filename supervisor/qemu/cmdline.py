@@ -36,13 +36,10 @@ before resuming the guest, as Ganeti does.
 
 from __future__ import annotations
 
-import fcntl
-import ipaddress
 import os
 import pwd
 import shlex
 import socket
-import struct
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Final, Literal
@@ -50,13 +47,14 @@ from typing import Final, Literal
 import msgspec
 
 from supervisor.host.chroot import create_chroot
+from supervisor.host.interfaces import interface_addresses
 from supervisor.host.statedir import MAX_SOCKET_PATH_BYTES, InstancePaths, StateDir
-from supervisor.host.uidpool import uids_in_use
+from supervisor.host.uidpool import UidPool
 from supervisor.model.config import Config, load_instance_file
 from supervisor.model.errors import InvalidConfigError
 from supervisor.model.hvparams import HvParams
 from supervisor.model.spec import InstanceSpec, assign_macs, ensure_uuid
-from supervisor.model.validation import raise_first, validated_hvparams
+from supervisor.model.validation import ip_version, raise_first, validated_hvparams
 from supervisor.qemu.accel import Accelerator, probe_kvm, resolve_accelerator
 from supervisor.qemu.capabilities import (
     NIC_MODELS,
@@ -78,8 +76,9 @@ __all__ = [
     "NicPlan",
     "argv_for_spec_file",
     "build_command_line",
+    "free_port",
     "guest_agent_socket",
-    "interface_addresses",
+    "launch_resources",
     "run_as_for_uid",
     "socket_path_problems",
 ]
@@ -99,7 +98,6 @@ _BOOT_LETTERS: Final = {"disk": "c", "cdrom": "d", "floppy": "a", "network": "n"
 _PCI_SLOTS: Final = {"pci.0": range(3, 32), "pcie.0": range(2, 31)}
 _SCSI_BUS: Final = "scsi.0"
 _SCSI_CONTROLLER_ID: Final = "scsi"
-_SIOCGIFADDR: Final = 0x8915
 
 
 class NicPlan(msgspec.Struct, frozen=True, kw_only=True):
@@ -212,7 +210,7 @@ def socket_path_problems(
     spec: InstanceSpec, hv: HvParams, paths: InstancePaths
 ) -> list[InvalidConfigError]:
     """Every unix socket the argv names that does not fit the 107-byte address limit."""
-    sockets = {"spec.name": [paths.qmp_socket, paths.hmp_socket]}
+    sockets = {"spec.name": [paths.qmp_socket]}
     if hv.serial_console:
         sockets["spec.name"].append(paths.serial_socket)
     if hv.use_guest_agent:
@@ -427,9 +425,10 @@ class _Builder:
         self.add("-pidfile", str(self.paths.pid_file))
 
     def _monitors(self) -> None:
+        # QMP only: the daemon reaches the human monitor through QMP's
+        # human-monitor-command, and an HMP socket would be an unfiltered way around it.
         if self.caps.qmp:
             self.add("-qmp", self.opt.unix_server(self.paths.qmp_socket))
-        self.add("-monitor", self.opt.unix_server(self.paths.hmp_socket))
 
     def _serial(self) -> None:
         if not self.hv.serial_console:
@@ -476,7 +475,7 @@ class _Builder:
             # Ganeti's rule: no TLS or password on a unix socket, QEMU would mix up paths.
             self.add("-vnc", f"unix:{_vnc_socket(hv, self.spec.name)}")
             return
-        if _ip_version(address) is None:
+        if ip_version(address) is None:
             if self.resources.vnc_address is None:
                 raise InvalidConfigError(
                     f"{HV}.vnc_bind_address", f"the address of interface {address} is unknown"
@@ -490,7 +489,7 @@ class _Builder:
         display = port - VNC_BASE_PORT
         if address == "0.0.0.0":
             vnc = f":{display}"
-        elif _ip_version(address) == 6:
+        elif ip_version(address) == 6:
             vnc = f"[{address}]:{display}"
         else:
             vnc = f"{address}:{display}"
@@ -512,14 +511,14 @@ class _Builder:
     def _spice(self) -> None:
         hv, flag = self.hv, self.opt.flag
         address = hv.spice_bind
-        ip_version = 0
-        if _ip_version(address) is None:
+        family = 0
+        if ip_version(address) is None:
             if self.resources.spice_address is None:
                 raise InvalidConfigError(
                     f"{HV}.spice_bind", f"the address of interface {address} is unknown"
                 )
             address = self.resources.spice_address
-            ip_version = hv.spice_ip_version or (_ip_version(address) or 0)
+            family = hv.spice_ip_version or (ip_version(address) or 0)
         port = self._port("spec.network_port")
         options = [f"addr={address}"]
         if hv.spice_use_tls:
@@ -530,8 +529,8 @@ class _Builder:
             options.append(f"port={port}")
         if not hv.spice_password_file:
             options.append(flag("disable-ticketing"))
-        if ip_version:
-            options.append(flag(f"ipv{ip_version}"))
+        if family:
+            options.append(flag(f"ipv{family}"))
         for key, value in (
             ("image-compression", hv.spice_image_compression),
             ("jpeg-wan-compression", hv.spice_jpeg_wan_compression),
@@ -856,49 +855,17 @@ class _Builder:
             self.add("-runas", self.run_as)
 
 
-def _ip_version(address: str) -> int | None:
-    try:
-        return ipaddress.ip_address(address).version
-    except ValueError:
-        return None
-
-
 # -- the host side: what `argv_for_spec_file` and the launcher look up -------------------
 
 
-def interface_addresses(name: str) -> tuple[list[str], list[str]]:
-    """The IPv4 and IPv6 addresses of network interface `name` (empty lists if none).
-
-    IPv4 is the interface's primary address (``SIOCGIFADDR``); IPv6 comes from
-    ``/proc/net/if_inet6``. Raises OSError when there is no such interface.
-    """
-    socket.if_nametoindex(name)
-    ipv4: list[str] = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        request = struct.pack("256s", name.encode()[:15])
-        try:
-            reply = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, request)
-        except OSError:
-            pass  # no IPv4 address
-        else:
-            ipv4.append(socket.inet_ntoa(reply[20:24]))
-    ipv6: list[str] = []
+async def _interface_address(name: str, family: int, field: str) -> str:
     try:
-        lines = Path("/proc/net/if_inet6").read_text().splitlines()
-    except FileNotFoundError:
-        lines = []
-    for line in lines:
-        fields = line.split()
-        if len(fields) == 6 and fields[5] == name:
-            ipv6.append(str(ipaddress.IPv6Address(bytes.fromhex(fields[0]))))
-    return ipv4, ipv6
-
-
-def _interface_address(name: str, ip_version: int, field: str) -> str:
-    ipv4, ipv6 = interface_addresses(name)
-    candidates = ipv6 if ip_version == 6 else ipv4 if ip_version == 4 else ipv4 or ipv6
+        ipv4, ipv6 = await interface_addresses(name)
+    except OSError as error:
+        raise InvalidConfigError(field, f"interface {name}: {error.strerror}") from None
+    candidates = ipv6 if family == 6 else ipv4 if family == 4 else ipv4 or ipv6
     if not candidates:
-        wanted = f"IPv{ip_version} address" if ip_version else "address"
+        wanted = f"IPv{family} address" if family else "address"
         raise InvalidConfigError(field, f"interface {name} has no {wanted}")
     return candidates[0]
 
@@ -925,45 +892,38 @@ def free_port(low: int, high: int, taken: Collection[int] = ()) -> int | None:
     return None
 
 
-def bind_addresses(hv: HvParams) -> tuple[str | None, str | None]:
-    """The addresses of the interfaces named by ``vnc_bind_address`` and ``spice_bind``.
+async def launch_resources(
+    spec: InstanceSpec,
+    hv: HvParams,
+    *,
+    port_range: tuple[int, int],
+    taken_ports: Collection[int] = (),
+    uid: int | None = None,
+) -> LaunchResources:
+    """What a start of `spec` takes from the host, found now; nothing is leased here.
 
-    None for a bind that is already an IP (or a VNC socket dir) or is not set.
+    The addresses of the interfaces that ``vnc_bind_address`` and ``spice_bind`` name, a
+    display port of `port_range` that is not in `taken_ports` and can be bound (unless
+    the spec has a ``network_port``), and the ``-runas`` user of the pool `uid` the
+    caller leased. Raises `InvalidConfigError` naming the field at fault.
     """
     vnc_address = spice_address = None
     vnc = hv.vnc_bind_address
-    if vnc and _ip_version(vnc) is None and not vnc.startswith("/"):
-        vnc_address = _interface_address(vnc, 4, f"{HV}.vnc_bind_address")
-    if hv.spice_bind and _ip_version(hv.spice_bind) is None:
-        spice_address = _interface_address(hv.spice_bind, hv.spice_ip_version, f"{HV}.spice_bind")
-    return vnc_address, spice_address
-
-
-def _resources_for(spec: InstanceSpec, hv: HvParams, config: Config) -> LaunchResources:
-    """What the daemon would lease for `spec` now, without leasing anything."""
-    display_port = None
-    if (hv.vnc_bind_address or hv.spice_bind) and spec.network_port is None:
-        display_port = free_port(*config.display_port_range)
-        if display_port is None:
-            low, high = config.display_port_range
-            raise InvalidConfigError("display_port_range", f"no free port in {low}-{high}")
-    pool_user = None
-    if hv.security_model == "pool":
-        busy = uids_in_use()
-        free = (
-            uid
-            for first, last in config.uid_ranges()
-            for uid in range(first, last + 1)
-            if uid not in busy
+    if vnc and ip_version(vnc) is None and not vnc.startswith("/"):
+        vnc_address = await _interface_address(vnc, 4, f"{HV}.vnc_bind_address")
+    if hv.spice_bind and ip_version(hv.spice_bind) is None:
+        spice_address = await _interface_address(
+            hv.spice_bind, hv.spice_ip_version, f"{HV}.spice_bind"
         )
-        uid = next(free, None)
-        if uid is None:
-            raise InvalidConfigError("uid_pool", "no free uid in the pool")
-        pool_user = run_as_for_uid(uid)
-    vnc_address, spice_address = bind_addresses(hv)
+    display_port = None
+    if (vnc or hv.spice_bind) and spec.network_port is None:
+        low, high = port_range
+        display_port = free_port(low, high, taken_ports)
+        if display_port is None:
+            raise InvalidConfigError("display_port_range", f"no free port in {low}-{high}")
     return LaunchResources(
         display_port=display_port,
-        pool_user=pool_user,
+        pool_user=None if uid is None else run_as_for_uid(uid),
         vnc_address=vnc_address,
         spice_address=spice_address,
     )
@@ -977,7 +937,7 @@ async def argv_for_spec_file(path: Path, config: Config) -> list[str]:
     with ``use_chroot``, the chroot), so the argv can be run by hand. A spec without
     uuid gets a fresh one (``start`` keeps its own); a display without
     ``network_port`` gets the first free port of the configured range, and a
-    ``pool`` instance the first free uid, neither leased. Taps appear by fd name.
+    ``pool`` instance the first uid the daemon would lease, neither leased. Taps appear by fd name.
     Raises `InvalidConfigError` naming the field at fault (and, in ``data["file"]``,
     the spec file), `HypervisorError` when QEMU cannot be probed.
     """
@@ -998,9 +958,11 @@ async def _argv_for_spec_file(path: Path, config: Config) -> list[str]:
     paths = state_dir.instance(spec.name)
     raise_first(socket_path_problems(spec, hv, paths))
     accel = resolve_accelerator(hv.kvm_flag, kvm, instance=spec.name)
-    command = build_command_line(
-        spec, hv, caps, paths, accel, resources=_resources_for(spec, hv, config)
-    )
+    uid = None
+    if hv.security_model == "pool":
+        uid = UidPool(state_dir.uid_lease_dir, config.uid_ranges()).first_free()
+    resources = await launch_resources(spec, hv, port_range=config.display_port_range, uid=uid)
+    command = build_command_line(spec, hv, caps, paths, accel, resources=resources)
     state_dir.create_instance_dir(spec.name)
     if hv.use_chroot:
         create_chroot(paths.chroot)

@@ -29,10 +29,14 @@ import subprocess
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Final
 
 import anyio
 import msgspec
-import structlog
+
+from supervisor.host.statedir import open_no_follow
+from supervisor.log import get_logger
+from supervisor.model.errors import HypervisorError
 
 __all__ = [
     "ExitStatus",
@@ -43,10 +47,17 @@ __all__ = [
     "pids_by_option",
     "process_state",
     "reap_orphans",
+    "run_captured",
     "set_child_subreaper",
 ]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
+
+#: What `run_captured` keeps of a child's stdout, and of its stderr: QEMU 7.2's longest
+#: answer (``-device help``) is about 30 KiB.
+MAX_CAPTURED_BYTES: Final = 4 * 1024 * 1024
+#: How long a child that `run_captured` killed may take to exit before it is left alone.
+_KILL_WAIT_S: Final = 10.0
 
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_GET_CHILD_SUBREAPER = 37
@@ -187,11 +198,11 @@ class QemuProcess:
         if self.log_path is None:
             return ""
         try:
-            with self.log_path.open("rb") as log:
+            with os.fdopen(open_no_follow(self.log_path, os.O_RDONLY), "rb") as log:
                 size = log.seek(0, os.SEEK_END)
                 log.seek(max(0, size - n_bytes))
                 return log.read().decode(errors="replace")
-        except FileNotFoundError:
+        except OSError:  # gone, or replaced by a symlink: nothing of QEMU's to quote
             return ""
 
     def close(self) -> None:
@@ -223,9 +234,10 @@ def launch(
     the descriptors in `pass_fds` are inherited. The process is not tied to the caller: it
     keeps running when the daemon exits.
 
-    Raises OSError when the program cannot be executed.
+    Raises OSError when the program cannot be executed or `log_path` cannot be opened (a
+    symlink there is refused, never followed).
     """
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    log_fd = open_no_follow(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
         popen = subprocess.Popen(
             list(argv),
@@ -246,6 +258,80 @@ def launch(
     popen.returncode = 0
     _log.debug("launched", pid=popen.pid, program=argv[0])
     return QemuProcess(popen.pid, pidfd, log_path=log_path)
+
+
+async def run_captured(
+    argv: Sequence[str], *, max_output_bytes: int = MAX_CAPTURED_BYTES
+) -> tuple[ExitStatus, bytes, bytes]:
+    """Run `argv` (no shell, stdin on /dev/null) to its end: its exit status, stdout, stderr.
+
+    For the short commands the library runs (``qemu --help``). The child is spawned from
+    the caller's thread and waited for through a pidfd, as QEMU itself is, so no thread
+    is started on either backend (``anyio.run_process`` starts one per child under
+    asyncio on Python 3.11, and trio spawns children from a worker thread).
+
+    Raises OSError when `argv` cannot be executed, and `HypervisorError` when the child
+    writes more than `max_output_bytes` to stdout or to stderr (it is killed then). On
+    cancellation the child is killed and reaped.
+    """
+    process, read_ends = _spawn_piped(argv)
+    outputs = (bytearray(), bytearray())
+    try:
+        async with anyio.create_task_group() as tg:
+            for read_end, output in zip(read_ends, outputs, strict=True):
+                tg.start_soon(_drain, read_end, output, max_output_bytes, process, tg.cancel_scope)
+        status = await process.wait_exit()
+    except BaseException:
+        process.kill()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_KILL_WAIT_S):
+            await process.wait_exit()
+        raise
+    finally:
+        process.close()
+        for read_end in read_ends:
+            os.close(read_end)
+    if any(len(output) > max_output_bytes for output in outputs):
+        raise HypervisorError(f"{argv[0]} wrote more than {max_output_bytes} bytes")
+    return status, bytes(outputs[0]), bytes(outputs[1])
+
+
+def _spawn_piped(argv: Sequence[str]) -> tuple[QemuProcess, tuple[int, int]]:
+    """Spawn `argv` with stdout and stderr on pipes; the pipes' non-blocking read ends."""
+    stdout, stderr = os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)
+    try:
+        popen = subprocess.Popen(
+            list(argv), stdin=subprocess.DEVNULL, stdout=stdout[1], stderr=stderr[1]
+        )
+    except BaseException:
+        os.close(stdout[0])
+        os.close(stderr[0])
+        raise
+    finally:
+        os.close(stdout[1])
+        os.close(stderr[1])
+    process = QemuProcess(popen.pid, os.pidfd_open(popen.pid), log_path=None)
+    popen.returncode = 0  # the pidfd watcher reaps it, as in `launch`
+    for read_end in (stdout[0], stderr[0]):
+        os.set_blocking(read_end, False)
+    return process, (stdout[0], stderr[0])
+
+
+async def _drain(
+    fd: int, into: bytearray, limit: int, process: QemuProcess, readers: anyio.CancelScope
+) -> None:
+    """Read `fd` to its end into `into`; past `limit` bytes, kill `process` and stop reading
+    both pipes (a descendant of the process may still hold them open)."""
+    while len(into) <= limit:
+        await anyio.wait_readable(fd)
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            continue
+        if not data:
+            return
+        into += data
+    process.kill()
+    readers.cancel()
 
 
 def _option_value(args: Sequence[str], option: str) -> str | None:

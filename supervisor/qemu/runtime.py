@@ -11,7 +11,7 @@ fsync, rename, fsync of the directory; `store_record` does it in a worker thread
 
 Bad input never crashes: a corrupt or truncated record, one from a future version, or
 Ganeti's own runtime file each raise `RuntimeRecordError`, naming the file (or source)
-and the field at fault.
+and the field at fault (or, in text that is not JSON, the byte).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any, Final
 import anyio
 import msgspec
 
-from supervisor.host.statedir import InstancePaths
+from supervisor.host.statedir import InstancePaths, open_no_follow
 from supervisor.model.errors import InvalidConfigError
 from supervisor.model.hvparams import HvParams
 from supervisor.model.spec import InstanceSpec
@@ -154,14 +154,15 @@ def encode_record(record: RuntimeRecord) -> str:
 def decode_record(text: str | bytes, *, source: str = "runtime record") -> RuntimeRecord:
     """Read a record from `text`; `source` names it in errors (a file, ``migration``).
 
-    Raises `RuntimeRecordError` naming the field at fault, e.g. ``nics[0].mac``.
+    Raises `RuntimeRecordError` naming the field at fault, e.g. ``nics[0].mac``, or, for
+    text that is not JSON, the byte where it breaks (``... (byte 120)``, ``truncated``).
     """
     data = text.encode() if isinstance(text, str) else text
     try:
         value = msgspec.json.decode(data)
     except msgspec.DecodeError as error:
-        field = _json_path_at(data, _error_offset(str(error), len(data)))
-        raise RuntimeRecordError(source, field, f"not valid JSON: {error}") from None
+        # msgspec names the byte it stopped at; a field path exists only once it parses.
+        raise RuntimeRecordError(source, "", f"not valid JSON: {error}") from None
     if isinstance(value, list):
         raise RuntimeRecordError(source, "", _ganeti_refusal(value))
     if not isinstance(value, dict):
@@ -196,64 +197,6 @@ def decode_record(text: str | bytes, *, source: str = "runtime record") -> Runti
     return record
 
 
-def _error_offset(message: str, size: int) -> int | None:
-    """Where msgspec's decode error happened: ``... (byte 120)``, or the end if truncated."""
-    if "truncated" in message:
-        return size
-    _, found, rest = message.rpartition("(byte ")
-    if not found:
-        return None
-    digits = rest.rstrip(")")
-    return int(digits) if digits.isdigit() else None
-
-
-def _json_path_at(data: bytes, offset: int | None) -> str:
-    """The JSON path (``nics[0].mac``) being read at byte `offset` of a broken document.
-
-    A small scanner over the prefix: it tracks the open objects and arrays, the last key
-    of each object and the index in each array. Good enough to point at the field a
-    truncation or a stray byte interrupted.
-    """
-    if offset is None:
-        return ""
-    text = data[:offset].decode(errors="replace")
-    # Each frame: [is_object, key or index, expecting_key]
-    stack: list[list[Any]] = []
-    position = 0
-    while position < len(text):
-        char = text[position]
-        if char == '"':
-            end = position + 1
-            while end < len(text) and text[end] != '"':
-                end += 2 if text[end] == "\\" else 1
-            if stack and stack[-1][0] and stack[-1][2]:
-                stack[-1][1] = text[position + 1 : end]
-            position = end + 1
-            continue
-        if char == "{":
-            stack.append([True, None, True])
-        elif char == "[":
-            stack.append([False, 0, False])
-        elif char in "}]" and stack:
-            stack.pop()
-        elif char == ":" and stack and stack[-1][0]:
-            stack[-1][2] = False
-        elif char == "," and stack:
-            if stack[-1][0]:
-                stack[-1][2] = True
-            else:
-                stack[-1][1] += 1
-        position += 1
-    path = ""
-    for is_object, key, expecting_key in stack:
-        # Between two members (expecting a key) the object itself is the field.
-        if is_object and key is not None and not expecting_key:
-            path += f".{key}"
-        elif not is_object:
-            path += f"[{key}]"
-    return path.lstrip(".")
-
-
 def _ganeti_refusal(value: list[Any]) -> str:
     """Why a JSON list (Ganeti's runtime format, or garbage) is not converted."""
     looks_like_ganeti = (
@@ -278,7 +221,10 @@ def save_record(path: Path, record: RuntimeRecord) -> None:
     """Write `record` to `path` atomically: a crash leaves the old file or the new one.
 
     The data goes to a temporary file in the same directory, is fsynced, renamed over
-    `path`, and the directory is fsynced so the rename itself survives a crash.
+    `path`, and the directory is fsynced so the rename itself survives a crash. Nothing
+    is written through a symlink: the temporary file is created new (``O_EXCL``, never a
+    file planted there) and changed through its descriptor only, and the rename replaces
+    a symlink at `path` rather than following it.
     """
     directory = path.parent
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
@@ -287,8 +233,8 @@ def save_record(path: Path, record: RuntimeRecord) -> None:
             file.write(_ENCODER.encode(record))
             file.write(b"\n")
             file.flush()
+            os.fchmod(file.fileno(), 0o640)
             os.fsync(file.fileno())
-        os.chmod(temporary, 0o640)
         os.rename(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -316,10 +262,11 @@ def load_record(path: Path) -> RuntimeRecord:
 
     Raises FileNotFoundError when there is none, `RuntimeRecordError` naming the file
     and field when it cannot be used (corrupt, truncated, from a newer version, or
-    Ganeti's format), or when it cannot be read.
+    Ganeti's format), or when it cannot be read (a symlink there is not followed).
     """
     try:
-        data = path.read_bytes()
+        with os.fdopen(open_no_follow(path, os.O_RDONLY), "rb") as file:
+            data = file.read()
     except FileNotFoundError:
         raise
     except OSError as error:

@@ -33,6 +33,9 @@ from benchtable import Row, format_table
 
 from protocols import hmp
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers.py
+from helpers import start_listening
+
 QEMU = os.environ.get("KVM_SUPERVISOR_TEST_QEMU", "/usr/bin/qemu-system-x86_64")
 COMMAND = "info status"
 ROUNDS = 5
@@ -116,24 +119,7 @@ def start_qemu(workdir: Path) -> subprocess.Popen[bytes]:
     hmp_path = workdir / "hmp.sock"
     args = [QEMU, "-S", "-nodefaults", "-display", "none", "-machine", "accel=tcg", "-m", "64"]
     args += ["-monitor", f"unix:{hmp_path},server=on,wait=off"]
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    # QEMU's bind creates the file a moment before its listen: wait for the listen.
-    while not listening(hmp_path):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            raise RuntimeError("qemu did not start")
-        time.sleep(0.01)
-    return proc
-
-
-def listening(path: Path) -> bool:
-    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
-        fields = line.split()
-        if len(fields) == 8 and fields[7] == str(path) and int(fields[3], 16) & 0x10000:
-            return True
-    return False
+    return start_listening(args, [hmp_path], stdout=subprocess.DEVNULL)
 
 
 def run_rounds(path: Path) -> dict[str, list[float]]:

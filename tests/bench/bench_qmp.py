@@ -13,7 +13,6 @@ import gc
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,9 @@ from benchtable import Row, format_table
 from qemu.qmp import QMPClient as ReferenceClient
 
 from protocols.qmp import connect
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers.py
+from helpers import start_listening
 
 QEMU = os.environ.get("KVM_SUPERVISOR_TEST_QEMU", "/usr/bin/qemu-system-x86_64")
 ROUNDS = 9
@@ -273,9 +275,8 @@ while True:
 
 
 def start_instant_server(path: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-c", INSTANT_SERVER, str(path)])
-    wait_listening(proc, path)
-    return proc
+    args = [sys.executable, "-c", INSTANT_SERVER, str(path)]
+    return start_listening(args, [path], stdout=subprocess.DEVNULL)
 
 
 # --- driver ----------------------------------------------------------------------
@@ -285,26 +286,7 @@ def start_qemu(workdir: Path) -> subprocess.Popen[bytes]:
     qmp_path = workdir / "qmp.sock"
     args = [QEMU, "-S", "-nodefaults", "-display", "none", "-machine", "accel=tcg", "-m", "64"]
     args += ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    wait_listening(proc, qmp_path)
-    return proc
-
-
-def wait_listening(proc: subprocess.Popen[bytes], path: Path) -> None:
-    """Until `path` accepts connections: a unix socket exists from bind, before listen."""
-    deadline = time.monotonic() + 20
-    while True:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            raise RuntimeError(f"{proc.args!r} did not listen on {path}")
-        with socket.socket(socket.AF_UNIX) as probe:
-            try:
-                probe.connect(str(path))
-            except (FileNotFoundError, ConnectionRefusedError):
-                time.sleep(0.01)
-            else:
-                return
+    return start_listening(args, [qmp_path], stdout=subprocess.DEVNULL)
 
 
 Figures = dict[str, list[float]]

@@ -63,6 +63,9 @@ from typing import Any
 import msgspec
 from benchtable import Row, format_table
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers.py
+from helpers import kill_if_started_in, kill_leftover_qemus, wait_gone
+
 QEMU = os.environ.get("KVM_SUPERVISOR_TEST_QEMU", "/usr/bin/qemu-system-x86_64")
 REPO = Path(__file__).resolve().parents[2]
 BENCH_DIR = Path(__file__).resolve().parent
@@ -217,52 +220,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def gone_or_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
-
-
-def wait_gone(pid: int, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not gone_or_zombie(pid):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"process {pid} still alive")
-        time.sleep(0.005)
-
-
-def kill_if_ours(pid: int, marker: Path) -> bool:
-    """SIGKILL `pid` if its command line names `marker` (a dir of this run)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    if str(marker).encode() not in cmdline or gone_or_zombie(pid):
-        return False
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    return True
-
-
-def kill_leftover_qemus(workdir: Path) -> None:
-    """Kill every QEMU of this run, by the pids in runtime records and pid files."""
-    pids: set[int] = set()
-    for record in workdir.glob("**/runtime.json"):
-        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
-            pid = json.loads(record.read_text()).get("pid")
-            if isinstance(pid, int):
-                pids.add(pid)
-    for pid_file in workdir.glob("**/qemu.pid"):
-        with contextlib.suppress(OSError, ValueError):
-            pids.add(int(pid_file.read_text().strip()))
-    killed = [pid for pid in sorted(pids) if kill_if_ours(pid, workdir)]
+def kill_leftovers(workdir: Path) -> None:
+    killed = kill_leftover_qemus(workdir)
     if killed:
         log(f"killed leftover QEMUs {killed}")
-    for pid in killed:
-        with contextlib.suppress(TimeoutError):
-            wait_gone(pid)
 
 
 class Daemon:
@@ -425,7 +386,7 @@ class Bench:
         if result.returncode != 0:
             raise RuntimeError(f"bare QEMU failed: {errors.read_text(errors='replace')}")
         pid = int((self.scratch / "qemu.pid").read_text().strip())
-        if kill_if_ours(pid, self.scratch):
+        if kill_if_started_in(pid, self.scratch):
             wait_gone(pid)
         return elapsed
 
@@ -901,7 +862,7 @@ def workdir_cleanup() -> Iterator[tuple[Path, Daemon]]:
         yield workdir, daemon
     finally:
         daemon.terminate()
-        kill_leftover_qemus(workdir)
+        kill_leftovers(workdir)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

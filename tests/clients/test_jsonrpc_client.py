@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import socket
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
@@ -42,9 +43,10 @@ class AddParams(msgspec.Struct, forbid_unknown_fields=True):
     b: int
 
 
-class SleepParams(msgspec.Struct, forbid_unknown_fields=True):
-    seconds: float
+class HoldParams(msgspec.Struct, forbid_unknown_fields=True):
     value: Any
+    until: str | None = None
+    """Answer once the test releases the gate of this name (``RPCServer.release``)."""
 
 
 class EmitParams(msgspec.Struct, forbid_unknown_fields=True):
@@ -56,9 +58,12 @@ class NoParams(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class _Connection:
-    def __init__(self, stream: SocketStream, task_group: TaskGroup) -> None:
+    def __init__(
+        self, stream: SocketStream, task_group: TaskGroup, gates: dict[str, anyio.Event]
+    ) -> None:
         self.stream = stream
         self.task_group = task_group
+        self.gates = gates
         self.send_lock = anyio.Lock()
 
     async def send(self, line: bytes) -> None:
@@ -79,10 +84,11 @@ class _Connection:
         if request.method == "add":
             add = decode_params(request, AddParams)
             return add.a + add.b
-        if request.method == "sleep":
-            sleep = decode_params(request, SleepParams)
-            await anyio.sleep(sleep.seconds)
-            return sleep.value
+        if request.method == "hold":
+            hold = decode_params(request, HoldParams)
+            if hold.until is not None:
+                await self.gates[hold.until].wait()
+            return hold.value
         if request.method == "fail":
             decode_params(request, NoParams)
             raise RPCError(ErrorCode.BUSY, "instance is busy", {"operation": "stop"})
@@ -135,6 +141,11 @@ class RPCServer(anyio.AsyncContextManagerMixin):
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.gates: dict[str, anyio.Event] = collections.defaultdict(anyio.Event)
+
+    def release(self, gate: str) -> None:
+        """Let the ``hold`` requests waiting for `gate` (and later ones) be answered."""
+        self.gates[gate].set()
 
     @asynccontextmanager
     async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
@@ -146,7 +157,7 @@ class RPCServer(anyio.AsyncContextManagerMixin):
 
     async def handle(self, stream: SocketStream) -> None:
         async with stream, anyio.create_task_group() as task_group:
-            await _Connection(stream, task_group).serve()
+            await _Connection(stream, task_group, self.gates).serve()
             task_group.cancel_scope.cancel()
 
 
@@ -159,27 +170,31 @@ async def test_call_returns_the_result(socket_path: Path) -> None:
     async with RPCServer(socket_path), connect_unix(socket_path) as client:
         assert await client.call("add", {"a": 2, "b": 3}) == 5
         assert await client.call("add", AddParams(a=-1, b=1)) == 0
-        assert await client.call("sleep", {"seconds": 0, "value": {"k": [1, None]}}) == {
-            "k": [1, None]
-        }
+        assert await client.call("hold", {"value": {"k": [1, None]}}) == {"k": [1, None]}
 
 
 async def test_concurrent_calls_are_routed_by_id(socket_path: Path) -> None:
+    values = ("first", "second", "third")
+    answered = {value: anyio.Event() for value in values}
     finished: list[str] = []
 
-    async def call(client: RPCClient, seconds: float, value: str) -> None:
-        assert await client.call("sleep", {"seconds": seconds, "value": value}) == value
+    async def call(client: RPCClient, value: str) -> None:
+        assert await client.call("hold", {"value": value, "until": value}) == value
         finished.append(value)
+        answered[value].set()
 
     async with (
-        RPCServer(socket_path),
+        RPCServer(socket_path) as server,
         connect_unix(socket_path) as client,
         anyio.create_task_group() as task_group,
     ):
-        task_group.start_soon(call, client, 0.3, "slow")
-        task_group.start_soon(call, client, 0.15, "medium")
-        task_group.start_soon(call, client, 0, "fast")
-    assert finished == ["fast", "medium", "slow"]
+        for value in values:
+            task_group.start_soon(call, client, value)
+        await anyio.wait_all_tasks_blocked()  # all three sent, none answered
+        for value in ("third", "first", "second"):
+            server.release(value)
+            await answered[value].wait()
+    assert finished == ["third", "first", "second"]
 
 
 async def test_error_response_raises_rpc_error(socket_path: Path) -> None:
@@ -289,11 +304,22 @@ async def test_server_line_over_the_limit_ends_the_connection(socket_path: Path)
 
 
 async def test_cancelled_call_leaves_the_connection_usable(socket_path: Path) -> None:
-    async with RPCServer(socket_path), connect_unix(socket_path) as client:
-        with anyio.move_on_after(0.05) as scope:
-            await client.call("sleep", {"seconds": 0.2, "value": "late"})
-        assert scope.cancelled_caught
-        assert await client.call("sleep", {"seconds": 0.3, "value": "own"}) == "own"
+    results: list[Any] = []
+
+    async def call(client: RPCClient, value: str) -> None:
+        results.append(await client.call("hold", {"value": value, "until": value}))
+
+    async with RPCServer(socket_path) as server, connect_unix(socket_path) as client:
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(call, client, "late")
+            await anyio.wait_all_tasks_blocked()  # sent, waiting for its reply
+            task_group.cancel_scope.cancel()
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(call, client, "own")
+            await anyio.wait_all_tasks_blocked()
+            server.release("late")  # its reply comes first, while "own" waits
+            server.release("own")
+    assert results == ["own"]
 
 
 async def test_unencodable_params_raise_type_error(socket_path: Path) -> None:
@@ -312,8 +338,9 @@ async def test_body_error_leaves_bare(socket_path: Path) -> None:
 
 async def test_cancelling_the_body_closes_quietly(socket_path: Path) -> None:
     async with RPCServer(socket_path):
-        with anyio.move_on_after(0.1) as scope:
+        with anyio.CancelScope() as scope:
             async with connect_unix(socket_path) as client:
+                scope.cancel()
                 await anyio.sleep_forever()
         assert scope.cancelled_caught
         with pytest.raises(RPCConnectionLostError, match="client was closed"):

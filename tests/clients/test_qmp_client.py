@@ -156,12 +156,12 @@ async def test_qemu_killed_mid_call_fails_everything_pending_at_once(
         qmp.events() as subscription,
     ):
         os.kill(paused_qemu.pid, signal.SIGSTOP)
-        with anyio.fail_after(5):
+        with anyio.fail_after(30):
             async with anyio.create_task_group() as task_group:
                 task_group.start_soon(pending_call)
                 task_group.start_soon(pending_call)
                 task_group.start_soon(iterate)
-                await anyio.sleep(0.1)
+                await anyio.wait_all_tasks_blocked()  # all three wait for QEMU
                 paused_qemu.proc.kill()
             await qmp.wait_closed()
         assert qmp.closed
@@ -174,7 +174,7 @@ async def test_qemu_killed_mid_call_fails_everything_pending_at_once(
 async def test_quit_closes_the_connection_cleanly(paused_qemu: PausedQemu) -> None:
     async with connect(paused_qemu.qmp_path) as qmp:
         await qmp.execute("quit")
-        with anyio.fail_after(5):
+        with anyio.fail_after(30):
             await qmp.wait_closed()
         with pytest.raises(ConnectionLostError) as info:
             await qmp.execute("query-status")
@@ -184,19 +184,16 @@ async def test_quit_closes_the_connection_cleanly(paused_qemu: PausedQemu) -> No
 async def test_deadline_then_recovery_discards_the_late_reply(paused_qemu: PausedQemu) -> None:
     async with connect(paused_qemu.qmp_path, timeout=0.3) as qmp:
         with sigstopped(paused_qemu):
-            started = time.monotonic()
             with pytest.raises(QMPTimeoutError) as by_default:
                 await qmp.execute("query-version")
-            waited = time.monotonic() - started
             with pytest.raises(TimeoutError) as per_call:
                 await qmp.execute("query-name", timeout=0.1)
             with anyio.move_on_after(0.1) as cancelled:
                 await qmp.execute("query-kvm", timeout=math.inf)
         # The three late replies arrive now and must not be taken for this one's.
-        status = await qmp.execute("query-status", timeout=5)
+        status = await qmp.execute("query-status", timeout=30)
         assert not qmp.closed
 
-    assert 0.3 <= waited < 3
     assert by_default.value.command == "query-version"
     assert by_default.value.timeout == 0.3
     assert isinstance(per_call.value, QMPTimeoutError)
@@ -239,8 +236,9 @@ async def test_an_error_in_the_block_leaves_unwrapped(paused_qemu: PausedQemu) -
 
 
 async def test_cancelling_the_block_closes_the_connection(paused_qemu: PausedQemu) -> None:
-    with anyio.move_on_after(0.2) as scope:
+    with anyio.CancelScope() as scope:
         async with connect(paused_qemu.qmp_path) as qmp:
+            scope.cancel()
             await anyio.sleep_forever()
     assert scope.cancelled_caught
     assert qmp.closed
@@ -262,7 +260,7 @@ async def test_a_subscription_ends_its_iterators_when_its_block_ends(
         async with qmp.events() as subscription:
             task_group.start_soon(consume, subscription)
             await qmp.execute("cont")
-            with anyio.fail_after(5):
+            with anyio.fail_after(30):
                 await first_seen.wait()
         await qmp.execute("stop")
     assert seen == ["RESUME"]

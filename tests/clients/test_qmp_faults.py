@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from pathlib import Path
 
 import anyio
@@ -80,13 +79,12 @@ async def test_a_20_mib_line_is_a_protocol_error_not_a_hang(socket_path: Path) -
         with pytest.raises((anyio.BrokenResourceError, anyio.ClosedResourceError)):
             await peer.send_raw(huge)
 
-    started = time.monotonic()
     async with FakeQMPServer(socket_path, scenario), connect(socket_path) as qmp:
+        # A client reading on would hit the call's deadline (QMPTimeoutError) instead.
         with pytest.raises(ConnectionLostError) as info:
             await qmp.execute("query-qmp-schema")
     assert isinstance(info.value.__cause__, ProtocolError)
     assert "longer than 16777216 bytes" in str(info.value.__cause__)
-    assert time.monotonic() - started < 8
 
 
 async def test_a_bad_greeting_fails_connect_with_a_protocol_error(socket_path: Path) -> None:
@@ -126,14 +124,12 @@ async def test_a_server_that_never_greets_hits_the_handshake_deadline(socket_pat
     async def scenario(peer: FakeQMPPeer) -> None:
         await peer.wait_hang_up()
 
-    started = time.monotonic()
     async with FakeQMPServer(socket_path, scenario):
         with pytest.raises(QMPTimeoutError) as info:
             async with connect(socket_path, timeout=0.3):
                 pytest.fail("connected without a greeting")
-    assert 0.3 <= time.monotonic() - started < 3
     assert isinstance(info.value, TimeoutError)
-    assert info.value.command is None
+    assert (info.value.command, info.value.timeout) == (None, 0.3)
 
 
 async def test_a_server_closing_before_the_greeting(socket_path: Path) -> None:
@@ -251,9 +247,11 @@ async def test_descriptors_go_with_their_command_behind_a_large_write(socket_pat
     read_end, write_end = os.pipe()
     received_fds: list[int] = []
 
+    both_sent = anyio.Event()
+
     async def scenario(peer: FakeQMPPeer) -> None:
         await peer.negotiate()
-        await anyio.sleep(0.3)  # not reading: the large command fills the socket
+        await both_sent.wait()  # not reading until then: the large command fills the socket
         big, small = await peer.receive_command(), await peer.receive_command()
         await peer.reply(small, "small")
         await peer.reply(big, "big")
@@ -266,12 +264,18 @@ async def test_descriptors_go_with_their_command_behind_a_large_write(socket_pat
                 async def big() -> None:
                     assert await qmp.execute("big", {"blob": "x" * 8 * MIB}) == "big"
 
+                async def small() -> None:
+                    assert await qmp.execute("getfd", {"fdname": "p"}, fds=[write_end]) == "small"
+
                 task_group.start_soon(big)
-                await anyio.sleep(0.05)
-                assert await qmp.execute("getfd", {"fdname": "p"}, fds=[write_end]) == "small"
+                await anyio.wait_all_tasks_blocked()  # its write stuck in a full socket
+                task_group.start_soon(small)
+                await anyio.wait_all_tasks_blocked()  # queued behind it
+                both_sent.set()
             assert server.peer is not None
             received = server.peer.received
             small_start = received.index(b'{"execute":"getfd"')
+            assert received.index(b'{"execute":"big"') < small_start
             assert received.count(b"\n") == 3
             received_fds = [fd for _, fds in server.peer.fd_reads for fd in fds]
             [(fd_read, _)] = server.peer.fd_reads
@@ -287,9 +291,11 @@ async def test_descriptors_go_with_their_command_behind_a_large_write(socket_pat
 async def test_a_command_that_times_out_unwritten_is_never_sent(socket_path: Path) -> None:
     read_end, write_end = os.pipe()
 
+    timed_out = anyio.Event()
+
     async def scenario(peer: FakeQMPPeer) -> None:
         await peer.negotiate()
-        await anyio.sleep(0.5)
+        await timed_out.wait()  # not reading until then: the large command fills the socket
         big, after = await peer.receive_command(), await peer.receive_command()
         assert (big["execute"], after["execute"]) == ("big", "after")
         await peer.reply(big)
@@ -300,9 +306,10 @@ async def test_a_command_that_times_out_unwritten_is_never_sent(socket_path: Pat
         async with FakeQMPServer(socket_path, scenario) as server:
             async with connect(socket_path) as qmp, anyio.create_task_group() as task_group:
                 task_group.start_soon(qmp.execute, "big", {"blob": "x" * 8 * MIB})
-                await anyio.sleep(0.05)
+                await anyio.wait_all_tasks_blocked()  # its write stuck in a full socket
                 with pytest.raises(QMPTimeoutError):
                     await qmp.execute("getfd", {"fdname": "p"}, fds=[write_end], timeout=0.1)
+                timed_out.set()
                 await qmp.execute("after")
             assert server.peer is not None
             assert b"getfd" not in server.peer.received

@@ -7,15 +7,17 @@ machine's QEMU (for the pure tests and the golden argv files).
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import tempfile
-import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import msgspec
+import pytest
+from helpers import wait_listening
 
 from supervisor.qemu.capabilities import MachineType, QemuCapabilities, parse_capabilities
 
@@ -70,6 +72,35 @@ _DEVICES = frozenset(
         "virtserialport",
     }
 )
+
+
+#: Set (to anything but "" or "0") to rewrite the golden files that differ.
+UPDATE_GOLDEN = "KVS_UPDATE_GOLDEN"
+
+
+def _switched_on(variable: str) -> bool:
+    return os.environ.get(variable, "").lower() not in ("", "0", "false")
+
+
+def check_golden(golden: Path, actual: str) -> None:
+    """Fail unless `golden` holds `actual`.
+
+    With ``KVS_UPDATE_GOLDEN`` set, a golden file that differs (or is missing) is
+    rewritten and the test still fails, saying so: a rewritten file is something to
+    review, never a pass. Under CI (``CI=true``) the switch is refused and nothing is
+    written.
+    """
+    expected = golden.read_text() if golden.exists() else None
+    if actual == expected:
+        return
+    if _switched_on(UPDATE_GOLDEN):
+        if _switched_on("CI"):
+            pytest.fail(f"{UPDATE_GOLDEN} is refused under CI: {golden} differs and is kept")
+        golden.write_text(actual)
+        pytest.fail(f"rewrote {golden}: review the diff, then run without {UPDATE_GOLDEN}")
+    if expected is None:
+        pytest.fail(f"{golden} is missing: run with {UPDATE_GOLDEN}=1 to write it")
+    assert actual == expected, f"differs from {golden}"
 
 
 def modern_caps(**changes: Any) -> QemuCapabilities:
@@ -141,21 +172,10 @@ def run_paused(argv: list[str], qmp_socket: Path, pass_fds: list[int]) -> str:
             pass_fds=pass_fds,
         )
         try:
-            deadline = time.monotonic() + 15
+            wait_listening([qmp_socket], pid=process.pid, exit_details=lambda: _read(stderr))
             sock = socket.socket(socket.AF_UNIX)
             stack.callback(sock.close)
-            while True:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    stderr.seek(0)
-                    message = stderr.read().decode(errors="replace")
-                    raise AssertionError(f"QEMU exited with {process.returncode}: {message}")
-                try:
-                    # The socket file appears at bind(), a moment before QEMU listens.
-                    sock.connect(str(qmp_socket))
-                except (FileNotFoundError, ConnectionRefusedError):
-                    time.sleep(0.01)
-                    continue
-                break
+            sock.connect(str(qmp_socket))
             sock.settimeout(10)
             reader = stack.enter_context(sock.makefile("r"))
             assert "QMP" in json.loads(reader.readline())
@@ -168,5 +188,9 @@ def run_paused(argv: list[str], qmp_socket: Path, pass_fds: list[int]) -> str:
             if process.poll() is None:
                 process.kill()
                 process.wait()
-        stderr.seek(0)
-        return stderr.read().decode(errors="replace")
+        return _read(stderr)
+
+
+def _read(file: IO[bytes]) -> str:
+    file.seek(0)
+    return file.read().decode(errors="replace")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
-from structlog.testing import capture_logs
 
 from supervisor.model.errors import InvalidConfigError
 from supervisor.qemu.accel import Accelerator, KvmAvailability, probe_kvm, resolve_accelerator
@@ -69,16 +69,19 @@ def test_probe_this_host() -> None:
     ],
 )
 def test_resolve(
-    kvm_flag: str, kvm: KvmAvailability, accel: Accelerator, warning: str | None
+    kvm_flag: str,
+    kvm: KvmAvailability,
+    accel: Accelerator,
+    warning: str | None,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with capture_logs() as logs:
+    with caplog.at_level(logging.DEBUG, logger="supervisor"):
         assert resolve_accelerator(kvm_flag, kvm, instance="vm1") is accel
+    logs = [(record.levelname, getattr(record, "event_dict", None)) for record in caplog.records]
     if warning is None:
         assert logs == []
     else:
-        assert logs == [
-            {"event": warning, "instance": "vm1", "reason": kvm.reason, "log_level": "warning"}
-        ]
+        assert logs == [("WARNING", {"event": warning, "instance": "vm1", "reason": kvm.reason})]
 
 
 def test_enabled_without_device_is_a_clear_error() -> None:

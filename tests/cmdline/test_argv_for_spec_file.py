@@ -23,8 +23,8 @@ pytestmark = [pytest.mark.qemu, pytest.mark.anyio]
 
 @pytest.fixture
 def anyio_backend() -> str:
-    # QEMU processes dominate the time; one backend is enough (the code awaits only
-    # anyio.run_process, which the capability tests run on both).
+    # QEMU processes dominate the time; one backend is enough (the code awaits only QEMU
+    # probes and interface lookups, which their own tests run on both).
     return "asyncio"
 
 

@@ -34,7 +34,6 @@ from supervisor.qemu.capabilities import QemuCapabilities, check_host_qemu, pars
 from supervisor.qemu.cmdline import (
     LaunchResources,
     build_command_line,
-    interface_addresses,
     run_as_for_uid,
     socket_path_problems,
 )
@@ -440,8 +439,8 @@ def test_qemu_accepts(index: int, files: Files, caps: QemuCapabilities) -> None:
     resources = LaunchResources(
         display_port=display_port,
         pool_user=run_as_for_uid(65534),
-        vnc_address=interface_addresses("lo")[0][0],
-        spice_address=interface_addresses("lo")[0][0],
+        vnc_address="127.0.0.1",
+        spice_address="127.0.0.1",
         spice_x509_dir=files.x509 or "/nonexistent",
     )
     accel = resolve_accelerator(hv.kvm_flag, kvm, instance=instance)

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import shutil
-import signal
-import tempfile
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 from conftest import GUEST_DIR
+from helpers import await_until, kill_leftover_qemus
 
 from supervisor.model.config import Config, check_config
 from supervisor.model.spec import InstanceSpec, decode_spec
@@ -33,24 +27,12 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def state_dir() -> Iterator[Path]:
+def state_dir(short_tmp: Path) -> Iterator[Path]:
     """A short private state dir; any QEMU left in it is killed by pid afterwards."""
-    path = Path(tempfile.mkdtemp(prefix="kvs-", dir="/tmp"))
     try:
-        yield path
+        yield short_tmp
     finally:
-        kill_leftover_qemus(path)
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def kill_leftover_qemus(state_dir: Path) -> None:
-    """Kill QEMUs whose pid file lies in `state_dir` (only ours: the pid file says so)."""
-    for pid_file in state_dir.glob("instances/*/qemu.pid"):
-        with contextlib.suppress(ValueError, OSError):
-            pid = int(pid_file.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if str(state_dir).encode() in cmdline:
-                os.kill(pid, signal.SIGKILL)
+        kill_leftover_qemus(short_tmp)
 
 
 @pytest.fixture
@@ -86,32 +68,27 @@ def guest_spec(name: str, **fields: Any) -> InstanceSpec:
     return decode_spec({"name": name, "memory_mib": GUEST_MIB, **fields})
 
 
+def serial_shows(log: Path, pattern: re.Pattern[bytes], start: int = 0) -> Callable[[], bool]:
+    """A check that `pattern` shows in the serial log (QEMU's chardev logfile) after `start`."""
+
+    def shows() -> bool:
+        try:
+            return pattern.search(log.read_bytes(), start) is not None
+        except FileNotFoundError:
+            return False
+
+    return shows
+
+
 async def wait_for_serial(
     log: Path, pattern: re.Pattern[bytes], timeout_s: float = 90, *, since_end: bool = False
 ) -> None:
-    """Wait until `pattern` shows in the serial log (QEMU's chardev logfile).
+    """Wait until `pattern` shows in the serial log.
 
     With `since_end`, only what is appended from now on counts (the log is appended to
     across restarts of the instance).
     """
     start = log.stat().st_size if since_end and log.exists() else 0
-    with anyio.fail_after(timeout_s):
-        while True:
-            with contextlib.suppress(FileNotFoundError):
-                if pattern.search(log.read_bytes(), start):
-                    return
-            await anyio.sleep(0.1)
-
-
-def wait_gone(pid: int, timeout_s: float = 10) -> None:
-    """Wait until `pid` is gone or a zombie."""
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return
-        if state == "Z":
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"process {pid} still alive")
+    await await_until(
+        serial_shows(log, pattern, start), what=f"{pattern.pattern!r} in {log}", timeout_s=timeout_s
+    )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -12,12 +14,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 from conftest import GUEST_DIR
+from helpers import gone_or_zombie, kill_leftover_qemus, wait_gone, wait_until
 
-from .conftest import FAST_KERNEL_ARGS, GUEST_MIB, kill_leftover_qemus, wait_gone
+from .conftest import FAST_KERNEL_ARGS, GUEST_MIB, READY, serial_shows
 
 pytestmark = [pytest.mark.guest]
 
@@ -116,18 +119,41 @@ def write_instance(daemon: Daemon, name: str, **fields: Any) -> Path:
     return path
 
 
-def wait_for_file_text(path: Path, text: bytes, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists() and text in path.read_bytes():
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"{text!r} not in {path}")
+def wait_for_guest_ready(serial_log: Path) -> None:
+    wait_until(
+        serial_shows(serial_log, READY), what=f"the guest ready in {serial_log}", timeout_s=90
+    )
 
 
-def console_session(
-    daemon: Daemon, name: str, typed: bytes, until: bytes, timeout_s: float = 30
-) -> bytes:
+class PipeReader:
+    """A child's output pipe, read as data comes (select), up to a marker or a deadline."""
+
+    def __init__(self, pipe: IO[bytes]) -> None:
+        self.fd = pipe.fileno()
+        self.buffer = b""
+
+    def wait_readable(self, timeout_s: float) -> bool:
+        """Whether output is buffered or arrives within `timeout_s`."""
+        return bool(self.buffer) or bool(select.select([self.fd], [], [], timeout_s)[0])
+
+    def read_until(self, marker: bytes, timeout_s: float = 30) -> bytes:
+        """The output up to and including `marker`; TimeoutError if it has not come by then."""
+        deadline = time.monotonic() + timeout_s
+        while marker not in self.buffer:
+            if not select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                raise TimeoutError(
+                    f"{marker!r} not in the output within {timeout_s} s: {self.buffer!r}"
+                )
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                raise EOFError(f"the output ended before {marker!r}: {self.buffer!r}")
+            self.buffer += chunk
+        end = self.buffer.index(marker) + len(marker)
+        output, self.buffer = self.buffer[:end], self.buffer[end:]
+        return output
+
+
+def console_session(daemon: Daemon, name: str, typed: bytes, until: bytes) -> bytes:
     """Attach with `kvm-supervisor console`, type, read until the echo, detach with Ctrl-]."""
     proc = subprocess.Popen(
         [*CLI, "console", name, "--config", str(daemon.config)],
@@ -136,15 +162,10 @@ def console_session(
         stderr=subprocess.PIPE,
     )
     assert proc.stdin is not None and proc.stdout is not None
-    output = b""
     try:
         proc.stdin.write(b"\n" + typed)
         proc.stdin.flush()
-        deadline = time.monotonic() + timeout_s
-        os.set_blocking(proc.stdout.fileno(), False)
-        while until not in output and time.monotonic() < deadline:
-            output += proc.stdout.read() or b""
-            time.sleep(0.05)
+        output = PipeReader(proc.stdout).read_until(until)
         proc.stdin.write(b"\x1d")
         proc.stdin.flush()
         assert proc.wait(timeout=10) == 0
@@ -203,7 +224,7 @@ def test_cli_verbs_against_the_daemon(daemon: Daemon) -> None:
     refused = daemon.cli("qmp", "alpha", "quit")
     assert refused.returncode == 1 and "instance.stop" in refused.stderr
     assert daemon.cli_json("balloon", "alpha", "80")["name"] == "alpha"
-    wait_for_file_text(Path(shown["serial_log"]), b"KVS-GUEST-READY")
+    wait_for_guest_ready(Path(shown["serial_log"]))
     assert b"console-42" in console_session(
         daemon, "alpha", b"echo console-$((6*7))\n", b"console-42"
     )
@@ -281,7 +302,7 @@ def test_kill_9_daemon_then_restart_adopts_running_vms(daemon: Daemon) -> None:
     before = {i["name"]: i["pid"] for i in listed}
     daemon.kill(signal.SIGKILL)
     for pid in before.values():
-        os.kill(pid, 0)  # still there: the VMs outlive their daemon
+        assert not gone_or_zombie(pid)  # the VMs outlive their daemon
     daemon.start()
     # Adoption goes on in the background: `starting` until each monitor answers.
     deadline = time.monotonic() + 60
@@ -305,12 +326,16 @@ def test_sd_notify_ready_and_events_verb(daemon: Daemon) -> None:
     assert daemon.cli_json("ping")["version"]
 
     write_instance(daemon, "evt")
+    write_instance(daemon, "sync")
+    daemon.cli_json("start", "sync", "--paused")
     events = subprocess.Popen(
         [
             *CLI,
             "events",
             "--instance",
             "evt",
+            "--instance",
+            "sync",
             "--kind",
             "instance.state",
             "--json",
@@ -319,14 +344,32 @@ def test_sd_notify_ready_and_events_verb(daemon: Daemon) -> None:
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
-        text=True,
     )
     try:
-        time.sleep(1)  # let the subscription land before the events it must see
+        assert events.stdout is not None
+        stream = PipeReader(events.stdout)
+
+        def next_event() -> dict[str, Any]:
+            event: dict[str, Any] = json.loads(stream.read_until(b"\n"))
+            return event
+
+        # The verb shows nothing when its subscription lands: "sync" changes state until
+        # one of its events comes through, and from then on every event does.
+        toggles = itertools.cycle(["resume", "pause"])
+
+        def change_sync_and_see_it() -> bool:
+            daemon.cli_json(next(toggles), "sync")
+            return stream.wait_readable(timeout_s=1)
+
+        wait_until(change_sync_and_see_it, what="an event through the verb", timeout_s=60)
+        daemon.cli_json("stop", "sync", "--force")
         daemon.cli_json("start", "evt", "--paused")
         daemon.cli_json("stop", "evt", "--force")
-        assert events.stdout is not None
-        states = [json.loads(events.stdout.readline())["data"]["state"] for _ in range(3)]
+        states: list[str] = []
+        while len(states) < 3:
+            event = next_event()
+            if event["instance"] == "evt":
+                states.append(event["data"]["state"])
     finally:
         events.kill()
         events.wait()
@@ -341,9 +384,11 @@ def test_peers_outside_root_and_the_control_group_are_refused(daemon: Daemon) ->
         "import os, socket, sys\n"
         "os.setgid(65534); os.setuid(65534)\n"
         "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
-        's.sendall(b\'{"jsonrpc":"2.0","id":1,"method":"supervisor.ping"}\\n\')\n'
-        "try:\n    print('answer' if s.recv(4096) else 'closed')\n"
-        "except ConnectionResetError:\n    print('closed')\n"
+        # The daemon may refuse before the request is even sent: that counts as refused.
+        "try:\n"
+        '    s.sendall(b\'{"jsonrpc":"2.0","id":1,"method":"supervisor.ping"}\\n\')\n'
+        "    print('answer' if s.recv(4096) else 'closed')\n"
+        "except (BrokenPipeError, ConnectionResetError):\n    print('closed')\n"
     )
     os.chmod(daemon.state_dir, 0o755)
     result = subprocess.run(
@@ -372,14 +417,14 @@ def test_sigterm_leaves_vms_running_unless_shutdown_on_exit(daemon: Daemon) -> N
     pid = daemon.cli_json("show", "keep")["pid"]
     daemon.kill(signal.SIGTERM)
     assert daemon.proc is not None and daemon.proc.returncode == 0
-    assert Path(f"/proc/{pid}").exists()
+    assert not gone_or_zombie(pid)
 
     daemon.write_config(shutdown_on_exit=True)
     daemon.start()
     shown = daemon.cli_json("show", "keep")
     assert shown["pid"] == pid
     # The ACPI power button needs a booted guest (its acpid) to have any effect.
-    wait_for_file_text(Path(shown["serial_log"]), b"KVS-GUEST-READY")
+    wait_for_guest_ready(Path(shown["serial_log"]))
     daemon.kill(signal.SIGTERM)
     wait_gone(pid)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import wait_gone
 
 from supervisor import Supervisor
 from supervisor.model.config import Config
 
-from .conftest import guest_spec, wait_gone
+from .conftest import guest_spec
 
 pytestmark = [pytest.mark.anyio, pytest.mark.qemu]
 

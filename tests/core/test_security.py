@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pwd
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
 import pytest
+from helpers import await_until
 
 from supervisor import Supervisor
 from supervisor.model.config import Config
@@ -37,18 +37,16 @@ def test_user() -> Iterator[pwd.struct_passwd]:
         subprocess.run(["userdel", TEST_USER], check=False)
 
 
-def process_uid(pid: int, timeout_s: float = 10) -> int:
-    """The real uid of `pid` once QEMU has dropped root (it does so after start-up)."""
-    deadline = time.monotonic() + timeout_s
-    uid = 0
-    while time.monotonic() < deadline:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("Uid:"):
-                uid = int(line.split()[1])
-        if uid != 0:
-            return uid
-        time.sleep(0.02)
-    return uid
+def real_uid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid line for process {pid}")
+
+
+async def process_uid(pid: int) -> int:
+    """The real uid of `pid` once QEMU has dropped root (it does so during start-up)."""
+    return await await_until(lambda: real_uid(pid), what=f"process {pid} drops root", timeout_s=30)
 
 
 async def test_security_model_user_runs_qemu_as_that_user(
@@ -60,7 +58,7 @@ async def test_security_model_user_runs_qemu_as_that_user(
         )
         info = await sup.start(spec, paused=True)
         assert info.pid is not None
-        assert process_uid(info.pid) == test_user.pw_uid
+        assert await process_uid(info.pid) == test_user.pw_uid
         await sup.stop("sec-user", force=True)
 
 
@@ -81,7 +79,7 @@ async def test_uid_pool_leases_distinct_uids_and_releases_them(config: Config) -
         first = await sup.start(guest_spec("pool-a", hvparams=pool_params), paused=True)
         second = await sup.start(guest_spec("pool-b", hvparams=pool_params), paused=True)
         assert first.pid is not None and second.pid is not None
-        uids = {process_uid(first.pid), process_uid(second.pid)}
+        uids = {await process_uid(first.pid), await process_uid(second.pid)}
         assert uids == {64000, 64001}
         with pytest.raises(InvalidConfigError) as error:
             await sup.start(guest_spec("pool-c", hvparams=pool_params), paused=True)
@@ -90,7 +88,7 @@ async def test_uid_pool_leases_distinct_uids_and_releases_them(config: Config) -
         await sup.stop("pool-a", force=True)
         third = await sup.start(guest_spec("pool-c", hvparams=pool_params), paused=True)
         assert third.pid is not None
-        assert process_uid(third.pid) in uids
+        assert await process_uid(third.pid) in uids
         for name in ("pool-b", "pool-c"):
             await sup.stop(name, force=True)
         leases = Path(config.state_dir) / "uid-leases"

@@ -10,10 +10,11 @@ import random
 import time
 
 import pytest
+from helpers import wait_gone
 
 from supervisor.qemu.runtime import load_record
 
-from .conftest import EngineDaemon, RPCFailed, qemus_of, uuid_of, wait_gone
+from .conftest import EngineDaemon, RPCFailed, qemus_started_in, uuid_of
 
 pytestmark = [pytest.mark.qemu]
 
@@ -31,7 +32,7 @@ def stop_all(daemon: EngineDaemon) -> None:
         if item["state"] not in ("stopped", "crashed"):
             daemon.call("instance.stop", name=item["name"], force=True)
             wait_gone(item["pid"])
-    assert qemus_of(daemon.state_dir) == {}
+    assert qemus_started_in(daemon.state_dir) == {}
 
 
 def test_start_sent_the_moment_a_restarted_daemon_serves_finds_the_adopted_qemu(
@@ -58,7 +59,7 @@ def test_start_sent_the_moment_a_restarted_daemon_serves_finds_the_adopted_qemu(
         assert error["code"] == INSTANCE_EXISTS, error
         assert "already running" in error["message"]
 
-    qemus = qemus_of(engine_daemon.state_dir)
+    qemus = qemus_started_in(engine_daemon.state_dir)
     for name, (pid, uuid) in before.items():
         assert [p for p, args in qemus.items() if uuid_of(args) == uuid] == [pid], name
         assert record_of(engine_daemon, name) == (pid, uuid)
@@ -77,7 +78,7 @@ def test_daemon_killed_between_spawn_and_pid_record_adopts_the_qemu(
         with pytest.raises(ConnectionError):
             engine_daemon.replies(sock, 1)
     engine_daemon.kill()
-    (pid,) = qemus_of(engine_daemon.state_dir)
+    (pid,) = qemus_started_in(engine_daemon.state_dir)
 
     engine_daemon.start()
     info = next(i for i in engine_daemon.settled() if i["name"] == "o1")
@@ -108,7 +109,7 @@ def test_a_start_interrupted_before_cont_is_finished_after_restart(
         with pytest.raises(ConnectionError):
             engine_daemon.replies(sock, 1)
     engine_daemon.kill()
-    (pid,) = qemus_of(engine_daemon.state_dir)
+    (pid,) = qemus_started_in(engine_daemon.state_dir)
 
     engine_daemon.start()
     info = next(i for i in engine_daemon.settled() if i["name"] == "h1")
@@ -153,7 +154,7 @@ def test_kill_9_at_random_moments_of_concurrent_starts_leaves_no_qemu_unsupervis
             engine_daemon.kill()
         engine_daemon.start()
         listed = engine_daemon.settled()
-        qemus = qemus_of(engine_daemon.state_dir)
+        qemus = qemus_started_in(engine_daemon.state_dir)
         alive = {i["pid"]: i for i in listed if i["pid"] is not None}
         assert set(alive) == set(qemus), f"trial {trial}: {listed} vs {sorted(qemus)}"
         for item in alive.values():

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import configparser
-import time
 from pathlib import Path
 
 import pytest
 from conftest import QEMU, REPO
+from helpers import wait_gone, wait_until
 
 from supervisor.engine.instance import KILL_WAIT_S
 from supervisor.engine.supervisor import AUTOSTART_CONCURRENCY
 from supervisor.model.config import Config
 
-from .conftest import DEADLINE_S, EngineDaemon, qemus_of, wait_gone
+from .conftest import DEADLINE_S, EngineDaemon, qemus_started_in
 
 pytestmark = [pytest.mark.qemu]
 
@@ -43,23 +43,26 @@ def test_ready_comes_when_the_socket_serves_and_autostart_runs_a_few_at_a_time(
     engine_daemon.spawn()
     # Every autostart waits at the gate: READY=1 must not wait for them.
     engine_daemon.wait_ready(timeout_s=30)
-    deadline = time.monotonic() + DEADLINE_S
-    while len(qemus_of(state_dir)) < AUTOSTART_CONCURRENCY:
-        assert time.monotonic() < deadline, "the autostarts did not run concurrently"
-        time.sleep(0.02)
+    wait_until(
+        lambda: len(qemus_started_in(state_dir)) >= AUTOSTART_CONCURRENCY,
+        what=f"{AUTOSTART_CONCURRENCY} autostarts at the gate at once",
+        timeout_s=DEADLINE_S,
+    )
     for _ in range(3):  # round trips through the daemon: the others had every chance
         states = [item["state"] for item in engine_daemon.call("instance.list")]
         assert states.count("starting") == AUTOSTART_CONCURRENCY, states
-        assert len(qemus_of(state_dir)) == AUTOSTART_CONCURRENCY
+        assert len(qemus_started_in(state_dir)) == AUTOSTART_CONCURRENCY
 
     gate.touch()
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
-        listed = engine_daemon.settled()
-        if all(item["state"] == "running" for item in listed):
-            break
-        assert time.monotonic() < deadline, listed
-        time.sleep(0.05)
+    listed = wait_until(
+        lambda: (
+            (items := engine_daemon.settled())
+            and all(item["state"] == "running" for item in items)
+            and items
+        ),
+        what="every autostart running",
+        timeout_s=DEADLINE_S,
+    )
     assert sorted(item["name"] for item in listed) == names
     for item in listed:
         engine_daemon.call("instance.stop", name=item["name"], force=True)

@@ -9,7 +9,8 @@ import msgspec
 import pytest
 from conftest import QEMU
 
-from supervisor.host.node import NodeInfo, kvm_is_paravirtual, node_info, verify_node
+from supervisor.host.node import kvm_is_paravirtual, node_info, verify_node
+from supervisor.model.api import NodeInfo
 
 MEMINFO = """\
 MemTotal:        2048000 kB
@@ -32,7 +33,7 @@ def test_node_info_follows_ganeti(tmp_path: Path) -> None:
         memory_free_mib=610,  # (512000 + 10240 + 102400) // 1024
         memory_dom0_mib=300,
         cpu_count=os.cpu_count() or 1,
-        hv_version=(7, 2, 0),
+        hv_version=[7, 2, 0],
     )
     assert msgspec.json.decode(msgspec.json.encode(info))["hv_version"] == [7, 2, 0]
 

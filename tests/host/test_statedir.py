@@ -123,7 +123,7 @@ def test_the_state_dir_is_created_reachable(tmp_path: Path) -> None:
     old_umask = os.umask(0o077)
     try:
         with StateDir(tmp_path / "a" / "state") as state:
-            assert state.path.stat().st_mode & 0o777 == 0o755
+            assert state.path.stat().st_mode & 0o777 == 0o750
     finally:
         os.umask(old_umask)
 
@@ -134,14 +134,13 @@ def test_instance_paths(tmp_path: Path) -> None:
     directory = tmp_path / "instances" / "vm-1.example"
     assert paths.directory == directory
     assert paths.qmp_socket == directory / "qmp.sock"
-    assert paths.hmp_socket == directory / "hmp.sock"
     assert paths.serial_socket == directory / "serial.sock"
     assert paths.serial_log == directory / "serial.log"
     assert paths.pid_file == directory / "qemu.pid"
     assert paths.qemu_log == directory / "qemu.log"
     assert paths.runtime_record == directory / "runtime.json"
     assert paths.chroot == tmp_path / "chroot" / "vm-1.example"
-    assert paths.sockets == (paths.qmp_socket, paths.hmp_socket, paths.serial_socket)
+    assert paths.sockets == (paths.qmp_socket, paths.serial_socket)
     assert not directory.exists()
 
 

@@ -1,4 +1,4 @@
-"""The uid pool: Ganeti's syntax, leases on disk, exhaustion, two pools on one dir, recovery."""
+"""The uid pool: leases on disk, exhaustion, two pools on one dir, recovery."""
 
 from __future__ import annotations
 
@@ -14,39 +14,11 @@ from supervisor.host.uidpool import (
     UidLease,
     UidPool,
     UidPoolExhausted,
-    parse_uid_pool,
     uids_in_use,
 )
 
 # High uids no process on a test machine runs as.
 BASE = 3_900_000_000
-
-
-@pytest.mark.parametrize(
-    ("text", "ranges"),
-    [
-        ("5000-5099, 6000", [(5000, 5099), (6000, 6000)]),
-        ("6000,5000-5099", [(5000, 5099), (6000, 6000)]),
-        (" 7 , , 8 - 9 ", [(7, 7), (8, 9)]),
-        ("", []),
-    ],
-)
-def test_parse(text: str, ranges: list[tuple[int, int]]) -> None:
-    assert parse_uid_pool(text) == ranges
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("1-2-3", "more than one '-'"),
-        ("abc", "not a uid"),
-        ("5-", "not a uid"),
-        ("-5", "not a uid"),
-    ],
-)
-def test_parse_errors(text: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        parse_uid_pool(text)
 
 
 @pytest.mark.parametrize(

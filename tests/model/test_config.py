@@ -91,8 +91,12 @@ def test_bad_keys_and_values_are_named(
 @pytest.mark.parametrize(
     ("text", "path", "reason"),
     [
-        ("uid_pool = ['5000', '6000-5999']\n", "uid_pool[1]", "range 6000-5999 runs backwards"),
-        ("uid_pool = ['4294967296']\n", "uid_pool[0]", "uid 4294967296 exceeds 4294967295"),
+        ("uid_pool = ['5000', '6000-5999']\n", "uid_pool[1]", "uid range 6000-5999 runs backwards"),
+        (
+            "uid_pool = ['4294967296']\n",
+            "uid_pool[0]",
+            "uid range 4294967296-4294967296 goes beyond the largest uid 4294967294",
+        ),
         (
             "display_port_range = [6000, 5999]\n",
             "display_port_range",

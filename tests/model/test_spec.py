@@ -90,7 +90,7 @@ def test_bad_names_are_decode_errors_naming_name(name: str) -> None:
         (
             {"name": "x", "nics": [{}, {"mac": "52:54:00:zz:00:00"}]},
             "spec.nics[1].mac",
-            "Expected `str` matching regex '^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$'",
+            "Expected `str` matching regex '^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$(?!\\n)'",
         ),
         (
             {"name": "x", "nics": [{}, {"mtu": "big"}]},
