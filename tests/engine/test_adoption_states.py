@@ -57,8 +57,17 @@ async def adopt_and_check(config: Config, name: str, state: str, qemu_status: st
             await sup.resume(name)
         assert (await sup.qmp(name, "query-status"))["status"] == qemu_status
         # Not forced, yet killed: the power button would need a `cont`.
-        stopped = await sup.stop(name)
-        assert (stopped.state, stopped.reason) == ("stopped", "killed")
+        kinds = ["qmp.RESUME", "instance.state"]
+        async with sup.events(instances=[name], kinds=kinds) as events:
+            stopped = await sup.stop(name, timeout_s=30)
+            assert (stopped.state, stopped.reason) == ("stopped", "killed")
+            seen = []
+            with anyio.fail_after(30):
+                async for event in events:
+                    seen.append(event.kind)
+                    if event.data.get("state") == "stopped":
+                        break
+        assert "qmp.RESUME" not in seen, seen
 
 
 async def test_a_qemu_adopted_after_migrating_away_is_never_resumed(
