@@ -4,7 +4,9 @@ Unlike the embeddable `Supervisor`, the daemon owns its process: it becomes a
 child subreaper (so QEMUs whose parent vanished are reaped by it at once, with
 their exit status, instead of lingering as zombies until PID 1's slow sweep),
 handles SIGTERM/SIGINT by leaving cleanly (VMs keep running unless
-``shutdown_on_exit``) and tells systemd when it is ready.
+``shutdown_on_exit``) and tells systemd it is ready (READY=1) once the control
+socket serves: every runtime record is registered by then, while the adopted
+monitors and the autostarts go on behind it.
 """
 
 from __future__ import annotations

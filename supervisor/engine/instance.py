@@ -86,6 +86,10 @@ BUSY_WAIT_S = 5.0
 #: How long a killed QEMU may take to disappear before we report it as stuck.
 KILL_WAIT_S = 10.0
 
+#: QEMU run states in which `stop` kills at once: a guest that never ran has nothing to
+#: shut down, and pressing the power button of a migrated one would need a ``cont``.
+KILLED_ON_STOP = frozenset({*NOT_RESUMABLE, "prelaunch"})
+
 StartupSteps = Callable[[qmp.QMPClient], Awaitable[None]]
 
 
@@ -455,8 +459,7 @@ class Instance:
             if not force and self.qmp is not None and not self.qmp.closed:
                 with contextlib.suppress(qmp.QMPError):
                     status = (await self.qmp.execute("query-status"))["status"]
-                    # A guest that never ran (started paused) has nothing to shut down.
-                    force = status == "prelaunch"
+                    force = status in KILLED_ON_STOP
                     if not force:
                         await self.qmp.execute("system_powerdown")
                         if status != "running":

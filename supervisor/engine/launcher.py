@@ -2,9 +2,13 @@
 
 `Launcher.prepare` validates the spec (syntax, host, this QEMU), leases what the
 host hands out (display port, pool uid, chroot) and builds the runtime record;
-`Launcher.launch` starts QEMU paused (``-S``) in its own session; the
-`Launcher.startup_steps` then run over QMP (passwords, CPU pinning, balloon,
-``cont``). `Launcher.release` gives everything back after QEMU exits.
+`Launcher.launch` saves the record of the start, then starts QEMU paused (``-S``) in
+its own session; the `Launcher.startup_steps` then run over QMP (passwords, CPU
+pinning, balloon, ``cont``) and mark the record complete. `Launcher.release` gives
+everything back after QEMU exits.
+
+Blocking work runs in anyio's worker threads: record saves (fsync) and uid-pool
+requests (a scan of ``/proc``).
 
 The daemon binds QEMU's QMP socket itself and hands QEMU the listening descriptor,
 so the QMP connection is made the moment QEMU is spawned: no waiting for the
@@ -14,6 +18,7 @@ socket file to appear.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import time
@@ -31,7 +36,7 @@ from supervisor.host.uidpool import UidPool
 from supervisor.log import get_logger
 from supervisor.model.api import QemuInfo
 from supervisor.model.config import Config
-from supervisor.model.errors import HypervisorError, InvalidConfigError
+from supervisor.model.errors import HypervisorError, InstanceExists, InvalidConfigError
 from supervisor.model.hvparams import parse_cpu_mask, resolve_hvparams
 from supervisor.model.spec import InstanceSpec, assign_macs, ensure_uuid
 from supervisor.model.states import InstanceState
@@ -45,7 +50,7 @@ from supervisor.qemu.cmdline import (
     socket_path_problems,
 )
 from supervisor.qemu.process import QemuProcess, launch
-from supervisor.qemu.runtime import RuntimeRecord, save_record
+from supervisor.qemu.runtime import RuntimeRecord, store_record
 
 _log = get_logger(__name__)
 
@@ -163,8 +168,7 @@ class Launcher:
         uid = None
         try:
             if hv.security_model == "pool":
-                assert self.uid_pool is not None
-                uid = self.uid_pool.request(spec.name).uid
+                uid = await self._request_uid(spec.name)
             resources = await launch_resources(
                 spec,
                 hv,
@@ -183,11 +187,23 @@ class Launcher:
             raise
         return RuntimeRecord.for_start(spec, hv, command, caps, paths, uid=uid)
 
-    def renew(self, record: RuntimeRecord) -> RuntimeRecord:
+    async def _request_uid(self, owner: str, uid: int | None = None) -> int:
+        """Lease a pool uid (exactly `uid` if given) in a worker thread: it scans ``/proc``.
+
+        Shielded, so a lease taken is always returned to the caller, who releases it.
+        Raises `UidPoolExhausted` when none is free.
+        """
+        assert self.uid_pool is not None
+        request = functools.partial(self.uid_pool.request, owner, uid=uid)
+        with anyio.CancelScope(shield=True):
+            lease = await anyio.to_thread.run_sync(request)
+        return lease.uid
+
+    async def renew(self, record: RuntimeRecord) -> RuntimeRecord:
         """The record for a new run of the same argv (reboot, restart): the same uid and
         display port leased again, or `InvalidConfigError` when they are taken now."""
         if record.uid is not None and self.uid_pool is not None:
-            self.uid_pool.request(record.name, uid=record.uid)
+            await self._request_uid(record.name, record.uid)
         port = record.vnc_port or record.spice_port
         if port is not None and record.spec.network_port is None:
             taken = {p for name, p in self._leased_ports.items() if name != record.name}
@@ -200,13 +216,32 @@ class Launcher:
             create_chroot(record.paths.chroot)
         return msgspec.structs.replace(record, pid=None, started_at=None)
 
-    async def launch(self, instance: Instance, record: RuntimeRecord) -> QemuProcess:
-        """Spawn QEMU paused for `record` and save the record with its pid.
+    async def launch(
+        self, instance: Instance, record: RuntimeRecord, *, paused: bool
+    ) -> QemuProcess:
+        """Spawn QEMU paused (``-S``) for `record`; the record is on disk before QEMU is.
 
-        Raises `HypervisorError` when QEMU cannot be executed or the record cannot be
-        saved (QEMU is killed and reaped then); the caller releases what `prepare`
-        leased. Call it shielded: the only wait is for a killed QEMU to go.
+        The record of the start (no pid, ``start_completed`` false, ``start_paused``) is
+        saved first, so that a daemon killed at any later point finds this QEMU after
+        its restart (by the ``-pidfile`` in its command line) and finishes the start;
+        then QEMU is spawned and the record saved again with its pid.
+
+        Raises `InstanceExists` when the instance is alive (checked after every await,
+        so nothing spawns a second QEMU), `HypervisorError` when QEMU cannot be
+        executed or a record cannot be saved (QEMU is killed and reaped then). The
+        caller releases what `prepare` leased, except after `InstanceExists` (the live
+        run holds it). Call it shielded: a start is never cut between its saves.
         """
+        _refuse_second_qemu(instance)
+        intent = msgspec.structs.replace(
+            record, pid=None, started_at=time.time(), start_paused=paused, start_completed=False
+        )
+        await _save(intent)
+        if instance.alive:
+            # Only a caller outside the operation lock gets here: keep the live record.
+            if instance.record is not None:
+                await _save(instance.record)
+            _refuse_second_qemu(instance)
         paths = record.paths
         for stale in (paths.serial_socket, paths.pid_file):
             with contextlib.suppress(FileNotFoundError):
@@ -224,16 +259,14 @@ class Launcher:
                 ) from None
         finally:
             listener.close()
-        started = msgspec.structs.replace(record, pid=process.pid, started_at=time.time())
+        started = msgspec.structs.replace(intent, pid=process.pid)
         try:
-            save_record(paths.runtime_record, started)
-        except OSError as error:
+            await _save(started)
+        except HypervisorError:
             process.kill()
             with anyio.move_on_after(KILL_WAIT_S):
                 await process.wait_exit()
-            raise HypervisorError(
-                f"cannot save the runtime record {paths.runtime_record}: {error.strerror}"
-            ) from None
+            raise
         instance.record = started
         instance.started_at = started.started_at
         instance.set_state(InstanceState.STARTING, "start requested", pid=process.pid)
@@ -273,11 +306,16 @@ class Launcher:
             startup_mib = record.spec.startup_memory_mib
             if startup_mib is not None and startup_mib < record.spec.memory_mib:
                 await client.execute("balloon", {"value": startup_mib * 1024 * 1024})
+            if not paused:
+                await client.execute("cont")
+            # After `cont`: a daemon killed before this save runs the steps again.
+            completed = msgspec.structs.replace(record, start_completed=True)
+            await _save(completed)
+            instance.record = completed
             if paused:
                 instance.qemu_status = "paused"
                 instance.set_state(InstanceState.PAUSED, "started paused")
             else:
-                await client.execute("cont")
                 instance.qemu_status = "running"
                 instance.set_state(InstanceState.RUNNING, "started")
 
@@ -319,6 +357,19 @@ class Launcher:
     def forget(self, instance: Instance) -> None:
         """Remove the instance's runtime dir, record and serial log included."""
         self.state_dir.remove_instance_dir(instance.name)
+
+
+def _refuse_second_qemu(instance: Instance) -> None:
+    if instance.alive:
+        raise InstanceExists(instance.name, "is already running")
+
+
+async def _save(record: RuntimeRecord) -> None:
+    path = record.paths.runtime_record
+    try:
+        await store_record(path, record)
+    except OSError as error:
+        raise HypervisorError(f"cannot save the runtime record {path}: {error.strerror}") from None
 
 
 def _secret(path: str) -> str:

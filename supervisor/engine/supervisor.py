@@ -1,13 +1,15 @@
 """The supervisor: every instance of one state dir, in the caller's event loop.
 
-``async with Supervisor(config) as sup:`` takes the state dir's lock, adopts the
-QEMUs a previous daemon left running and starts the instances marked
-``autostart``. The control socket is another layer's
-(`supervisor.control.server.serve_control`). Leaving the block cancels the
-supervisor's tasks and leaves the VMs running (unless ``shutdown_on_exit``). The
-library changes no process-wide setting: no signal handlers, no logging set-up,
-no umask or cwd change; and no threads (but for an interface lookup under trio, see
-`supervisor.host.interfaces`).
+``async with Supervisor(config) as sup:`` takes the state dir's lock, registers every
+runtime record, adopts the QEMUs a previous daemon left running (the monitors answer
+in the background, each instance's adoption under its operation lock) and starts the
+instances marked ``autostart`` in the background, `AUTOSTART_CONCURRENCY` at a time.
+The control socket is another layer's (`supervisor.control.server.serve_control`).
+Leaving the block cancels the supervisor's tasks and leaves the VMs running (unless
+``shutdown_on_exit``). The library changes no process-wide setting: no signal
+handlers, no logging set-up, no umask or cwd change. It starts no threads of its own:
+blocking file-system work runs in anyio's worker threads (`anyio.to_thread`), as does
+an interface lookup under trio (`supervisor.host.interfaces`).
 
 Errors: operations raise `supervisor.model.errors.SupervisorError` subclasses (never
 exception groups).
@@ -19,9 +21,11 @@ import grp
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 
 from protocols.groups import ungrouped
 from supervisor import __version__
@@ -44,14 +48,17 @@ from supervisor.model.errors import (
 )
 from supervisor.model.spec import InstanceSpec, decode_spec
 from supervisor.model.states import InstanceState
-from supervisor.qemu.process import QemuProcess, adopt
-from supervisor.qemu.runtime import RuntimeRecord, load_record, save_record
+from supervisor.qemu.process import QemuProcess, adopt, pids_by_option
+from supervisor.qemu.runtime import RuntimeRecord, load_record, store_record
 
 S = InstanceState
 
 #: Restart policy ``on-crash``: at most this many crashes in `RESTART_WINDOW_S`.
 RESTART_LIMIT = 5
 RESTART_WINDOW_S = 600.0
+
+#: How many ``autostart`` instances start at once when the supervisor starts.
+AUTOSTART_CONCURRENCY = 4
 
 
 class Supervisor(anyio.AsyncContextManagerMixin):
@@ -80,11 +87,15 @@ class Supervisor(anyio.AsyncContextManagerMixin):
                     self._load_definitions()
                     await self._adopt_all()
                     self._recover_uid_leases()
-                    await self._autostart()
+                    autostart, autostart_done = anyio.CancelScope(), anyio.Event()
+                    tg.start_soon(self._autostart, autostart, autostart_done)
                     try:
                         yield self
                     finally:
                         with anyio.CancelScope(shield=True):
+                            # A start under way completes or rolls back (`_launch`) first.
+                            autostart.cancel()
+                            await autostart_done.wait()
                             if self.config.shutdown_on_exit:
                                 await self._stop_all()
                         self.bus.close_all()
@@ -151,35 +162,109 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         return instance.definition
 
     async def _adopt_all(self) -> None:
-        adopted: list[Instance] = []
+        """Register every runtime record; adopt, in the background, the QEMUs still running.
+
+        Returns once each instance whose QEMU lives is `starting` (alive) and its
+        adoption task holds the instance's operation lock: an operation arriving later
+        waits for the adoption, and a `start` finds the instance running. The QEMUs
+        are found by their records' pids and by their command lines (``-pidfile``
+        under this state dir), so a QEMU spawned just before the previous daemon died,
+        before its pid was saved, is found too.
+        """
+        assert self._tg is not None
+        instances_root = self.state_dir.instances_root
+        scanned = await anyio.to_thread.run_sync(pids_by_option, "pidfile", f"{instances_root}/")
+        running: dict[str, list[int]] = {}
+        for pid_file, pids in scanned.items():
+            path = Path(pid_file)
+            ours = path.parent.parent == instances_root and path.name == "qemu.pid"
+            running.setdefault(path.parent.name if ours else pid_file, []).extend(pids)
         for name in self.state_dir.instance_names():
+            pids = running.pop(name, [])
             try:
                 record = load_record(self.state_dir.instance(name).runtime_record)
             except FileNotFoundError:
-                continue  # a dir without a record (`cmdline` makes those): nothing ran
+                record = None  # a dir without a record (`cmdline` makes those): nothing ran
             except SupervisorError as error:
                 self.log.error("runtime record unreadable", instance=name, error=str(error))
+                record = None
+            if record is None:
+                if pids:
+                    self.log.error("QEMU without a runtime record: not supervised", pids=pids)
                 continue
             instance = self._instance(name, create=True)
             instance.record = record
-            process = None
-            if record.pid is not None and record.spec.uuid is not None:
-                process = adopt(
-                    record.pid, name, record.spec.uuid, log_path=instance.paths.qemu_log
-                )
+            process = self._find_qemu(instance, record, pids)
             if process is None:
                 instance.log.info("not running after restart: cleaned", pid=record.pid)
                 self.launcher.release(instance)
                 continue
+            if record.pid != process.pid:  # spawned, and its daemon died before saving this
+                record = msgspec.structs.replace(record, pid=process.pid)
+                instance.record = record
+                try:
+                    await store_record(instance.paths.runtime_record, record)
+                except OSError as error:
+                    instance.log.error("runtime record not updated", error=str(error))
             instance.started_at = record.started_at
-            assert self._tg is not None
-            await self._tg.start(self._run, instance, process, None)
-            adopted.append(instance)
-        # Monitors answer concurrently; a hung QEMU delays this by qmp_timeout_s at most
-        # (its instance stays `starting` and its monitor is retried in the background).
-        with anyio.move_on_after(self.config.qmp_timeout_s):
-            for instance in adopted:
-                await instance.monitor_ready.wait()
+            await self._tg.start(self._adopt, instance, process)
+        for name, pids in running.items():
+            self.log.error("QEMU without an instance dir: not supervised", name=name, pids=pids)
+
+    def _find_qemu(
+        self, instance: Instance, record: RuntimeRecord, pids: list[int]
+    ) -> QemuProcess | None:
+        """The live QEMU of `record`: its pid, else one found with its ``-pidfile``."""
+        found = None
+        candidates = ([record.pid] if record.pid is not None else []) + pids
+        for pid in dict.fromkeys(candidates):
+            found = adopt(pid, record.name, record.uuid, log_path=instance.paths.qemu_log)
+            if found is not None:
+                break
+        for pid in pids:
+            if found is None or pid != found.pid:
+                instance.log.error("a QEMU with this instance's files: not supervised", pid=pid)
+        return found
+
+    async def _adopt(
+        self,
+        instance: Instance,
+        process: QemuProcess,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Adopt one live QEMU under the instance's operation lock.
+
+        Started (``task_status``) once the lock is held and the instance is alive. A
+        start the previous daemon had not finished (``start_completed`` false: QEMU
+        may still be in ``-S``) is finished: the start-up steps run again, then
+        ``cont`` unless that start asked for a paused guest; if they fail, QEMU is
+        killed and the instance left stopped. Otherwise the lock is held until the
+        monitor has answered, at most ``qmp_timeout_s``.
+        """
+        record = instance.record
+        assert record is not None and self._tg is not None
+        started = False
+        try:
+            async with instance.operation("adopt"):
+                if record.start_completed:
+                    await self._tg.start(self._run, instance, process, None)
+                    task_status.started()
+                    started = True
+                    with anyio.move_on_after(self.config.qmp_timeout_s):
+                        await instance.monitor_ready.wait()
+                    return
+                instance.set_state(S.STARTING, "finishing an interrupted start", pid=process.pid)
+                task_status.started()
+                started = True
+                await self._tg.start(self._run, instance, process, record.start_paused)
+        except SupervisorError as error:
+            instance.log.error("interrupted start failed", error=str(error))
+        except Exception:  # a bug must not take the other instances down
+            instance.log.exception("adoption failed")
+        finally:
+            if not started:
+                task_status.started()
 
     def _recover_uid_leases(self) -> None:
         """Release the leases of instances whose QEMU did not survive a daemon crash."""
@@ -189,14 +274,29 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         for lease in self.launcher.uid_pool.recover(live):
             self.log.info("uid lease released", uid=lease.uid, instance=lease.owner)
 
-    async def _autostart(self) -> None:
-        for instance in list(self._instances.values()):
-            definition = instance.definition
-            if definition is not None and definition.autostart and not instance.alive:
-                try:
-                    await self.start(name=instance.name)
-                except SupervisorError as error:
-                    instance.log.error("autostart failed", error=str(error))
+    async def _autostart(self, scope: anyio.CancelScope, done: anyio.Event) -> None:
+        """Start the ``autostart`` instances that do not run, `AUTOSTART_CONCURRENCY` at once."""
+        try:
+            with scope:
+                slots = anyio.Semaphore(AUTOSTART_CONCURRENCY)
+                async with anyio.create_task_group() as tg:
+                    for instance in list(self._instances.values()):
+                        definition = instance.definition
+                        if definition is not None and definition.autostart and not instance.alive:
+                            tg.start_soon(self._autostart_one, instance, slots)
+        finally:
+            done.set()
+
+    async def _autostart_one(self, instance: Instance, slots: anyio.Semaphore) -> None:
+        async with slots:
+            try:
+                await self.start(name=instance.name)
+            except InstanceExists:
+                instance.log.info("autostart: already started")
+            except SupervisorError as error:
+                instance.log.error("autostart failed", error=str(error))
+            except Exception:  # a bug must not take the other instances down
+                instance.log.exception("autostart failed")
 
     async def _stop_all(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -231,7 +331,9 @@ class Supervisor(anyio.AsyncContextManagerMixin):
             return  # started or cleaned up by someone else meanwhile
         try:
             async with instance.operation("restart"):
-                record = self.launcher.renew(instance.record)
+                if instance.state != S.CRASHED or instance.record is None:
+                    return  # ... or while this waited for the lock
+                record = await self.launcher.renew(instance.record)
                 instance.restarts += 1
                 # The new run gets a task of its own; this one ends here.
                 await self._launch(instance, record, paused=False)
@@ -258,7 +360,9 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         assert self._tg is not None
         with anyio.CancelScope(shield=True):
             try:
-                process = await self.launcher.launch(instance, record)
+                process = await self.launcher.launch(instance, record, paused=paused)
+            except InstanceExists:
+                raise  # the leases under its name are the live run's
             except BaseException:
                 self.launcher.release_record(record)
                 raise
@@ -323,11 +427,11 @@ class Supervisor(anyio.AsyncContextManagerMixin):
                     await self._launch(instance, record, paused=paused)
             except SupervisorError:
                 if not instance.alive:
-                    self._roll_back_start(instance, previous_record)
+                    await self._roll_back_start(instance, previous_record)
                 raise
         return instance.info()
 
-    def _roll_back_start(self, instance: Instance, previous: RuntimeRecord | None) -> None:
+    async def _roll_back_start(self, instance: Instance, previous: RuntimeRecord | None) -> None:
         """Leave no trace of a failed start: the earlier record, or no instance at all.
 
         Runs while the start's error is on its way to the caller: a host failure here
@@ -336,7 +440,7 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         instance.record = previous
         try:
             if previous is not None:
-                save_record(instance.paths.runtime_record, previous)
+                await store_record(instance.paths.runtime_record, previous)
             else:
                 self.launcher.forget(instance)
         except OSError as error:
@@ -367,7 +471,7 @@ class Supervisor(anyio.AsyncContextManagerMixin):
             paused = instance.state == S.PAUSED
             await instance.stop(force=False, timeout_s=self.config.stop_timeout_s)
             with host_io_errors(f"reboot of {name!r}", instance.paths.directory):
-                record = self.launcher.renew(record)
+                record = await self.launcher.renew(record)
                 await self._launch(instance, record, paused=paused)
         return instance.info()
 

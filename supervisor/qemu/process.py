@@ -44,6 +44,7 @@ __all__ = [
     "adopt",
     "is_child_subreaper",
     "launch",
+    "pids_by_option",
     "process_state",
     "reap_orphans",
     "run_captured",
@@ -400,6 +401,32 @@ def adopt(
         return None
     log.debug("adopted")
     return QemuProcess(pid, pidfd, log_path=log_path)
+
+
+def pids_by_option(option: str, value_prefix: str) -> dict[str, list[int]]:
+    """Live processes whose last ``-option`` value starts with `value_prefix`, by that value.
+
+    How a restarted daemon finds every QEMU its state dir started (``-pidfile`` under
+    the instances dir), whatever its records say. Zombies, and processes that exit
+    during the scan, are left out. Reads every ``/proc/<pid>/cmdline``: run it in a
+    worker thread.
+    """
+    found: dict[str, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as cmdline:
+                args = cmdline.read().decode(errors="replace").split("\0")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        value = _option_value(args, option)
+        if value is None or not value.startswith(value_prefix):
+            continue
+        state = process_state(int(entry.name))
+        if state is not None and state[0] != "Z":
+            found.setdefault(value, []).append(int(entry.name))
+    return found
 
 
 def process_state(pid: int) -> tuple[str, int] | None:

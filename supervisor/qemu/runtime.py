@@ -5,7 +5,8 @@ starts it again unchanged on reboot, or hands it to the migration target. The
 `RuntimeRecord` is ours: versioned, typed, with the NIC and disk plans of the command
 line, the capability fingerprint of the QEMU that ran it, and what the host leased for
 it (display port, uid). It is JSON: `save_record` writes it atomically (temporary file,
-fsync, rename, fsync of the directory), `load_record` reads it, and `encode_record` /
+fsync, rename, fsync of the directory; `store_record` does it in a worker thread),
+`load_record` reads it, and `encode_record` /
 `decode_record` give the string sent to a migration target.
 
 Bad input never crashes: a corrupt or truncated record, one from a future version, or
@@ -21,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Final
 
+import anyio
 import msgspec
 
 from supervisor.host.statedir import InstancePaths, open_no_follow
@@ -39,6 +41,7 @@ __all__ = [
     "encode_record",
     "load_record",
     "save_record",
+    "store_record",
 ]
 
 #: The version this code writes; it reads this one only (there is no older one yet).
@@ -80,6 +83,13 @@ class RuntimeRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     spice_port: int | None = None
     #: The uid leased from the uid pool (``security_model = "pool"``).
     uid: int | None = None
+    #: The start asked for a paused guest (``start(paused=True)``): no ``cont``.
+    start_paused: bool = False
+    #: Whether the start-up steps (passwords, pinning, balloon, ``cont``) are done.
+    #: `supervisor.engine.launcher.Launcher.launch` saves the record with False before
+    #: it spawns QEMU, so a daemon killed before the steps are done finishes them
+    #: after its restart. Records made elsewhere are complete from the start.
+    start_completed: bool = True
 
     @classmethod
     def for_start(
@@ -235,6 +245,16 @@ def save_record(path: Path, record: RuntimeRecord) -> None:
         os.fsync(directory_fd)
     finally:
         os.close(directory_fd)
+
+
+async def store_record(path: Path, record: RuntimeRecord) -> None:
+    """`save_record` in one of anyio's worker threads: its fsyncs may block for long.
+
+    Not interrupted by cancellation: when it returns or raises, the record is saved or
+    the old file is in place, as with `save_record`.
+    """
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(save_record, path, record)
 
 
 def load_record(path: Path) -> RuntimeRecord:

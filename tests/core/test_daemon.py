@@ -293,18 +293,30 @@ def test_bad_rpc_input_gets_errors_and_the_daemon_keeps_serving(daemon: Daemon) 
     assert daemon.cli_json("ping")["version"]
 
 
+def listed_when_started(daemon: Daemon) -> list[dict[str, Any]]:
+    """`list` once no instance is `starting` (or stopped, waiting for its autostart):
+    autostart and adoption go on behind READY=1."""
+
+    def started() -> tuple[list[dict[str, Any]]] | None:
+        listed: list[dict[str, Any]] = daemon.cli_json("list")
+        done = all(i["state"] not in ("starting", "stopped") for i in listed)
+        return (listed,) if done else None
+
+    return wait_until(started, what="no instance starting", timeout_s=90)[0]
+
+
 def test_kill_9_daemon_then_restart_adopts_running_vms(daemon: Daemon) -> None:
     for name in ("a1", "a2", "a3"):
         write_instance(daemon, name, autostart=True)
     daemon.start()
-    listed = daemon.cli_json("list")
+    listed = listed_when_started(daemon)
     assert [i["state"] for i in listed] == ["running"] * 3
     before = {i["name"]: i["pid"] for i in listed}
     daemon.kill(signal.SIGKILL)
     for pid in before.values():
         assert not gone_or_zombie(pid)  # the VMs outlive their daemon
     daemon.start()
-    after = {i["name"]: (i["state"], i["pid"]) for i in daemon.cli_json("list")}
+    after = {i["name"]: (i["state"], i["pid"]) for i in listed_when_started(daemon)}
     assert after == {name: ("running", pid) for name, pid in before.items()}
     assert daemon.cli_json("pause", "a2")["state"] == "paused"
     stopped = daemon.cli_json("stop", "a1", "--force")

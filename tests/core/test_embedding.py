@@ -33,6 +33,7 @@ async def test_embedded_supervisor_on_both_backends(config: Config, state_dir: P
     # Leaving the block leaves the VM running; a second supervisor adopts it.
     assert info.pid is not None
     async with Supervisor(config) as sup:
+        await sup.instance("emb").monitor_ready.wait()  # adoption goes on in the background
         adopted = sup.info("emb")
         assert (adopted.state, adopted.pid) == ("running", info.pid)
         stopped = await sup.stop("emb", force=True)

@@ -192,6 +192,7 @@ async def test_a_corrupt_runtime_record_is_skipped_and_the_rest_adopted(
     (corrupt / "runtime.json").write_text('{"version": 1, "name": ')
     (state_dir / "instances" / "empty").mkdir()
     async with Supervisor(config) as sup:
+        await sup.instance("good").monitor_ready.wait()  # adoption goes on in the background
         assert [(i.name, i.state, i.pid) for i in sup.list()] == [("good", "paused", info.pid)]
         await sup.stop("good", force=True)
 
