@@ -42,6 +42,7 @@ import msgspec
 from anyio.abc import SocketListener, SocketStream, TaskGroup, TaskStatus
 
 from protocols import jsonrpc
+from protocols.groups import ungrouped
 from supervisor.control.methods import METHODS
 from supervisor.control.openrpc import openrpc_document
 from supervisor.control.privilege import Privilege, authorize, privilege_of
@@ -581,20 +582,14 @@ async def serve_control(sup: Supervisor, path: Path | None = None) -> AsyncItera
     """
     server = _ControlServer(sup, sup.config.control_socket if path is None else path)
     sock = server.listen()
-    body_error: BaseException | None = None
     try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(server.run, sock)
-            try:
-                yield server.path
-            except anyio.get_cancelled_exc_class():
-                raise
-            except BaseException as error:
-                # Keep the body's exception bare: the task group would wrap it.
-                body_error = error
-            finally:
-                tg.cancel_scope.cancel()
+        # The server's own tasks never raise: an error of the body leaves bare.
+        with ungrouped():
+            async with anyio.create_task_group() as tg:
+                await tg.start(server.run, sock)
+                try:
+                    yield server.path
+                finally:
+                    tg.cancel_scope.cancel()
     finally:
         server.unlink_if_ours()
-    if body_error is not None:
-        raise body_error

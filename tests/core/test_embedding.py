@@ -8,6 +8,7 @@ import pytest
 from helpers import wait_gone
 
 from supervisor import Supervisor
+from supervisor.control.server import serve_control
 from supervisor.model.config import Config
 
 from .conftest import guest_spec
@@ -39,3 +40,12 @@ async def test_embedded_supervisor_on_both_backends(config: Config, state_dir: P
         stopped = await sup.stop("emb", force=True)
         assert stopped.state == "stopped"
     wait_gone(info.pid)
+
+
+async def test_errors_of_the_embedding_block_leave_bare(config: Config) -> None:
+    # Both layers run task groups, which would wrap the body's exception in a group.
+    with pytest.raises(LookupError, match="the body's own"):
+        async with Supervisor(config) as sup, serve_control(sup) as path:
+            assert path.is_socket()
+            raise LookupError("the body's own")
+    assert not config.control_socket.exists()
