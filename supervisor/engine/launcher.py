@@ -260,17 +260,20 @@ class Launcher:
         finally:
             listener.close()
         started = msgspec.structs.replace(intent, pid=process.pid)
+        # `starting` from the spawn on, not from the save below (a worker thread's fsync,
+        # slow on a busy disk): whoever sees this QEMU sees its instance alive.
+        instance.record = started
+        instance.started_at = started.started_at
+        instance.set_state(InstanceState.STARTING, "start requested", pid=process.pid)
+        instance.log.info("launched", pid=process.pid, accel=record.accel)
         try:
             await _save(started)
         except HypervisorError:
             process.kill()
             with anyio.move_on_after(KILL_WAIT_S):
                 await process.wait_exit()
+            instance.set_state(InstanceState.STOPPED, "start-failed")
             raise
-        instance.record = started
-        instance.started_at = started.started_at
-        instance.set_state(InstanceState.STARTING, "start requested", pid=process.pid)
-        instance.log.info("launched", pid=process.pid, accel=record.accel)
         return process
 
     def release_record(self, record: RuntimeRecord) -> None:

@@ -107,6 +107,8 @@ class EngineDaemon:
 
     def spawn(self, *, crash_at: str | None = None) -> None:
         """Start the daemon; returns at once (see `wait_ready`, `connect`)."""
+        if self._notify is not None:  # a restart of the daemon: a fresh notify socket
+            self._notify.close()
         self.notify_path.unlink(missing_ok=True)
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._notify.bind(str(self.notify_path))
