@@ -1,6 +1,6 @@
 """Least privilege on the control socket: what each kind of peer may ask of the daemon.
 
-Two kinds of peer pass the SO_PEERCRED check (`supervisor.control.server.peer_allowed`):
+Two kinds of peer pass the SO_PEERCRED check (`supervisor.control.peers.peer_allowed`):
 
 - ``ADMIN``: root and the daemon's own user, who may do anything the API offers;
 - ``MEMBER``: any other member of ``control_group``, who may do the same, except:

@@ -16,7 +16,7 @@ import pytest
 from core.test_daemon import CLI
 
 from protocols import jsonrpc
-from supervisor.control import server
+from supervisor.control import connection, server
 from supervisor.control.methods import METHODS
 from supervisor.model import api
 from supervisor.model.config import Config, load_config
@@ -179,7 +179,7 @@ async def test_a_failing_peer_check_closes_the_connection(
 
     async with served(control_config) as path:
         idle = _fd_count()
-        monkeypatch.setattr(server, failing, fail)
+        monkeypatch.setattr(connection, failing, fail)
         for _ in range(5):
             async with AsyncPeer.connect(path) as peer:
                 # Closed unanswered: at the send, or at the read (end of stream or reset).
