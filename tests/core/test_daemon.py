@@ -420,15 +420,16 @@ def test_peers_outside_root_and_the_control_group_are_refused(daemon: Daemon) ->
 def test_sigterm_leaves_vms_running_unless_shutdown_on_exit(daemon: Daemon) -> None:
     write_instance(daemon, "keep", autostart=True)
     daemon.start()
-    pid = daemon.cli_json("show", "keep")["pid"]
+    [listed] = listed_when_started(daemon)
+    pid = listed["pid"]
     daemon.kill(signal.SIGTERM)
     assert daemon.proc is not None and daemon.proc.returncode == 0
     assert not gone_or_zombie(pid)
 
     daemon.write_config(shutdown_on_exit=True)
     daemon.start()
+    assert listed_when_started(daemon) == [listed]  # adopted: same pid, running
     shown = daemon.cli_json("show", "keep")
-    assert shown["pid"] == pid
     # The ACPI power button needs a booted guest (its acpid) to have any effect.
     wait_for_guest_ready(Path(shown["serial_log"]))
     daemon.kill(signal.SIGTERM)
