@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
 import shutil
 import socket
 import struct
@@ -166,7 +167,10 @@ def caps() -> QemuCapabilities:
 
 
 def _free_port(low: int, high: int) -> int:
-    for port in range(low, high):
+    # From a random start: another suite on the machine probing from `low` too would
+    # pick the same port and one QEMU would fail to bind it.
+    start = random.randrange(low, high)
+    for port in [*range(start, high), *range(low, start)]:
         with socket.socket() as probe:
             try:
                 probe.bind(("0.0.0.0", port))
