@@ -8,19 +8,27 @@ inside the same namespace) it observes while it still holds their fds.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 
+from protocols import qmp
 from supervisor.model.errors import NetworkError
 from supervisor.net import nics
 from supervisor.net.tun import OpenTap
 from supervisor.qemu.cmdline import NicPlan
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import start_listening, wait_until
+
+QEMU = os.environ.get("KVM_SUPERVISOR_TEST_QEMU", "/usr/bin/qemu-system-x86_64")
 UUID = "6f1c0a52-3d2b-4c39-9a8e-0d7f4e2b1a10"
 
 
@@ -188,7 +196,55 @@ async def errors() -> dict[str, Any]:
     return found
 
 
-SCENARIOS = {"taps": taps, "bridged": bridged, "routed": routed, "errors": errors}
+async def qemu_holds_the_tap() -> dict[str, Any]:
+    """A QEMU started -S with a 2-queue tap's fds: the tap lives while QEMU does (the
+    daemon's copies closed), is a port of br0, and is gone once QEMU is killed."""
+    plans = nics.with_tap_names([plan(0, "bridged", link="br0", queues=2)], UUID)
+    name = plans[0].tap or ""
+    workdir = Path(tempfile.mkdtemp(prefix="kvs-", dir="/tmp"))
+    qmp_path = workdir / "qmp.sock"
+    try:
+        opened = nics.open_taps(plans)
+        fds = opened[0].fds
+        args = [
+            QEMU, "-S", "-nodefaults", "-display", "none", "-machine", "accel=tcg", "-m", "64",
+            "-qmp", f"unix:{qmp_path},server=on,wait=off",
+            "-netdev", f"tap,id=n0,fds={':'.join(map(str, fds))}",
+            "-device", "virtio-net-pci,netdev=n0,mq=on,vectors=6",
+        ]  # fmt: skip
+        try:
+            proc = start_listening(
+                args, [qmp_path], pass_fds=fds, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            )
+        finally:
+            nics.close_taps(opened)
+        try:
+            # QMP listens before QEMU opens its netdevs: its reply proves they are set up.
+            async with qmp.connect(qmp_path) as client:
+                network = await client.execute(
+                    "human-monitor-command", {"command-line": "info network"}
+                )
+            await nics.set_up(plans)
+            while_alive = {"links": links(), "ports": bridge_ports("br0")}
+        finally:
+            proc.kill()
+            proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
+        wait_until(lambda: name not in links(), what=f"{name} gone", timeout_s=30)
+        await nics.tear_down(plans)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {"name": name, "network": network, **while_alive, "links_after": links()}
+
+
+SCENARIOS = {
+    "taps": taps,
+    "bridged": bridged,
+    "routed": routed,
+    "errors": errors,
+    "qemu": qemu_holds_the_tap,
+}
 
 
 def main() -> None:

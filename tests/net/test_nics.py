@@ -80,3 +80,14 @@ def test_missing_bridge_and_vlan_errors_leave_nothing(netns: str) -> None:
         assert found["vlan_ports_after"] == {}
         assert found["vlan_filtering"] is True
         assert found["links_after"] == ["br0", "lo"]
+
+
+@pytest.mark.qemu
+def test_a_tap_lives_as_long_as_qemu_holds_it(netns: str) -> None:
+    for found in _each(run_scenario(netns, "qemu")):
+        name = found["name"]
+        # One tap queue per virtio queue pair.
+        assert found["network"].count("type=tap,fd=") == 2
+        assert name in found["links"]
+        assert found["ports"] == {name: 1450}
+        assert found["links_after"] == ["br0", "lo"]
