@@ -2,9 +2,12 @@
 
 pyroute2's `AsyncIPRoute` runs on asyncio only, and its blocking `IPRoute` refuses to
 run inside a running asyncio loop: under asyncio the socket is an `AsyncIPRoute` on the
-caller's loop (no thread); under trio it is an `IPRoute` whose every request runs in one
-of anyio's worker threads (``anyio.to_thread``), the only thread the library ever uses.
-This is the one place that chooses; everything speaking netlink goes through it.
+caller's loop (no thread); under trio every request opens, uses and closes an `IPRoute`
+in one of anyio's worker threads (``anyio.to_thread``), the only thread the library ever
+uses. One `IPRoute` per request because pyroute2 keeps an asyncio loop and transport per
+thread: an `IPRoute` used from several of anyio's threads leaks one of each per thread.
+It costs about 1 ms a request. This is the one place that chooses; everything speaking
+netlink goes through it.
 """
 
 from __future__ import annotations
@@ -42,13 +45,10 @@ class RouteSocket:
 
     def __init__(self) -> None:
         self._async: Any = None
-        self._sync: Any = None
 
     async def __aenter__(self) -> Self:
         if _on_asyncio():
             self._async = AsyncIPRoute()
-        else:
-            self._sync = await anyio.to_thread.run_sync(IPRoute)
         return self
 
     async def __aexit__(
@@ -57,11 +57,8 @@ class RouteSocket:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        with anyio.CancelScope(shield=True):
-            if self._async is not None:
-                self._async.close()
-            elif self._sync is not None:
-                await anyio.to_thread.run_sync(self._sync.close)
+        if self._async is not None:
+            self._async.close()
 
     async def request(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """The result of ``IPRoute.<method>(*args, **kwargs)``; dumps come as lists."""
@@ -75,6 +72,8 @@ class RouteSocket:
         except NetlinkError as error:
             raise OSError(error.code, os.strerror(error.code)) from error
 
-    def _blocking(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        result = getattr(self._sync, method)(*args, **kwargs)
-        return list(result) if isinstance(result, Iterator) else result
+    @staticmethod
+    def _blocking(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        with IPRoute() as netlink:
+            result = getattr(netlink, method)(*args, **kwargs)
+            return list(result) if isinstance(result, Iterator) else result

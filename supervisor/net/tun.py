@@ -13,9 +13,9 @@ import errno
 import fcntl
 import hashlib
 import os
+import socket
 import struct
 import uuid
-from pathlib import Path
 from typing import Final
 
 import msgspec
@@ -72,6 +72,16 @@ def tap_name(instance_uuid: str, nic_index: int) -> str:
     return f"{_PREFIX}{code}{nic_index}"
 
 
+def _exists(name: str) -> bool:
+    """Whether this network namespace has an interface `name` (asked of the kernel, not of
+    /sys, which may be mounted for another namespace)."""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
+
+
 def tap_features() -> int:
     """The IFF_* flags the kernel's tun driver offers (TUNGETFEATURES); 0 without tun."""
     try:
@@ -98,7 +108,7 @@ def open_tap(name: str, *, vnet_hdr: bool, queues: int = 1) -> OpenTap:
         raise NetworkError(name, f"a tap name has 1 to {MAX_NAME_BYTES} bytes")
     if queues < 1:
         raise NetworkError(name, f"{queues} queues: a tap needs at least one")
-    if Path("/sys/class/net", name).exists():
+    if _exists(name):
         raise NetworkError(name, "a network interface of that name exists already")
     features = tap_features()
     flags = _IFF_TAP | _IFF_NO_PI
