@@ -113,13 +113,17 @@ async def set_up(plans: Sequence[NicPlan]) -> None:
 
 
 async def _set_up_one(netlink: Netlink, plan: NicPlan) -> None:
-    tap = await _existing_tap(netlink, plan)
-    if plan.mode == "bridged":
-        await bridged.set_up(netlink, plan, tap)
-    elif plan.mode == "routed":
-        await routed.set_up(netlink, plan, tap)
-    else:
-        raise NetworkError(plan.link or tap.name, "openvswitch NICs are not available yet")
+    try:
+        tap = await _existing_tap(netlink, plan)
+        if plan.mode == "bridged":
+            await bridged.set_up(netlink, plan, tap)
+        elif plan.mode == "routed":
+            await routed.set_up(netlink, plan, tap)
+        else:
+            raise NetworkError(plan.link or tap.name, "openvswitch NICs are not available yet")
+    except OSError as error:
+        # A lookup the mode modules do not expect to fail (the netlink socket itself).
+        raise NetworkError(_tap(plan), f"netlink: {error.strerror or error}") from error
 
 
 async def _existing_tap(netlink: Netlink, plan: NicPlan) -> Link:
@@ -132,8 +136,8 @@ async def _existing_tap(netlink: Netlink, plan: NicPlan) -> Link:
 async def tear_down(plans: Sequence[NicPlan]) -> None:
     """Remove what the NICs' set-up added that outlives their taps; idempotent.
 
-    Runs shielded from cancellation, within `TEARDOWN_TIMEOUT_S`. Tries every NIC even
-    when one fails, then raises the first failure.
+    Runs shielded from cancellation, within `TEARDOWN_TIMEOUT_S` (TimeoutError past it).
+    Tries every NIC even when one fails, then raises the first failure.
     """
     first: NetworkError | None = None
     with anyio.CancelScope(shield=True), anyio.fail_after(TEARDOWN_TIMEOUT_S):
