@@ -59,7 +59,8 @@ async def check_host(plans: Sequence[NicPlan]) -> None:
     """Refuse, before anything is created, NICs this host cannot set up.
 
     Checks ``/dev/net/tun``, every bridged NIC's bridge (exists, is a bridge, carries
-    its VLAN), every routed NIC's table name. Changes nothing.
+    its VLAN), every routed NIC's table and, for IPv6, the uplink its proxy NDP entry
+    goes on. Changes nothing.
     """
     if plans and not await anyio.Path(TUN_DEVICE).exists():
         raise NetworkError(TUN_DEVICE, "no tun device: the kernel needs the tun module")
@@ -68,7 +69,7 @@ async def check_host(plans: Sequence[NicPlan]) -> None:
             if plan.mode == "bridged":
                 await bridged.check(netlink, plan)
             elif plan.mode == "routed":
-                routed.routing_table(plan.link)
+                await routed.check(netlink, plan)
             else:
                 raise NetworkError(
                     plan.link or _tap(plan), "openvswitch NICs are not available yet"

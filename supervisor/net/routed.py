@@ -22,7 +22,7 @@ from supervisor.qemu.cmdline import NicPlan
 
 from .netlink import MAIN_TABLE, Link, Netlink, set_interface_sysctl
 
-__all__ = ["routing_table", "set_up", "tear_down"]
+__all__ = ["check", "routing_table", "set_up", "tear_down"]
 
 RT_TABLES: Final = Path("/etc/iproute2/rt_tables")
 _GONE: Final = (errno.ENOENT, errno.ESRCH, errno.ENODEV)
@@ -45,8 +45,23 @@ def routing_table(link: str | None, rt_tables: Path = RT_TABLES) -> int:
     raise NetworkError(link, f"no routing table of that name in {rt_tables}")
 
 
+async def check(netlink: Netlink, plan: NicPlan) -> int | None:
+    """Refuse a NIC whose table is unknown, or whose IPv6 address has no uplink to proxy
+    NDP on; return that uplink's index (None for IPv4, or without an ip)."""
+    table = routing_table(plan.link)
+    if plan.ip is None or ipaddress.ip_address(plan.ip).version == 4:
+        return None
+    uplink = await netlink.default_route_device(socket.AF_INET6, table)
+    if uplink is None:
+        raise NetworkError(
+            plan.link or plan.ip, f"no IPv6 default route in table {table} to proxy NDP on"
+        )
+    return uplink
+
+
 async def set_up(netlink: Netlink, plan: NicPlan, tap: Link) -> None:
     """Bring `tap` up (with the NIC's MTU) and route the NIC's ip to it."""
+    uplink = await check(netlink, plan)
     table = routing_table(plan.link)
     try:
         if plan.mtu is not None:
@@ -63,13 +78,9 @@ async def set_up(netlink: Netlink, plan: NicPlan, tap: Link) -> None:
         await set_interface_sysctl("ipv6", tap.name, "forwarding", 1)
     except OSError as error:
         raise NetworkError(tap.name, f"cannot route {plan.ip}: {error.strerror}") from error
-    uplink = await netlink.default_route_device(socket.AF_INET6, table)
-    if uplink is None:
-        raise NetworkError(
-            tap.name, f"no IPv6 default route in table {table} to proxy NDP for {plan.ip} on"
-        )
     try:
-        await netlink.add_proxy_neighbour(plan.ip, uplink)
+        if uplink is not None:
+            await netlink.add_proxy_neighbour(plan.ip, uplink)
     except OSError as error:
         raise NetworkError(tap.name, f"cannot proxy NDP for {plan.ip}: {error.strerror}") from error
 

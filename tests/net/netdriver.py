@@ -170,6 +170,29 @@ async def routed() -> dict[str, Any]:
     return {**found, "names": [tap4, tap4t, tap6], "links_after": links()}
 
 
+async def routed_taps_gone() -> dict[str, Any]:
+    """Teardown after the taps died with their QEMU (a crash, or an adopted instance whose
+    QEMU is gone): the kernel took the routes, teardown takes the proxy entry."""
+    plans = nics.with_tap_names(
+        [plan(0, "routed", ip="10.77.0.5"), plan(1, "routed", ip="fd00:77::5")], UUID
+    )
+    no_uplink = nics.with_tap_names([plan(2, "routed", ip="fd00:77::6", link="100")], UUID)
+    refused: dict[str, Any] | None = None
+    try:
+        await nics.check_host(no_uplink)
+    except NetworkError as error:
+        refused = error_of(error)
+    await with_open(plans, lambda: nics.set_up(plans))
+    seen = {"routes": routes(), "proxy": ip("-6", "neigh", "show", "proxy").split()}
+    await nics.tear_down(plans)
+    return {
+        **seen,
+        "no_uplink": refused,
+        "proxy_after": ip("-6", "neigh", "show", "proxy").split(),
+        "links_after": links(),
+    }
+
+
 async def errors() -> dict[str, Any]:
     missing = nics.with_tap_names(
         [plan(0, "routed", ip="10.77.0.9"), plan(1, "bridged", link="nobr0")], UUID
@@ -242,6 +265,7 @@ SCENARIOS = {
     "taps": taps,
     "bridged": bridged,
     "routed": routed,
+    "routed_taps_gone": routed_taps_gone,
     "errors": errors,
     "qemu": qemu_holds_the_tap,
 }
