@@ -1,21 +1,17 @@
-"""Network interfaces of this host's network namespace, asked over netlink (pyroute2).
+"""Network interfaces of this host's network namespace, asked over netlink.
 
-pyroute2's `AsyncIPRoute` runs on asyncio only, and its blocking `IPRoute` refuses to
-run inside a running asyncio loop: under asyncio the lookup uses `AsyncIPRoute` on the
-caller's loop (no thread); under trio it runs `IPRoute` in one of anyio's worker threads
-(``anyio.to_thread``), the only thread the library ever uses.
+The netlink socket is a `RouteSocket` (pyroute2 on the caller's asyncio loop, or in a
+worker thread under trio).
 """
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import socket
 from collections.abc import Iterable
 from typing import Any, Final
 
-import anyio
-from pyroute2 import AsyncIPRoute, IPRoute  # type: ignore[import-untyped]
+from .rtnetlink import RouteSocket
 
 __all__ = ["interface_addresses"]
 
@@ -33,25 +29,11 @@ async def interface_addresses(name: str) -> tuple[list[str], list[str]]:
     list may be empty. Raises OSError (``ENODEV``) when there is no such interface.
     On cancellation under trio the lookup finishes in its thread and is discarded.
     """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return await anyio.to_thread.run_sync(_blocking_lookup, name)
-    async with AsyncIPRoute() as netlink:
-        index = _only_index(name, await netlink.link_lookup(ifname=name))
-        return _addresses([message async for message in await netlink.get_addr(index=index)])
-
-
-def _blocking_lookup(name: str) -> tuple[list[str], list[str]]:
-    with IPRoute() as netlink:
-        index = _only_index(name, netlink.link_lookup(ifname=name))
-        return _addresses(netlink.get_addr(index=index))
-
-
-def _only_index(name: str, indexes: list[int]) -> int:
-    if not indexes:
-        raise OSError(errno.ENODEV, f"no network interface {name!r}")
-    return indexes[0]
+    async with RouteSocket() as netlink:
+        indexes: list[int] = await netlink.request("link_lookup", ifname=name)
+        if not indexes:
+            raise OSError(errno.ENODEV, f"no network interface {name!r}")
+        return _addresses(await netlink.request("get_addr", index=indexes[0]))
 
 
 def _addresses(messages: Iterable[Any]) -> tuple[list[str], list[str]]:

@@ -1,0 +1,59 @@
+"""Bridged NICs: the tap is a port of the bridge named by the NIC's `link`.
+
+Nothing outlives the tap: when its last fd closes the kernel removes the port, so
+teardown has nothing to undo.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from supervisor.model.errors import NetworkError
+from supervisor.qemu.cmdline import NicPlan
+
+from .netlink import Link, Netlink
+
+__all__ = ["check", "set_up"]
+
+
+async def check(netlink: Netlink, plan: NicPlan) -> Link:
+    """The NIC's bridge; `NetworkError` naming it when it is missing or not a bridge, or
+    naming the missing feature when the NIC has a `vlan` the bridge cannot carry."""
+    name = plan.link or ""
+    bridge = await netlink.link(name)
+    if bridge is None:
+        raise NetworkError(name, "no such bridge")
+    if bridge.kind != "bridge":
+        raise NetworkError(name, f"not a bridge (a {bridge.kind or 'plain'} interface)")
+    if plan.vlan is not None:
+        try:
+            await netlink.probe_vlan_filtering(bridge)
+        except OSError as error:
+            if error.errno != errno.EOPNOTSUPP:
+                raise NetworkError(name, f"cannot query the bridge: {error.strerror}") from error
+            raise NetworkError(
+                name,
+                f"VLAN {plan.vlan} needs bridge VLAN filtering, which this kernel lacks "
+                "(CONFIG_BRIDGE_VLAN_FILTERING)",
+            ) from error
+        if not await netlink.vlan_filtering(bridge):
+            raise NetworkError(
+                name, f"VLAN {plan.vlan} needs VLAN filtering on the bridge (vlan_filtering 0)"
+            )
+    return bridge
+
+
+async def set_up(netlink: Netlink, plan: NicPlan, tap: Link) -> None:
+    """Make `tap` a port of the bridge (MTU the bridge's unless the NIC sets one), in
+    the NIC's VLAN if it has one, and up."""
+    bridge = await check(netlink, plan)
+    try:
+        await netlink.set_mtu(tap.index, plan.mtu or bridge.mtu)
+        await netlink.set_master(tap.index, bridge.index)
+        if plan.vlan is not None:
+            await netlink.add_port_vlan(tap.index, plan.vlan)
+        await netlink.set_up(tap.index)
+    except OSError as error:
+        raise NetworkError(
+            tap.name, f"cannot join bridge {bridge.name}: {error.strerror}"
+        ) from error

@@ -1,0 +1,280 @@
+"""Scenarios run inside a test network namespace (``ip netns exec NS python netdriver.py
+SCENARIO``), each on asyncio and on trio; prints one JSON object per backend.
+
+Taps die with the process that holds them, so what a scenario observes (with ``ip``,
+inside the same namespace) it observes while it still holds their fds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from protocols import qmp
+from supervisor.model.errors import NetworkError
+from supervisor.net import nics
+from supervisor.net.tun import OpenTap
+from supervisor.qemu.cmdline import NicPlan
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import start_listening, wait_until
+
+QEMU = os.environ.get("KVM_SUPERVISOR_TEST_QEMU", "/usr/bin/qemu-system-x86_64")
+UUID = "6f1c0a52-3d2b-4c39-9a8e-0d7f4e2b1a10"
+
+
+def ip(*args: str) -> str:
+    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
+
+
+def plan(index: int, mode: str, **fields: Any) -> NicPlan:
+    defaults: dict[str, Any] = {
+        "mac": f"52:54:00:00:00:{index:02x}",
+        "netdev_id": f"netdev{index}",
+        "device_id": f"nic{index}",
+        "model": "virtio-net-pci",
+        "netdev_arg": 0,
+        "fd_names": ("tapfd",),
+        "vnet_hdr": True,
+        "queues": 1,
+        "vhost": False,
+    }
+    return NicPlan(index=index, mode=mode, **{**defaults, **fields})  # type: ignore[arg-type]
+
+
+def links() -> list[str]:
+    return sorted(
+        line.split(":")[1].strip().split("@")[0] for line in ip("-o", "link").splitlines()
+    )
+
+
+def error_of(error: NetworkError) -> dict[str, Any]:
+    return {"code": error.code, "interface": error.data["interface"], "message": str(error)}
+
+
+async def taps() -> dict[str, Any]:
+    plans = nics.with_tap_names([plan(0, "bridged"), plan(1, "bridged", queues=4)], UUID)
+    opened = nics.open_taps(plans)
+    try:
+        details = {tap.name: ip("-d", "-o", "link", "show", tap.name) for tap in opened}
+        fds = [len(tap.fds) for tap in opened]
+        reopen: dict[str, Any] | None = None
+        try:
+            nics.open_taps(plans[:1])
+        except NetworkError as error:
+            reopen = error_of(error)
+    finally:
+        nics.close_taps(opened)
+    return {
+        "names": [p.tap for p in plans],
+        "details": details,
+        "fds": fds,
+        "reopen": reopen,
+        "links_after": links(),
+    }
+
+
+async def with_open(plans: list[NicPlan], body: Callable[[], Awaitable[Any]]) -> Any:
+    opened: list[OpenTap] = nics.open_taps(plans)
+    try:
+        return await body()
+    finally:
+        nics.close_taps(opened)
+
+
+def bridge_ports(bridge: str) -> dict[str, int]:
+    ports = {}
+    for line in ip("-o", "link", "show", "master", bridge).splitlines():
+        fields = line.split()
+        ports[fields[1].rstrip(":")] = int(fields[fields.index("mtu") + 1])
+    return ports
+
+
+async def bridged() -> dict[str, Any]:
+    plans = nics.with_tap_names(
+        [plan(0, "bridged", link="br0"), plan(1, "bridged", link="br0", mtu=1400)], UUID
+    )
+
+    async def body() -> dict[str, Any]:
+        await nics.check_host(plans)
+        await nics.set_up(plans)
+        ports = bridge_ports("br0")
+        up = ["UP" in ip("-o", "link", "show", p.tap or "").split(">")[0] for p in plans]
+        await nics.tear_down(plans)
+        return {"ports": ports, "up": up, "ports_after_teardown": bridge_ports("br0")}
+
+    found = await with_open(plans, body)
+    return {**found, "names": [p.tap for p in plans], "links_after": links()}
+
+
+def routes(*table: str) -> list[str]:
+    """The routes (destination and device) of both families; a family may have no table."""
+    found = []
+    for family in ("-4", "-6"):
+        shown = subprocess.run(
+            ["ip", family, "route", "show", *table], capture_output=True, text=True, check=False
+        )
+        found += [" ".join(line.split()[:3]) for line in shown.stdout.splitlines()]
+    return found
+
+
+def sysctl(family: str, name: str, key: str) -> str:
+    return Path(f"/proc/sys/net/{family}/conf/{name}/{key}").read_text().strip()
+
+
+async def routed() -> dict[str, Any]:
+    plans = nics.with_tap_names(
+        [
+            plan(0, "routed", ip="10.77.0.5"),
+            plan(1, "routed", ip="10.77.0.6", link="100"),
+            plan(2, "routed", ip="fd00:77::5", mtu=1400),
+        ],
+        UUID,
+    )
+    tap4, tap4t, tap6 = (p.tap or "" for p in plans)
+
+    async def body() -> dict[str, Any]:
+        await nics.check_host(plans)
+        await nics.set_up(plans)
+        seen = {
+            "main": routes(),
+            "table100": routes("table", "100"),
+            "sysctl": [
+                sysctl("ipv4", tap4, "proxy_arp"),
+                sysctl("ipv4", tap4, "forwarding"),
+                sysctl("ipv4", tap4t, "proxy_arp"),
+                sysctl("ipv6", tap6, "forwarding"),
+            ],
+            "proxy": ip("-6", "neigh", "show", "proxy").split(),
+            "mtu6": ip("-o", "link", "show", tap6).split("mtu")[1].split()[0],
+        }
+        await nics.tear_down(plans)
+        await nics.tear_down(plans)  # idempotent
+        return {
+            **seen,
+            "main_after": routes(),
+            "table100_after": routes("table", "100"),
+            "proxy_after": ip("-6", "neigh", "show", "proxy").split(),
+        }
+
+    found = await with_open(plans, body)
+    return {**found, "names": [tap4, tap4t, tap6], "links_after": links()}
+
+
+async def routed_taps_gone() -> dict[str, Any]:
+    """Teardown after the taps died with their QEMU (a crash, or an adopted instance whose
+    QEMU is gone): the kernel took the routes, teardown takes the proxy entry."""
+    plans = nics.with_tap_names(
+        [plan(0, "routed", ip="10.77.0.5"), plan(1, "routed", ip="fd00:77::5")], UUID
+    )
+    no_uplink = nics.with_tap_names([plan(2, "routed", ip="fd00:77::6", link="100")], UUID)
+    refused: dict[str, Any] | None = None
+    try:
+        await nics.check_host(no_uplink)
+    except NetworkError as error:
+        refused = error_of(error)
+    await with_open(plans, lambda: nics.set_up(plans))
+    seen = {"routes": routes(), "proxy": ip("-6", "neigh", "show", "proxy").split()}
+    await nics.tear_down(plans)
+    return {
+        **seen,
+        "no_uplink": refused,
+        "proxy_after": ip("-6", "neigh", "show", "proxy").split(),
+        "links_after": links(),
+    }
+
+
+async def errors() -> dict[str, Any]:
+    missing = nics.with_tap_names(
+        [plan(0, "routed", ip="10.77.0.9"), plan(1, "bridged", link="nobr0")], UUID
+    )
+    vlan = nics.with_tap_names([plan(0, "bridged", link="br0", vlan=42)], UUID)
+    found: dict[str, Any] = {}
+    for label, plans in (("missing", missing), ("vlan", vlan)):
+        try:
+            await nics.check_host(plans)
+        except NetworkError as error:
+            found[f"{label}_check"] = error_of(error)
+
+        async def body(plans: list[NicPlan] = plans, label: str = label) -> None:
+            try:
+                await nics.set_up(plans)
+            except NetworkError as error:
+                found[f"{label}_set_up"] = error_of(error)
+            found[f"{label}_routes_after"] = routes()
+            found[f"{label}_ports_after"] = bridge_ports("br0")
+
+        await with_open(plans, body)
+    found["vlan_filtering"] = "vlan_filtering 0" in ip("-d", "link", "show", "br0")
+    found["links_after"] = links()
+    return found
+
+
+async def qemu_holds_the_tap() -> dict[str, Any]:
+    """A QEMU started -S with a 2-queue tap's fds: the tap lives while QEMU does (the
+    daemon's copies closed), is a port of br0, and is gone once QEMU is killed."""
+    plans = nics.with_tap_names([plan(0, "bridged", link="br0", queues=2)], UUID)
+    name = plans[0].tap or ""
+    workdir = Path(tempfile.mkdtemp(prefix="kvs-", dir="/tmp"))
+    qmp_path = workdir / "qmp.sock"
+    try:
+        opened = nics.open_taps(plans)
+        fds = opened[0].fds
+        args = [
+            QEMU, "-S", "-nodefaults", "-display", "none", "-machine", "accel=tcg", "-m", "64",
+            "-qmp", f"unix:{qmp_path},server=on,wait=off",
+            "-netdev", f"tap,id=n0,fds={':'.join(map(str, fds))}",
+            "-device", "virtio-net-pci,netdev=n0,mq=on,vectors=6",
+        ]  # fmt: skip
+        try:
+            proc = start_listening(
+                args, [qmp_path], pass_fds=fds, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            )
+        finally:
+            nics.close_taps(opened)
+        try:
+            # QMP listens before QEMU opens its netdevs: its reply proves they are set up.
+            async with qmp.connect(qmp_path) as client:
+                network = await client.execute(
+                    "human-monitor-command", {"command-line": "info network"}
+                )
+            await nics.set_up(plans)
+            while_alive = {"links": links(), "ports": bridge_ports("br0")}
+        finally:
+            proc.kill()
+            proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
+        wait_until(lambda: name not in links(), what=f"{name} gone", timeout_s=30)
+        await nics.tear_down(plans)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {"name": name, "network": network, **while_alive, "links_after": links()}
+
+
+SCENARIOS = {
+    "taps": taps,
+    "bridged": bridged,
+    "routed": routed,
+    "routed_taps_gone": routed_taps_gone,
+    "errors": errors,
+    "qemu": qemu_holds_the_tap,
+}
+
+
+def main() -> None:
+    scenario = SCENARIOS[sys.argv[1]]
+    print(json.dumps({b: anyio.run(scenario, backend=b) for b in ("asyncio", "trio")}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Taps, bridged and routed NICs set up and torn down inside a test network namespace,
+on asyncio and trio (each scenario runs on both in one subprocess)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from .conftest import ip, run_scenario
+
+pytestmark = pytest.mark.netns
+
+BACKENDS = ("asyncio", "trio")
+
+
+def _each(found: dict[str, Any]) -> list[dict[str, Any]]:
+    assert sorted(found) == sorted(BACKENDS)
+    return [found[backend] for backend in BACKENDS]
+
+
+def test_taps_vnet_hdr_and_multiqueue(netns: str) -> None:
+    for found in _each(run_scenario(netns, "taps")):
+        single, multi = found["names"]
+        assert all(len(name.encode()) <= 15 for name in found["names"])
+        assert single != multi and single[:-1] == multi[:-1]
+        assert "tun type tap pi off vnet_hdr on" in found["details"][single]
+        assert "multi_queue" not in found["details"][single]
+        assert "multi_queue numqueues 4" in found["details"][multi]
+        assert "persist off" in found["details"][multi]
+        assert found["fds"] == [1, 4]
+        assert found["reopen"]["code"] == 10
+        assert found["reopen"]["interface"] == single
+        assert found["links_after"] == ["br0", "lo"]
+
+
+def test_bridged_ports_follow_the_bridge_mtu(netns: str) -> None:
+    for found in _each(run_scenario(netns, "bridged")):
+        plain, with_mtu = found["names"]
+        assert found["ports"] == {plain: 1450, with_mtu: 1400}
+        assert found["up"] == [True, True]
+        # Teardown leaves the ports to the kernel: they go with the taps.
+        assert found["links_after"] == ["br0", "lo"]
+    assert "vlan_filtering 0" in ip("-n", netns, "-d", "link", "show", "br0")
+
+
+def _ipv6_uplink(netns: str) -> None:
+    """up0 (a veth) carries the namespace's IPv6 default route: the proxy NDP uplink."""
+    inside = ("-n", netns)
+    ip(*inside, "link", "add", "up0", "type", "veth", "peer", "name", "up1")
+    ip(*inside, "link", "set", "up0", "up")
+    ip(*inside, "link", "set", "up1", "up")
+    ip(*inside, "-6", "address", "add", "fd00:1::1/64", "dev", "up0", "nodad")
+    ip(*inside, "-6", "route", "add", "default", "via", "fd00:1::2", "dev", "up0")
+
+
+def test_routed_routes_proxies_and_teardown(netns: str) -> None:
+    _ipv6_uplink(netns)
+    for found in _each(run_scenario(netns, "routed")):
+        tap4, tap4t, tap6 = found["names"]
+        assert f"10.77.0.5 dev {tap4}" in found["main"]
+        assert f"fd00:77::5 dev {tap6}" in found["main"]
+        assert not any("10.77.0.6" in route for route in found["main"])
+        assert found["table100"] == [f"10.77.0.6 dev {tap4t}"]
+        assert found["sysctl"] == ["1", "1", "1", "1"]
+        assert found["proxy"][:3] == ["fd00:77::5", "dev", "up0"]
+        assert found["mtu6"] == "1400"
+        assert not any("10.77" in r or "fd00:77" in r for r in found["main_after"])
+        assert found["table100_after"] == []
+        assert found["proxy_after"] == []
+        assert found["links_after"] == ["br0", "lo", "up0", "up1"]
+
+
+def test_routed_teardown_after_the_taps_died(netns: str) -> None:
+    _ipv6_uplink(netns)
+    for found in _each(run_scenario(netns, "routed_taps_gone")):
+        assert not any("10.77" in r or "fd00:77" in r for r in found["routes"])
+        assert found["proxy"][:3] == ["fd00:77::5", "dev", "up0"]
+        assert found["proxy_after"] == []
+        assert found["no_uplink"]["interface"] == "100"
+        assert "no IPv6 default route in table 100" in found["no_uplink"]["message"]
+        assert found["links_after"] == ["br0", "lo", "up0", "up1"]
+
+
+def test_missing_bridge_and_vlan_errors_leave_nothing(netns: str) -> None:
+    for found in _each(run_scenario(netns, "errors")):
+        for step in ("missing_check", "missing_set_up"):
+            assert found[step]["code"] == 10
+            assert found[step]["interface"] == "nobr0"
+            assert "no such bridge" in found[step]["message"]
+        # The routed NIC set up before the failing one was rolled back.
+        assert not any("10.77.0.9" in route for route in found["missing_routes_after"])
+        for step in ("vlan_check", "vlan_set_up"):
+            assert found[step]["interface"] == "br0"
+            assert "bridge VLAN filtering" in found[step]["message"]
+        assert found["vlan_ports_after"] == {}
+        assert found["vlan_filtering"] is True
+        assert found["links_after"] == ["br0", "lo"]
+
+
+@pytest.mark.qemu
+def test_a_tap_lives_as_long_as_qemu_holds_it(netns: str) -> None:
+    for found in _each(run_scenario(netns, "qemu")):
+        name = found["name"]
+        # One tap queue per virtio queue pair.
+        assert found["network"].count("type=tap,fd=") == 2
+        assert name in found["links"]
+        assert found["ports"] == {name: 1450}
+        assert found["links_after"] == ["br0", "lo"]
