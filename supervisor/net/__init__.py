@@ -1,0 +1,4 @@
+"""Host networking for instances (taps, bridges, routes, Open vSwitch).
+
+Imports model, host, qemu only.
+"""
