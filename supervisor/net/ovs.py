@@ -90,9 +90,9 @@ async def add_port(
     except ovsdb.TransactError as exc:
         if exc.op_index == 0:
             raise NetworkError(bridge, f"Open vSwitch bridge {bridge!r} does not exist") from None
-        if exc.error == "constraint violation" and "duplicate" in exc.details:
+        if exc.error == "constraint violation" and "identical values" in exc.details:
             raise NetworkError(
-                port_name, "an Open vSwitch port or interface of that name exists"
+                port_name, "an Open vSwitch port or interface of that name already exists"
             ) from None
         raise NetworkError(port_name, f"Open vSwitch refused the port: {exc}") from None
 
