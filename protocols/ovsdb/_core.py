@@ -18,6 +18,7 @@ and the like, id ``null``) and :class:`ConnectionClosed`. States::
 from __future__ import annotations
 
 import enum
+import re
 from typing import Any, Final, Literal, TypeAlias
 
 import msgspec
@@ -29,9 +30,11 @@ DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 of a large switch some megabytes."""
 
 _EXCERPT_BYTES: Final = 120
-_WHITESPACE: Final = b" \t\r\n"
-_OPEN: Final = frozenset(b"{[")
-_CLOSE: Final = frozenset(b"}]")
+_NOT_WHITESPACE: Final = re.compile(rb"[^ \t\r\n]")
+_STRUCTURAL: Final = re.compile(rb'[{}\[\]"]')
+_IN_STRING: Final = re.compile(rb'["\\]')
+_OPEN_BRACE: Final = ord("{")
+_OPEN_BRACKET: Final = ord("[")
 _QUOTE: Final = ord('"')
 _BACKSLASH: Final = ord("\\")
 
@@ -72,36 +75,47 @@ class JSONStreamSplitter:
         in_string = self._in_string
         escaped = self._escaped
         end = len(buffer)
+        # Jumps from one byte that matters to the next: a message is scanned by the regex
+        # engine, not byte by byte in Python.
         while index < end:
             if depth == 0:
-                # Between messages: skip whitespace, then an object must start.
-                while index < end and buffer[index] in _WHITESPACE:
-                    index += 1
-                start = index
-                if index == end:
+                found = _NOT_WHITESPACE.search(buffer, index)
+                if found is None:
+                    index = start = end
                     break
-                if buffer[index] != ord("{"):
+                index = start = found.start()
+                if buffer[index] != _OPEN_BRACE:
                     raise ProtocolError(f"expected a JSON object, got {_excerpt(buffer[index:])}")
+            if escaped:
+                # The previous chunk ended with the backslash; this byte is what it escapes.
+                escaped = False
+                index += 1
+                continue
+            found = (_IN_STRING if in_string else _STRUCTURAL).search(buffer, index)
+            if found is None:
+                index = end
+                break
+            index = found.start()
             byte = buffer[index]
-            if in_string:
-                if escaped:
-                    escaped = False
-                elif byte == _BACKSLASH:
-                    escaped = True
-                elif byte == _QUOTE:
-                    in_string = False
+            if byte == _BACKSLASH:
+                escaped = True
             elif byte == _QUOTE:
-                in_string = True
-            elif byte in _OPEN:
+                in_string = not in_string
+            elif byte in (_OPEN_BRACE, _OPEN_BRACKET):
                 depth += 1
-            elif byte in _CLOSE:
+            else:
                 depth -= 1
                 if depth == 0:
+                    if index + 1 - start > self._max:
+                        raise ProtocolError(f"message longer than {self._max} bytes")
                     messages.append(bytes(buffer[start : index + 1]))
                     start = index + 1
             index += 1
-            if index - start > self._max:
-                raise ProtocolError(f"message longer than {self._max} bytes")
+            if escaped and index < end:
+                escaped = False
+                index += 1
+        if end - start > self._max:
+            raise ProtocolError(f"message longer than {self._max} bytes")
         del buffer[:start]
         self._scan = index - start
         self._depth = depth

@@ -74,8 +74,14 @@ def _end_by_pidfile(pidfile: Path) -> None:
         os.close(pidfd)
 
 
+def _host_links() -> str:
+    links = subprocess.run(["ip", "-o", "link", "show"], check=True, capture_output=True)
+    return "\n".join(sorted(line.split(":")[1] for line in links.stdout.decode().splitlines()))
+
+
 @pytest.fixture
 def private_ovs() -> Iterator[PrivateOVS]:
+    host_links = _host_links()
     netns = f"kvs-ovs-{secrets.token_hex(4)}"
     rundir = Path(tempfile.mkdtemp(prefix="kvs-ovs-", dir="/tmp"))
     subprocess.run(["ip", "netns", "add", netns], check=True)
@@ -95,3 +101,5 @@ def private_ovs() -> Iterator[PrivateOVS]:
             _end_by_pidfile(rundir / f"{daemon}.pid")
         subprocess.run(["ip", "netns", "delete", netns], check=True)
         shutil.rmtree(rundir, ignore_errors=True)
+    # Bridges, taps and OVS ports all stayed in the test namespace.
+    assert _host_links() == host_links

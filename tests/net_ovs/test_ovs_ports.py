@@ -4,6 +4,7 @@ and, independently, through ovs-vsctl on the same database."""
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from protocols import ovsdb
 from supervisor.model.errors import NetworkError
 from supervisor.net.ovs import add_port, bridge_exists, connect_ovsdb, del_port, port_exists
 
-from .conftest import PrivateOVS
+from .conftest import SCHEMA, PrivateOVS
 
 BRIDGE = "br-kvs"
 TAP = "kvstap0"
@@ -72,6 +73,19 @@ async def test_port_with_vlan_tag_added_then_deleted(private_ovs: PrivateOVS, ta
         assert private_ovs.vsctl("list-ports", BRIDGE) == ""
         # Deleting again is nothing: teardown may repeat.
         await del_port(db, tap)
+
+
+@pytest.mark.anyio
+async def test_schema_read_back_whole(private_ovs: PrivateOVS) -> None:
+    """A large reply (the schema, about 60 KB) arrives in many reads and is cut right."""
+    async with connect_ovsdb(private_ovs.socket, timeout_s=10) as db:
+        schema = await db.get_schema("Open_vSwitch")
+    # The server writes types in their normal form: compare what normalizing leaves alone.
+    expected = json.loads(SCHEMA.read_text())
+    assert schema["version"] == expected["version"]
+    assert {table: sorted(value["columns"]) for table, value in schema["tables"].items()} == {
+        table: sorted(value["columns"]) for table, value in expected["tables"].items()
+    }
 
 
 @pytest.mark.anyio
