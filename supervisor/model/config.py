@@ -5,10 +5,10 @@ Every `Config` key has a default, so an empty file, or one holding only
 values of the wrong type (``max_request_bytes: Expected `int`, got `str```).
 
 Relative paths are resolved against the directory of the file that holds them: in the
-config file `state_dir`, `instances_dir`, `image_dirs` and the path parameters of
-``[hvparams]``; in an instance file its disks and path parameters (kernel, initrd, ISOs,
-floppy, password files, x509 dir, mem_path). Values coming over the control socket have
-no such base and must be absolute (`supervisor.model.validation` says so).
+config file `state_dir`, `instances_dir`, `image_dirs`, `ovsdb_socket` and the path
+parameters of ``[hvparams]``; in an instance file its disks and path parameters (kernel,
+initrd, ISOs, floppy, password files, x509 dir, mem_path). Values coming over the
+control socket have no such base and must be absolute (`supervisor.model.validation` says so).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from supervisor.model.spec import PATTERN_END, InstanceSpec, decode_spec
 
 __all__ = [
     "DEFAULT_INSTANCES_DIR",
+    "DEFAULT_OVSDB_SOCKET",
     "DEFAULT_STATE_DIR",
     "UID_MAX",
     "Config",
@@ -40,6 +41,7 @@ __all__ = [
 
 DEFAULT_STATE_DIR: Final = "/var/lib/kvm-supervisor"
 DEFAULT_INSTANCES_DIR: Final = "/etc/kvm-supervisor/instances"
+DEFAULT_OVSDB_SOCKET: Final = "/var/run/openvswitch/db.sock"
 #: The largest uid a pool may hold: uids are 32-bit and ``(uid_t) -1`` means "no uid".
 UID_MAX: Final = 2**32 - 2
 
@@ -84,6 +86,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
     display_port_range: tuple[Port, Port] = (5900, 6899)
     #: Events buffered per subscriber before it gets ``events.dropped``.
     event_queue_size: Annotated[int, Meta(ge=1, le=1_000_000)] = 1024
+    #: ovsdb-server's unix socket, for ``mode = "openvswitch"`` NICs.
+    ovsdb_socket: Annotated[str, Meta(min_length=1)] = DEFAULT_OVSDB_SOCKET
     #: Node-wide hypervisor parameter defaults, overridden by each instance's.
     hvparams: dict[str, Any] = msgspec.field(default_factory=dict)
 
@@ -186,6 +190,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         state_dir=_absolute(base, config.state_dir),
         instances_dir=_absolute(base, config.instances_dir),
         image_dirs=[_absolute(base, directory) for directory in config.image_dirs],
+        ovsdb_socket=_absolute(base, config.ovsdb_socket),
         hvparams=_resolve_hvparam_paths(base, config.hvparams),
     )
     check_config(config)
