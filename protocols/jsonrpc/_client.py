@@ -20,6 +20,7 @@ from anyio.abc import SocketAttribute
 from msgspec import UNSET
 
 from ..groups import ungrouped
+from ..sockets import send_message
 from ._codec import decode_server_line, encode_message
 from ._errors import ProtocolError, RPCConnectionLostError, RPCError
 from ._framing import LineFramer, Oversize
@@ -150,23 +151,14 @@ class RPCClient(anyio.AsyncContextManagerMixin):
         if self._loss is not None or sock is None:
             raise self._connection_lost_error()
         async with self._send_lock:
-            view = memoryview(line)
-            while view:
-                try:
-                    # MSG_NOSIGNAL: an embedding program may not ignore SIGPIPE as Python does.
-                    view = view[sock.send(view, socket.MSG_NOSIGNAL) :]
-                except BlockingIOError:
-                    pass
-                except OSError as exc:
-                    self._lose("the control socket failed", exc)
-                    raise self._connection_lost_error() from exc
-                if view:
-                    try:
-                        await anyio.wait_writable(sock)
-                    except BaseException:
-                        if len(view) < len(line):
-                            self._lose("a request was cut short by cancellation", None)
-                        raise
+            try:
+                await send_message(sock, line, cut_short=self._cut_short)
+            except OSError as exc:
+                self._lose("the control socket failed", exc)
+                raise self._connection_lost_error() from exc
+
+    def _cut_short(self) -> None:
+        self._lose("a request was cut short by cancellation", None)
 
     async def _read_messages(self, sock: socket.socket) -> None:
         # The raw socket rather than the stream: anyio's asyncio socket stream may log an

@@ -15,6 +15,7 @@ import anyio
 from anyio.abc import SocketAttribute
 
 from ..groups import ungrouped
+from ..sockets import send_message
 from ._core import NEED_DATA, ConnectionClosed, Echo, OVSDBProtocol, Reply
 from ._errors import ConnectionLostError, OVSDBTimeoutError, RequestError
 from ._ops import check_transact_result
@@ -101,23 +102,14 @@ class OVSDBClient:
         async with self._send_lock:
             if self._loss is not None:
                 raise self._connection_lost_error()
-            view = memoryview(data)
-            while view:
-                try:
-                    # MSG_NOSIGNAL: an embedding program may not ignore SIGPIPE.
-                    view = view[sock.send(view, socket.MSG_NOSIGNAL) :]
-                except BlockingIOError:
-                    pass
-                except OSError as exc:
-                    self._lose("the OVSDB socket failed", exc)
-                    raise self._connection_lost_error() from exc
-                if view:
-                    try:
-                        await anyio.wait_writable(sock)
-                    except BaseException:
-                        if len(view) < len(data):
-                            self._lose("a request was cut short by cancellation", None)
-                        raise
+            try:
+                await send_message(sock, data, cut_short=self._cut_short)
+            except OSError as exc:
+                self._lose("the OVSDB socket failed", exc)
+                raise self._connection_lost_error() from exc
+
+    def _cut_short(self) -> None:
+        self._lose("a request was cut short by cancellation", None)
 
     async def _read_messages(self) -> None:
         protocol = self._protocol

@@ -23,6 +23,7 @@ import msgspec
 from anyio.abc import SocketStream, TaskGroup
 
 from protocols import jsonrpc
+from protocols.sockets import send_message
 from supervisor.control.methods import METHODS
 from supervisor.control.openrpc import openrpc_document
 from supervisor.control.peers import peer_allowed, peer_uid_gid
@@ -101,7 +102,7 @@ class Connection:
         """Send one line; a peer that is gone just misses it (its requests still finish)."""
         async with self.send_lock:
             try:
-                await _send_all(self.sock, payload)
+                await send_message(self.sock, payload)
             except OSError:
                 self.log.debug("reply dropped: the client is gone")
                 self.reading.cancel()
@@ -292,8 +293,8 @@ def _internal_error(request_id: jsonrpc.RequestId, error: Exception) -> jsonrpc.
     )
 
 
-# The connection's raw socket is read and written directly: on asyncio, cancelling the
-# socket stream's receive or send as the socket becomes ready makes anyio log an
+# The raw socket, as `protocols.sockets.send_message` writes it: on asyncio, cancelling
+# the socket stream's receive as the socket becomes ready makes anyio log an
 # InvalidStateError, and connections see many cancellations (deadlines, cut clients).
 async def _receive(sock: socket.socket) -> bytes | None:
     """What arrived (``b""`` at the end of stream), or None when the peer reset."""
@@ -305,17 +306,6 @@ async def _receive(sock: socket.socket) -> bytes | None:
             continue
         except OSError:
             return None
-
-
-async def _send_all(sock: socket.socket, data: bytes) -> None:
-    """Send all of `data`; raises OSError when the peer is gone."""
-    view = memoryview(data)
-    while view:
-        try:
-            # MSG_NOSIGNAL: an embedding program may not ignore SIGPIPE as Python does.
-            view = view[sock.send(view, socket.MSG_NOSIGNAL) :]
-        except BlockingIOError:
-            await anyio.wait_writable(sock)
 
 
 async def serve_connection(
