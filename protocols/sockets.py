@@ -1,9 +1,10 @@
-"""Whole-message writes on a non-blocking socket, shared by the protocol clients and the
-control server.
+"""Reads and whole-message writes on a non-blocking socket, shared by the protocol clients
+and the control server.
 
-They write on the raw socket rather than through anyio's socket stream: on asyncio,
-cancelling the stream's send as the socket becomes ready makes anyio log an
+They use the raw socket rather than anyio's socket stream: on asyncio, cancelling the
+stream's receive or send as the socket becomes ready makes anyio log an
 InvalidStateError, and these sockets see many cancellations (deadlines, cut peers).
+Waiting before every read also keeps a flooding peer from starving the other tasks.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable
 
 import anyio
 
-__all__ = ["send_message"]
+__all__ = ["receive_some", "send_message"]
 
 
 async def send_message(
@@ -38,3 +39,16 @@ async def send_message(
                 if cut_short is not None and len(view) < len(data):
                     cut_short()
                 raise
+
+
+async def receive_some(sock: socket.socket, max_bytes: int) -> bytes:
+    """Wait for data and return what arrived (``b""`` at the end of the stream).
+
+    :raises OSError: the peer reset the connection, or the socket failed.
+    """
+    while True:
+        await anyio.wait_readable(sock)
+        try:
+            return sock.recv(max_bytes)
+        except BlockingIOError:
+            continue

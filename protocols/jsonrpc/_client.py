@@ -20,7 +20,7 @@ from anyio.abc import SocketAttribute
 from msgspec import UNSET
 
 from ..groups import ungrouped
-from ..sockets import send_message
+from ..sockets import receive_some, send_message
 from ._codec import decode_server_line, encode_message
 from ._errors import ProtocolError, RPCConnectionLostError, RPCError
 from ._framing import LineFramer, Oversize
@@ -161,18 +161,10 @@ class RPCClient(anyio.AsyncContextManagerMixin):
         self._lose("a request was cut short by cancellation", None)
 
     async def _read_messages(self, sock: socket.socket) -> None:
-        # The raw socket rather than the stream: anyio's asyncio socket stream may log an
-        # InvalidStateError when a receive is cancelled just as data arrives.
         framer = LineFramer(self._max_line_bytes)
         try:
             while True:
-                # Waiting before every read keeps a flood of notifications from starving
-                # the other tasks.
-                await anyio.wait_readable(sock)
-                try:
-                    data = sock.recv(_RECEIVE_BYTES)
-                except BlockingIOError:
-                    continue
+                data = await receive_some(sock, _RECEIVE_BYTES)
                 for line in framer.feed(data):
                     self._dispatch_line(line)
                 if not data:

@@ -15,7 +15,7 @@ import anyio
 from anyio.abc import SocketAttribute
 
 from ..groups import ungrouped
-from ..sockets import send_message
+from ..sockets import receive_some, send_message
 from ._core import NEED_DATA, ConnectionClosed, Echo, OVSDBProtocol, Reply
 from ._errors import ConnectionLostError, OVSDBTimeoutError, RequestError
 from ._ops import check_transact_result
@@ -116,11 +116,8 @@ class OVSDBClient:
         sock = self._socket
         try:
             while True:
-                await anyio.wait_readable(sock)
                 try:
-                    data = sock.recv(_RECEIVE_BYTES)
-                except BlockingIOError:
-                    continue
+                    data = await receive_some(sock, _RECEIVE_BYTES)
                 except ConnectionResetError:
                     data = b""
                 protocol.receive_data(data)

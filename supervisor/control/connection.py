@@ -23,7 +23,7 @@ import msgspec
 from anyio.abc import SocketStream, TaskGroup
 
 from protocols import jsonrpc
-from protocols.sockets import send_message
+from protocols.sockets import receive_some, send_message
 from supervisor.control.methods import METHODS
 from supervisor.control.openrpc import openrpc_document
 from supervisor.control.peers import peer_allowed, peer_uid_gid
@@ -119,9 +119,10 @@ class Connection:
         with self.reading:
             while True:
                 with anyio.CancelScope(deadline=line_deadline) as waiting:
-                    data = await _receive(self.sock)
-                if data is None:
-                    return None
+                    try:
+                        data = await receive_some(self.sock, RECEIVE_BYTES)
+                    except OSError:  # the peer reset: nobody reads answers any more
+                        return None
                 if waiting.cancelled_caught:
                     timeout_s = config.request_line_timeout_s
                     self.log.warning("request line not completed in time", timeout_s=timeout_s)
@@ -291,21 +292,6 @@ def _internal_error(request_id: jsonrpc.RequestId, error: Exception) -> jsonrpc.
         jsonrpc.ErrorCode.INTERNAL_ERROR,
         f"internal error: {type(error).__name__}: {error}",
     )
-
-
-# The raw socket, as `protocols.sockets.send_message` writes it: on asyncio, cancelling
-# the socket stream's receive as the socket becomes ready makes anyio log an
-# InvalidStateError, and connections see many cancellations (deadlines, cut clients).
-async def _receive(sock: socket.socket) -> bytes | None:
-    """What arrived (``b""`` at the end of stream), or None when the peer reset."""
-    while True:
-        await anyio.wait_readable(sock)
-        try:
-            return sock.recv(RECEIVE_BYTES)
-        except BlockingIOError:
-            continue
-        except OSError:
-            return None
 
 
 async def serve_connection(
