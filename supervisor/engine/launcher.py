@@ -37,7 +37,7 @@ from supervisor.log import get_logger
 from supervisor.model.api import QemuInfo
 from supervisor.model.config import Config
 from supervisor.model.errors import HypervisorError, InstanceExists, InvalidConfigError
-from supervisor.model.hvparams import parse_cpu_mask, resolve_hvparams
+from supervisor.model.hvparams import HvParams, parse_cpu_mask, resolve_hvparams
 from supervisor.model.spec import InstanceSpec, assign_macs, ensure_uuid
 from supervisor.model.states import InstanceState
 from supervisor.model.validation import check_host_basics, check_syntax, raise_first
@@ -57,15 +57,18 @@ _log = get_logger(__name__)
 QMP_CHARDEV_ID = "qmp-listen"
 
 
-def launch_argv(argv: tuple[str, ...], qmp_listen_fd: int) -> list[str]:
+def launch_argv(argv: tuple[str, ...], qmp_listen_fd: int, *, incoming: bool = False) -> list[str]:
     """The argv to exec: paused (``-S``), with QMP on an already-listening descriptor.
 
     The record keeps the path form (``-qmp unix:PATH,server=on,wait=off``), which
-    can be run by hand; QEMU gets the same socket as ``fd=`` instead.
+    can be run by hand; QEMU gets the same socket as ``fd=`` instead. An `incoming`
+    QEMU waits for a migration (``-incoming defer``: ``migrate-incoming`` says where).
     """
     result = [argv[0]]
     if "-S" not in argv:
         result.append("-S")
+    if incoming:
+        result += ["-incoming", "defer"]
     args = iter(argv[1:])
     for arg in args:
         if arg == "-qmp":
@@ -136,12 +139,19 @@ class Launcher:
     # -- start ---------------------------------------------------------------------------
 
     async def prepare(
-        self, instance: Instance, spec: InstanceSpec, *, known_uuid: str | None
+        self,
+        instance: Instance,
+        spec: InstanceSpec,
+        *,
+        known_uuid: str | None,
+        hvparams: HvParams | None = None,
     ) -> RuntimeRecord:
         """Validate `spec`, lease what it needs and build its runtime record.
 
-        Raises `InvalidConfigError` naming the field at fault (nothing is leased then)
-        and `HypervisorError` when QEMU cannot be probed.
+        `hvparams` are the resolved parameters to run with (a migration target takes its
+        source's); by default the spec's over the config's. Raises `InvalidConfigError`
+        naming the field at fault (nothing is leased then) and `HypervisorError` when
+        QEMU cannot be probed.
         """
         if spec.uuid is None and known_uuid is not None:
             spec = msgspec.structs.replace(spec, uuid=known_uuid)
@@ -152,7 +162,7 @@ class Launcher:
                 "NIC set-up (taps, bridges, routes) is not available yet: start the instance "
                 "without NICs",
             )
-        hv = resolve_hvparams(self.config.hvparams, spec.hvparams)
+        hv = resolve_hvparams(self.config.hvparams, spec.hvparams) if hvparams is None else hvparams
         raise_first(check_syntax(spec, hv))
         raise_first(check_host_basics(spec, hv))
         if hv.security_model == "pool" and self.uid_pool is None:
@@ -214,7 +224,7 @@ class Launcher:
         self.state_dir.create_instance_dir(record.name, group_id=self.group_id)
         if record.hvparams.use_chroot:
             create_chroot(record.paths.chroot)
-        return msgspec.structs.replace(record, pid=None, started_at=None)
+        return msgspec.structs.replace(record, pid=None, started_at=None, incoming=False)
 
     async def launch(
         self, instance: Instance, record: RuntimeRecord, *, paused: bool
@@ -248,7 +258,7 @@ class Launcher:
                 stale.unlink()
         listener = _listening_socket(paths.qmp_socket)
         try:
-            argv = launch_argv(record.argv, listener.fileno())
+            argv = launch_argv(record.argv, listener.fileno(), incoming=record.incoming)
             try:
                 refuse_symlink(paths.serial_log)  # QEMU appends to it (as root, maybe)
                 process = launch(argv, log_path=paths.qemu_log, pass_fds=(listener.fileno(),))
@@ -306,15 +316,20 @@ class Launcher:
                 await pin_vcpus(client, instance.process.pid, parse_cpu_mask(hv.cpu_mask))
             except CpuPinningError as error:
                 raise InvalidConfigError("spec.hvparams.cpu_mask", str(error)) from None
+            if record.incoming:
+                # The guest, its balloon included, comes with the migration
+                # (`supervisor.engine.migration` tells QEMU where to listen).
+                await self._complete(instance, record)
+                instance.qemu_status = "inmigrate"
+                instance.set_state(InstanceState.INCOMING, "waiting for a migration")
+                return
             startup_mib = record.spec.startup_memory_mib
             if startup_mib is not None and startup_mib < record.spec.memory_mib:
                 await client.execute("balloon", {"value": startup_mib * 1024 * 1024})
             if not paused:
                 await client.execute("cont")
             # After `cont`: a daemon killed before this save runs the steps again.
-            completed = msgspec.structs.replace(record, start_completed=True)
-            await _save(completed)
-            instance.record = completed
+            await self._complete(instance, record)
             if paused:
                 instance.qemu_status = "paused"
                 instance.set_state(InstanceState.PAUSED, "started paused")
@@ -323,6 +338,11 @@ class Launcher:
                 instance.set_state(InstanceState.RUNNING, "started")
 
         return run
+
+    async def _complete(self, instance: Instance, record: RuntimeRecord) -> None:
+        completed = msgspec.structs.replace(record, start_completed=True)
+        await _save(completed)
+        instance.record = completed
 
     def _share_console(self, record: RuntimeRecord) -> None:
         """Serial console socket: mode 0660 and the control group (API.md §1)."""
