@@ -94,6 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("name")
     sub.add_argument("command")
     sub.add_argument("arguments", nargs="?", metavar="JSON")
+    sub = verb("migrate", "migrate a running instance to another daemon")
+    sub.add_argument("name")
+    sub.add_argument("--to", required=True, metavar="SOCKET", help="the target daemon's socket")
+    mode = sub.add_mutually_exclusive_group()
+    mode.add_argument("--live", dest="live", action="store_true", help="the guest keeps running")
+    mode.add_argument("--non-live", dest="live", action="store_false", help="pause it first")
+    sub.set_defaults(live=None)
+    sub.add_argument("--bandwidth", type=int, metavar="MIB_S", help="bandwidth limit, MiB/s")
+    sub.add_argument("--downtime", type=int, metavar="MS", help="longest downtime, ms")
+    sub.add_argument(
+        "--address",
+        default="127.0.0.1",
+        metavar="IP",
+        help="where the target listens and the source connects (default 127.0.0.1)",
+    )
+    sub.add_argument("--port", type=int, default=0, metavar="P", help="target port (0: any)")
     sub = verb("events", "stream events, one line each")
     sub.add_argument("--instance", action="append", metavar="NAME")
     sub.add_argument("--kind", action="append", metavar="K")
@@ -296,8 +312,20 @@ async def _serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _migrate(args: argparse.Namespace) -> int:
+    from supervisor.cli.migrate import run_migrate
+
+    return await run_migrate(args, str(_socket_path(args)))
+
+
 def _runner(args: argparse.Namespace) -> Callable[[], Any]:
-    handlers = {"serve": _serve, "cmdline": _cmdline, "events": _events, "console": _console}
+    handlers = {
+        "serve": _serve,
+        "cmdline": _cmdline,
+        "events": _events,
+        "console": _console,
+        "migrate": _migrate,
+    }
     handler = handlers.get(args.verb, _call)
     return lambda: handler(args)
 

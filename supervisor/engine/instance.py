@@ -426,7 +426,8 @@ class Instance:
         elif event.name == "RESUME":
             self.qemu_status = "running"
             if self.state in (S.PAUSED, S.STARTING, S.INCOMING):
-                self.set_state(S.RUNNING, "resumed" if self.state == S.PAUSED else "started")
+                reason = {S.PAUSED: "resumed", S.INCOMING: "migrated"}.get(self.state, "started")
+                self.set_state(S.RUNNING, reason)
         elif event.name == "SHUTDOWN":
             self.qemu_status = "shutdown"
             self._shutdown_cause = str(event.data.get("reason"))

@@ -680,7 +680,7 @@ class Migrations:
 
     async def _take_over(self, instance: Instance, record: RuntimeRecord, *, resume: bool) -> None:
         client = instance.require_running()
-        migrated = (await _execute(client, "query-migrate")).get("status", "none")
+        migrated = await self._incoming_end(instance, client)
         if migrated != "completed":
             raise MigrationError(
                 f"the incoming migration of {instance.name!r} is {migrated}, not completed",
@@ -701,6 +701,23 @@ class Migrations:
         instance.qemu_status = qemu_status
         instance.set_state(state_for_qemu_status(qemu_status), "migrated")
         instance.log.info("migration finalized: the instance runs here")
+
+    async def _incoming_end(self, instance: Instance, client: qmp.QMPClient) -> str:
+        """How the incoming migration ended: the source reports its end a moment before
+        the target has loaded the last state, so an ``active`` one is waited for (at
+        most ``qmp_timeout_s``)."""
+        async with client.events({"MIGRATION"}, max_buffer=EVENT_BUFFER) as events:
+            status = str((await _execute(client, "query-migrate")).get("status", "none"))
+            if status in FINISHED or status == "none":
+                return status
+            with anyio.move_on_after(self._sup.config.qmp_timeout_s):
+                try:
+                    async for event in events:
+                        if isinstance(event, qmp.QMPEvent) and event.data["status"] in FINISHED:
+                            return str(event.data["status"])
+                except qmp.QMPError:
+                    return "failed"  # QEMU went away: its exit says the rest
+            return status
 
     async def _abandon_incoming(self, instance: Instance) -> None:
         """Stop an incoming QEMU and remove its runtime (operation lock held)."""
