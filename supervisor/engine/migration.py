@@ -44,7 +44,7 @@ from anyio.abc import TaskStatus
 
 from protocols import qmp
 from supervisor.engine.events import make_event
-from supervisor.engine.instance import MIGRATION_FAILED, Instance
+from supervisor.engine.instance import MIGRATION_FAILED, MONITOR_RETRY_S, Instance
 from supervisor.model.api import (
     InstanceInfo,
     MigrationAcceptResult,
@@ -336,6 +336,9 @@ class Migrations:
             try:
                 await self._follow(instance, client, job, events)
             except qmp.QMPError as error:
+                # A dying QEMU closes its monitor a moment before its exit is reported.
+                with anyio.move_on_after(MONITOR_RETRY_S):
+                    await instance.wait_exited()
                 job.error = f"QEMU's monitor was lost during the migration: {error}"
             except Exception as error:  # a bug must not take the instance's run down
                 instance.log.exception("migration task failed")

@@ -223,6 +223,35 @@ async def test_target_qemu_killed_mid_way_resumes_the_source(
         assert_cleaned(target, "vm")
 
 
+async def test_source_qemu_killed_mid_way_ends_the_migration_and_cleans_the_target(
+    configs: tuple[Config, Config],
+) -> None:
+    async with two_daemons(configs) as (source, target):
+        started = await source.sup.start(guest_spec("vm"))
+        assert started.pid is not None
+        async with (
+            source.sup.events(instances=["vm"], kinds=["migration.progress"]) as progress,
+            anyio.create_task_group() as tg,
+        ):
+            outcome: list[RPCError] = []
+
+            async def run() -> None:
+                with pytest.raises(RPCError) as error:
+                    await migrate(source.client, target.client, "vm", bandwidth_mib_s=SLOW_MIB_S)
+                outcome.append(error.value)
+
+            tg.start_soon(run)
+            await progress_until(progress, lambda s: s["transferred_mib"] > 0)
+            os.kill(started.pid, signal.SIGKILL)
+        [error] = outcome
+        assert error.code == MIGRATION_ERROR
+        assert error.data["status"]["status"] == "failed"
+        assert error.data["status"]["error"] == "the source's QEMU exited during the migration"
+        assert (source.sup.info("vm").state, source.sup.info("vm").reason) == ("crashed", "crashed")
+        await await_until(lambda: target.sup.list() == [], what="target clean", timeout_s=30)
+        assert_cleaned(target, "vm")
+
+
 class Relay:
     """A TCP relay between the source and the target that stops forwarding (a cut
     network, without a namespace): after `limit` bytes it no longer reads the source."""
