@@ -243,8 +243,9 @@ class Instance:
         raise `HypervisorError` with the tail of its output. Without (an adopted
         QEMU) the state is read from QEMU. Whenever the monitor connection is lost
         while QEMU lives on (a hung QEMU, a bug), it is retried every
-        `MONITOR_RETRY_S`; the exit is noticed through the pidfd all the while. On
-        cancellation (the daemon is leaving) QEMU is left running.
+        `MONITOR_RETRY_S`; the exit is noticed through the pidfd all the while. Tasks
+        started with `start_task` (a migration's) run beside it, until the exit is
+        reported. On cancellation (the daemon is leaving) QEMU is left running.
         """
         self.process = process
         self._exited = anyio.Event()
