@@ -26,7 +26,7 @@ from supervisor.net.tun import OpenTap
 from supervisor.qemu.cmdline import NicPlan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import start_listening, wait_until
+from helpers import await_until, kill_leftover_qemus, start_listening, wait_until
 
 QEMU = os.environ.get("KVM_SUPERVISOR_TEST_QEMU", "/usr/bin/qemu-system-x86_64")
 UUID = "6f1c0a52-3d2b-4c39-9a8e-0d7f4e2b1a10"
@@ -262,7 +262,52 @@ async def qemu_holds_the_tap() -> dict[str, Any]:
     return {"name": name, "network": network, **while_alive, "links_after": links()}
 
 
+async def embedded() -> dict[str, Any]:
+    """An embedded `Supervisor` starts an instance (paused: no guest code runs) with a
+    bridged and a routed NIC, loses its QEMU to SIGKILL, starts it again and stops it."""
+    from core.conftest import check_config_dict, guest_spec
+
+    from supervisor.engine.supervisor import Supervisor
+
+    workdir = Path(tempfile.mkdtemp(prefix="kvs-", dir="/tmp"))
+    (workdir / "defs").mkdir()
+    config = check_config_dict(
+        {"state_dir": str(workdir), "instances_dir": str(workdir / "defs"), "hvparams": {}}
+    )
+    spec = guest_spec(
+        "vm1",
+        uuid=UUID,
+        nics=[{"link": "br0", "mtu": 1400}, {"mode": "routed", "ip": "10.77.9.9"}],
+    )
+    found: dict[str, Any] = {}
+
+    def snapshot() -> dict[str, Any]:
+        return {"ports": bridge_ports("br0"), "routes": routes(), "links": links()}
+
+    try:
+        async with Supervisor(config) as sup:
+            info = await sup.start(spec, paused=True)
+            found["nics"] = [[nic.tap, nic.mode, nic.link, nic.ip, nic.mtu] for nic in info.nics]
+            found["started"] = snapshot()
+            assert info.pid is not None
+            os.kill(info.pid, 9)
+            await await_until(
+                lambda: sup.info("vm1").state == "crashed", what="crashed", timeout_s=30
+            )
+            found["after_kill"] = snapshot()
+            await sup.start(name="vm1", paused=True)
+            found["restarted"] = snapshot()
+            await sup.stop("vm1", force=True)
+            found["after_stop"] = snapshot()
+            await sup.cleanup("vm1")
+    finally:
+        kill_leftover_qemus(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return found
+
+
 SCENARIOS = {
+    "embedded": embedded,
     "taps": taps,
     "bridged": bridged,
     "routed": routed,
