@@ -20,6 +20,13 @@ import msgspec
 
 from protocols.jsonrpc import RPCClient, RPCError, connect_unix
 from supervisor import __version__
+from supervisor.cli.remote import (
+    SshTarget,
+    bridge_stdio,
+    connect_ssh,
+    parse_connect,
+    run_remote_terminal,
+)
 from supervisor.cli.render import print_json, print_mapping, print_table, show_wait
 from supervisor.model.config import Config, load_config
 from supervisor.model.errors import SupervisorError
@@ -29,6 +36,9 @@ EXIT_DAEMON_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
+#: Verbs that work on this host's files, never through --connect.
+_LOCAL_VERBS = frozenset({"serve", "cmdline", "rpc-stdio"})
+
 
 class UsageError(Exception):
     """A mistake in the command line or in a file it names (exit status 2)."""
@@ -37,7 +47,7 @@ class UsageError(Exception):
 class DaemonUnreachable(Exception):
     """No daemon answers on the control socket (exit status 3); says what to do."""
 
-    def __init__(self, path: Path, error: OSError) -> None:
+    def __init__(self, path: str, error: OSError) -> None:
         if isinstance(error, FileNotFoundError):
             what = f"no control socket at {path}"
         elif isinstance(error, ConnectionRefusedError):
@@ -61,13 +71,41 @@ class DaemonUnreachable(Exception):
 
 @asynccontextmanager
 async def _connect(args: argparse.Namespace) -> AsyncIterator[RPCClient]:
-    """A client of the daemon's control socket; `DaemonUnreachable` when none answers."""
+    """A client of the daemon's control socket, or of a remote one (``--connect``);
+    `DaemonUnreachable` when none answers."""
+    if args.connect:
+        target = _remote_target(args)
+        try:
+            async with connect_ssh(target) as client:
+                yield client
+        except ConnectionError as error:
+            raise DaemonUnreachable(args.connect, error) from None
+        return
     path = _socket_path(args)
     try:
         async with connect_unix(path) as client:
             yield client
     except (ConnectionError, FileNotFoundError, PermissionError) as error:
-        raise DaemonUnreachable(path, error) from None
+        raise DaemonUnreachable(str(path), error) from None
+
+
+def _remote_target(args: argparse.Namespace) -> SshTarget:
+    try:
+        return parse_connect(args.connect)
+    except ValueError as error:
+        raise UsageError(f"--connect: {error}") from None
+
+
+async def _rpc_stdio(args: argparse.Namespace) -> int:
+    """Bridge stdin/stdout to the local control socket (the remote end of --connect)."""
+    path = _socket_path(args)
+    try:
+        stream = await anyio.connect_unix(path)
+    except (ConnectionError, FileNotFoundError, PermissionError) as error:
+        raise DaemonUnreachable(str(path), error) from None
+    async with stream:
+        await bridge_stdio(stream)
+    return EXIT_OK
 
 
 def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -76,6 +114,12 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     default = argparse.SUPPRESS if suppress else None
     parser.add_argument("--config", metavar="PATH", default=default, help="daemon config file")
     parser.add_argument("--socket", metavar="PATH", default=default, help="control socket")
+    parser.add_argument(
+        "--connect",
+        metavar="URL",
+        default=default,
+        help="a daemon on another host: ssh://[user@]host[:port][/socket]",
+    )
     parser.add_argument(
         "--json",
         action="store_true",
@@ -100,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     verb("serve", "run the daemon in the foreground")
     sub = verb("cmdline", "print the QEMU argv `start` would run (needs no daemon)")
     sub.add_argument("--spec", required=True, metavar="FILE", help="instance TOML file")
+    verb("rpc-stdio", "bridge stdin/stdout to the control socket (what --connect runs)")
     verb("ping", "check that the daemon answers")
     verb("info", "daemon, QEMU and node information")
     verb("verify", "check the node: binaries, /dev/kvm, /dev/net/tun, state dir")
@@ -324,7 +369,15 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def _runner(args: argparse.Namespace) -> Callable[[], Any]:
-    handlers = {"serve": _serve, "cmdline": _cmdline, "events": _events, "console": _console}
+    if args.connect and args.verb in _LOCAL_VERBS:
+        raise UsageError(f"{args.verb} runs on this host only: no --connect")
+    handlers = {
+        "serve": _serve,
+        "cmdline": _cmdline,
+        "events": _events,
+        "console": _console,
+        "rpc-stdio": _rpc_stdio,
+    }
     handler = handlers.get(args.verb, _call)
     return lambda: handler(args)
 
@@ -333,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.connect and args.verb == "console":
+            return run_remote_terminal(_remote_target(args), ["console", args.name])
         return int(anyio.run(_runner(args)))
     except UsageError as error:
         print(f"kvm-supervisor: {error}", file=sys.stderr)
