@@ -155,6 +155,8 @@ class Networking:
         the first failure.
         """
         first: NetworkError | None = None
+        if all(plan.mode == "bridged" for plan in plans):
+            return  # a bridge port goes with its tap: nothing outlives it
         with anyio.CancelScope(shield=True), anyio.fail_after(TEARDOWN_TIMEOUT_S):
             async with AsyncExitStack() as stack:
                 netlink = await stack.enter_async_context(Netlink())
@@ -203,9 +205,7 @@ async def _set_up_ovs(netlink: Netlink, db: ovsdb.OVSDBClient, plan: NicPlan, ta
     are the instance's own) is replaced.
     """
     try:
-        if plan.mtu is not None:
-            await netlink.set_mtu(tap.index, plan.mtu)
-        await netlink.set_up(tap.index)
+        await netlink.set_up(tap.index, mtu=plan.mtu)
     except OSError as error:
         raise NetworkError(tap.name, f"cannot bring the tap up: {error.strerror}") from error
     await ovs.del_port(db, tap.name)
