@@ -64,6 +64,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
     #: Where the host paths in specs sent by control-group members may lie (disks,
     #: kernel, initrd, ISOs, ...); empty: nowhere (see `supervisor.control.privilege`).
     image_dirs: list[Annotated[str, Meta(min_length=1)]] = msgspec.field(default_factory=list)
+    #: The bridges (Linux or Open vSwitch) control-group members may attach NICs to;
+    #: empty: none (see `supervisor.control.privilege`).
+    member_links: list[Annotated[str, Meta(min_length=1)]] = msgspec.field(default_factory=list)
     #: Longest request line accepted on the control socket.
     max_request_bytes: Annotated[int, Meta(ge=4096, le=64 * 1024 * 1024)] = 1024 * 1024
     #: Control socket connections served at once; more are closed at once.
