@@ -106,10 +106,12 @@ async def test_qemu_72_boots_the_nic_first(short_tmp: Path) -> None:
         pytest.fail(f"{QEMU} is missing: run `make deps`")
     caps = await probe_qemu(QEMU)
     command = build(TWO_NICS, caps, short_tmp, boot_order="network")
-    argv = list(command.argv)
-    for nic in command.nics:
-        assert argv[nic.netdev_arg].startswith(f"tap,id={nic.netdev_id},")
-        argv[nic.netdev_arg] = f"hubport,id={nic.netdev_id},hubid={nic.index}"
+    taps = {f"tap,id={nic.netdev_id},fd={nic.fd_names[0]}": nic for nic in command.nics}
+    argv = [
+        f"hubport,id={taps[arg].netdev_id},hubid={taps[arg].index}" if arg in taps else arg
+        for arg in command.argv
+    ]
+    assert len(argv) == len(command.argv) and not taps.keys() & set(argv)
     paths = StateDir(short_tmp).create_instance_dir("vm1")
     qemu = start_listening([*argv, "-S"], [paths.qmp_socket], stderr=subprocess.PIPE)
     try:

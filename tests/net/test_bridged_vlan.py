@@ -34,7 +34,7 @@ plans = msgspec.json.decode(sys.argv[1], type=list[NicPlan])
 
 async def check():
     try:
-        await nics.check_host(plans)
+        await nics.Networking(ovsdb_socket="/nonexistent").check_host(plans)
     except NetworkError as error:
         return {"code": error.code, "interface": error.interface, "reason": error.reason}
     return None

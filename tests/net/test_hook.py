@@ -31,7 +31,6 @@ def plan(**fields: Any) -> NicPlan:
         "netdev_id": "net0",
         "device_id": "nic0",
         "model": "virtio-net-pci",
-        "netdev_arg": 0,
         "fd_names": ("tap0",),
         "vnet_hdr": True,
         "queues": 1,
