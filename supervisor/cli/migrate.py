@@ -17,7 +17,7 @@ import anyio
 import msgspec
 
 from protocols.groups import ungrouped
-from protocols.jsonrpc import connect_unix
+from protocols.jsonrpc import RPCClient
 from supervisor.control.migrate import MigrationResult, migrate
 from supervisor.model.api import MigrationStatus
 
@@ -90,30 +90,30 @@ async def _cancel_on_sigint(scope: anyio.CancelScope) -> None:
             return
 
 
-async def run_migrate(args: argparse.Namespace, source_socket: str) -> int:
-    """Run the verb; returns the exit status (errors of the daemons are raised)."""
+async def run_migrate(args: argparse.Namespace, source: RPCClient, target: RPCClient) -> int:
+    """Run the verb between the clients of both daemons; returns the exit status (the
+    daemons' errors are raised)."""
     progress = _Progress(args.name, sys.stdout, as_json=args.json)
     result = None
-    async with connect_unix(source_socket) as source, connect_unix(args.to) as target:
-        try:
-            # The daemons' errors leave bare, for the CLI to report.
-            with ungrouped():
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(_cancel_on_sigint, tg.cancel_scope)
-                    result = await migrate(
-                        source,
-                        target,
-                        args.name,
-                        address=args.address,
-                        port=args.port,
-                        live=args.live,
-                        bandwidth_mib_s=args.bandwidth,
-                        downtime_ms=args.downtime,
-                        on_progress=progress.show,
-                    )
-                    tg.cancel_scope.cancel()
-        finally:
-            progress.end_line()
+    try:
+        # The daemons' errors leave bare, for the CLI to report.
+        with ungrouped():
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_cancel_on_sigint, tg.cancel_scope)
+                result = await migrate(
+                    source,
+                    target,
+                    args.name,
+                    address=args.address or "127.0.0.1",
+                    port=args.port,
+                    live=args.live,
+                    bandwidth_mib_s=args.bandwidth,
+                    downtime_ms=args.downtime,
+                    on_progress=progress.show,
+                )
+                tg.cancel_scope.cancel()
+    finally:
+        progress.end_line()
     if result is None:
         print(
             f"kvm-supervisor: migration of {args.name!r} cancelled: it runs on the source",

@@ -107,11 +107,11 @@ class Instance:
         paths: InstancePaths,
         bus: EventBus,
         config: Config,
-        on_exit: Callable[[Instance], None] | None = None,
+        on_exit: Callable[[Instance], Awaitable[None]] | None = None,
     ) -> None:
         self.name = name
-        #: Gives back what a run held (leases, sockets); runs before the exit is reported,
-        #: so whoever reacts to it (a start, a reboot) finds everything free.
+        #: Gives back what a run held (leases, sockets, NICs); runs, shielded, before the
+        #: exit is reported, so whoever reacts to it (a start, a reboot) finds it all free.
         self.on_exit = on_exit
         self.paths = paths
         self.bus = bus
@@ -259,8 +259,12 @@ class Instance:
                 try:
                     exited = await self._first_session(process, startup, task_status)
                     while not exited:  # the monitor went away, QEMU did not
+                        status = None
                         with anyio.move_on_after(MONITOR_RETRY_S):
-                            self._handle_exit(await process.wait_exit())
+                            status = await process.wait_exit()
+                        if status is not None:
+                            with anyio.CancelScope(shield=True):
+                                await self._handle_exit(status)
                             break
                         exited = await self._monitor_session(process, startup=None)
                 finally:
@@ -346,9 +350,10 @@ class Instance:
                         # after QEMU's last events (SHUTDOWN says why it went): they are
                         # read up to the connection's end, which comes with the exit.
                         status = await process.wait_exit()
-                        with anyio.CancelScope(shield=True), anyio.move_on_after(DRAIN_S):
-                            await pumped.wait()
-                        self._handle_exit(status)
+                        with anyio.CancelScope(shield=True):
+                            with anyio.move_on_after(DRAIN_S):
+                                await pumped.wait()
+                            await self._handle_exit(status)
                         exited = True
                         watch.cancel_scope.cancel()
                     tg.cancel_scope.cancel()
@@ -383,7 +388,7 @@ class Instance:
             with anyio.move_on_after(KILL_WAIT_S):
                 await process.wait_exit()
             self._exit_reason = "start-failed"
-            self._handle_exit(process.exit_status or ExitStatus(code=None, signal=None))
+            await self._handle_exit(process.exit_status or ExitStatus(code=None, signal=None))
         error = sole_exception(error)
         if isinstance(error, SupervisorError):
             raise error
@@ -459,8 +464,8 @@ class Instance:
         self.set_state(state_for_qemu_status(self.qemu_status), "adopted")
         return self.qemu_status
 
-    def _handle_exit(self, status: ExitStatus) -> None:
-        """Turn QEMU's exit into the final state and its reason."""
+    async def _handle_exit(self, status: ExitStatus) -> None:
+        """Turn QEMU's exit into the final state and its reason (call it shielded)."""
         self.process = None
         self.qemu_status = None
         self.memory_seen_mib = self.vcpus_seen = None
@@ -484,7 +489,7 @@ class Instance:
             self.crash_history.append(time.monotonic())
         if self.on_exit is not None:
             try:
-                self.on_exit(self)
+                await self.on_exit(self)
             except OSError:
                 self.log.exception("clean-up after exit failed")
         self.set_state(new, reason, **details)
@@ -657,7 +662,15 @@ class Instance:
             uptime_s=round(now - self.started_at, 3) if running and self.started_at else None,
             started_at=self.started_at if running else None,
             nics=[
-                NicInfo(mac=nic.mac or "", tap=nic.tap, mode=nic.mode, link=nic.link)
+                NicInfo(
+                    mac=nic.mac,
+                    tap=nic.tap,
+                    mode=nic.mode,
+                    link=nic.link,
+                    ip=nic.ip,
+                    vlan=nic.vlan,
+                    mtu=nic.mtu,
+                )
                 for nic in (record.nics if record else [])
             ],
             console=self._console_dict(),

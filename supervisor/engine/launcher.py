@@ -22,6 +22,7 @@ import functools
 import os
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import anyio
@@ -36,14 +37,21 @@ from supervisor.host.uidpool import UidPool
 from supervisor.log import get_logger
 from supervisor.model.api import QemuInfo
 from supervisor.model.config import Config
-from supervisor.model.errors import HypervisorError, InstanceExists, InvalidConfigError
+from supervisor.model.errors import (
+    HypervisorError,
+    InstanceExists,
+    InvalidConfigError,
+    NetworkError,
+)
 from supervisor.model.hvparams import HvParams, parse_cpu_mask, resolve_hvparams
 from supervisor.model.spec import InstanceSpec, assign_macs, ensure_uuid
 from supervisor.model.states import InstanceState
 from supervisor.model.validation import check_host_basics, check_syntax, raise_first
+from supervisor.net.nics import Networking, close_taps, open_taps, tap_fds, with_tap_names
 from supervisor.qemu.accel import probe_kvm, resolve_accelerator
 from supervisor.qemu.capabilities import CapabilityCache, check_host_qemu
 from supervisor.qemu.cmdline import (
+    argv_with_fds,
     build_command_line,
     free_port,
     launch_resources,
@@ -113,6 +121,13 @@ class Launcher:
             UidPool(state_dir.uid_lease_dir, config.uid_ranges()) if config.uid_pool else None
         )
         self._leased_ports: dict[str, int] = {}
+        #: The MACs of the starts under way (prepared, not yet alive), by instance.
+        self._leased_macs: dict[str, frozenset[str]] = {}
+        self.network = Networking(
+            ovsdb_socket=config.ovsdb_socket,
+            hook=config.nic_hook,
+            hook_timeout_s=config.nic_hook_timeout_s,
+        )
 
     async def qemu_summary(self) -> QemuInfo:
         """The default QEMU binary, its version and the accelerator a default instance gets."""
@@ -144,24 +159,23 @@ class Launcher:
         spec: InstanceSpec,
         *,
         known_uuid: str | None,
+        macs_in_use: Mapping[str, str] | None = None,
         hvparams: HvParams | None = None,
     ) -> RuntimeRecord:
         """Validate `spec`, lease what it needs and build its runtime record.
 
-        `hvparams` are the resolved parameters to run with (a migration target takes its
-        source's); by default the spec's over the config's. Raises `InvalidConfigError`
-        naming the field at fault (nothing is leased then) and `HypervisorError` when
-        QEMU cannot be probed.
+        `macs_in_use` maps the MACs of the node's other running instances to their
+        names: a NIC must not share one (nor one of a start under way). `hvparams` are
+        the resolved parameters to run with (a migration target takes its source's); by
+        default the spec's over the config's. Raises `InvalidConfigError` naming the
+        field at fault (nothing is leased then), `NetworkError` when the host cannot set
+        up a NIC (its bridge is missing, say) and `HypervisorError` when QEMU cannot be
+        probed.
         """
         if spec.uuid is None and known_uuid is not None:
             spec = msgspec.structs.replace(spec, uuid=known_uuid)
         spec = assign_macs(ensure_uuid(spec))
-        if spec.nics:
-            raise InvalidConfigError(
-                "spec.nics",
-                "NIC set-up (taps, bridges, routes) is not available yet: start the instance "
-                "without NICs",
-            )
+        self._refuse_macs_in_use(spec, macs_in_use or {})
         hv = resolve_hvparams(self.config.hvparams, spec.hvparams) if hvparams is None else hvparams
         raise_first(check_syntax(spec, hv))
         raise_first(check_host_basics(spec, hv))
@@ -190,12 +204,30 @@ class Launcher:
             if resources.display_port is not None:
                 self._leased_ports[spec.name] = resources.display_port
             command = build_command_line(spec, hv, caps, paths, accel, resources=resources)
+            assert spec.uuid is not None
+            nics = tuple(with_tap_names(command.nics, spec.uuid))
+            command = msgspec.structs.replace(command, nics=nics)
+            self._leased_macs[spec.name] = frozenset(nic.mac for nic in nics)
+            await self.network.check_host(nics)
             if hv.use_chroot:
                 create_chroot(paths.chroot)
         except BaseException:
             self._release_leases(spec.name, uid)
             raise
         return RuntimeRecord.for_start(spec, hv, command, caps, paths, uid=uid)
+
+    def _refuse_macs_in_use(self, spec: InstanceSpec, macs_in_use: Mapping[str, str]) -> None:
+        users = dict(macs_in_use)
+        for name, macs in self._leased_macs.items():
+            if name != spec.name:
+                users.update(dict.fromkeys(macs, name))
+        for index, nic in enumerate(spec.nics):
+            assert nic.mac is not None
+            user = users.get(nic.mac)
+            if user is not None and user != spec.name:
+                raise InvalidConfigError(
+                    f"spec.nics[{index}].mac", f"{nic.mac} is in use by instance {user!r}"
+                )
 
     async def _request_uid(self, owner: str, uid: int | None = None) -> int:
         """Lease a pool uid (exactly `uid` if given) in a worker thread: it scans ``/proc``.
@@ -221,6 +253,7 @@ class Launcher:
                 self._release_leases(record.name, record.uid)
                 raise InvalidConfigError("display_port_range", f"port {port} is in use now")
             self._leased_ports[record.name] = port
+        self._leased_macs[record.name] = frozenset(nic.mac for nic in record.nics)
         self.state_dir.create_instance_dir(record.name, group_id=self.group_id)
         if record.hvparams.use_chroot:
             create_chroot(record.paths.chroot)
@@ -256,19 +289,31 @@ class Launcher:
         for stale in (paths.serial_socket, paths.pid_file):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
-        listener = _listening_socket(paths.qmp_socket)
+        # Opened by the daemon (QEMU may run unprivileged) and closed once QEMU has them:
+        # a tap lives while an fd holds it, so it dies with QEMU.
+        taps = open_taps(record.nics)
         try:
-            argv = launch_argv(record.argv, listener.fileno(), incoming=record.incoming)
+            listener = _listening_socket(paths.qmp_socket)
             try:
+                fds = tap_fds(record.nics, taps)
+                argv = argv_with_fds(
+                    launch_argv(record.argv, listener.fileno(), incoming=record.incoming),
+                    record.nics,
+                    fds,
+                )
                 refuse_symlink(paths.serial_log)  # QEMU appends to it (as root, maybe)
-                process = launch(argv, log_path=paths.qemu_log, pass_fds=(listener.fileno(),))
+                process = launch(
+                    argv, log_path=paths.qemu_log, pass_fds=(listener.fileno(), *fds.values())
+                )
             except OSError as error:
                 raise HypervisorError(
-                    f"cannot start QEMU: {error.filename or argv[0]}: {error.strerror}",
+                    f"cannot start QEMU: {error.filename or record.argv[0]}: {error.strerror}",
                     stderr=str(error),
                 ) from None
+            finally:
+                listener.close()
         finally:
-            listener.close()
+            close_taps(taps)
         started = msgspec.structs.replace(intent, pid=process.pid)
         # `starting` from the spawn on, not from the save below (a worker thread's fsync,
         # slow on a busy disk): whoever sees this QEMU sees its instance alive.
@@ -301,6 +346,7 @@ class Launcher:
             record = instance.record
             assert record is not None and instance.process is not None
             hv = record.hvparams
+            await self.network.set_up(record.nics, instance=record.name, tags=record.spec.tags)
             self._share_console(record)
             if hv.vnc_password_file:
                 await client.execute(
@@ -354,12 +400,27 @@ class Launcher:
 
     # -- clean-up ------------------------------------------------------------------------
 
-    def release(self, instance: Instance) -> None:
-        """Give back what a run held: uid lease, display port, sockets, pid file, chroot.
+    async def release(self, instance: Instance) -> None:
+        """Give back what a run held: NICs, uid lease, display port, sockets, pid file,
+        chroot.
 
-        The runtime record stays (``stop`` keeps it); `forget` removes it.
+        The NICs are torn down first (shielded, bounded): what outlived the taps
+        (routes, proxy entries, Open vSwitch ports); a failure there is logged, and
+        the rest is released all the same. The runtime record stays (``stop`` keeps
+        it); `forget` removes it.
         """
         record = instance.record
+        if record is not None and record.nics:
+            try:
+                await self.network.tear_down(
+                    record.nics, instance=record.name, tags=record.spec.tags
+                )
+            except NetworkError as error:
+                instance.log.error(
+                    "NIC teardown failed", interface=error.interface, reason=error.reason
+                )
+            except TimeoutError:
+                instance.log.error("NIC teardown timed out")
         self._release_leases(instance.name, record.uid if record else None)
         paths = instance.paths
         for leftover in (*paths.sockets, paths.pid_file):
@@ -374,6 +435,7 @@ class Launcher:
 
     def _release_leases(self, name: str, uid: int | None) -> None:
         self._leased_ports.pop(name, None)
+        self._leased_macs.pop(name, None)
         if uid is not None and self.uid_pool is not None:
             self.uid_pool.release(uid, owner=name)
 

@@ -529,7 +529,7 @@ class Migrations:
                 )
             await instance.stop(force=True, timeout_s=0, reason="migrated")
         instance.hold = None
-        self._sup._clean_up(instance)
+        await self._sup._clean_up(instance)
         instance.log.info("migrated away: runtime removed")
 
     async def _end_failed(self, instance: Instance, *, resume: bool) -> None:
@@ -726,7 +726,7 @@ class Migrations:
         """Stop an incoming QEMU and remove its runtime (operation lock held)."""
         if instance.alive:
             await instance.stop(force=True, timeout_s=0, reason=MIGRATION_FAILED)
-        self._sup._clean_up(instance)
+        await self._sup._clean_up(instance)
 
     async def forget_failed_incoming(self, instance: Instance) -> None:
         """Remove the runtime of an incoming QEMU that exited before the migration was
@@ -737,7 +737,7 @@ class Migrations:
                 record = instance.record
                 if instance.alive or record is None or not record.incoming:
                     return  # the accept that failed removed it, or a new run began
-                self._sup._clean_up(instance)
+                await self._sup._clean_up(instance)
                 instance.log.info("incoming migration failed: runtime removed")
         except SupervisorError as error:
             instance.log.error("clean-up after a failed incoming migration", error=str(error))

@@ -205,7 +205,7 @@ class Supervisor(anyio.AsyncContextManagerMixin):
             process = self._find_qemu(instance, record, pids)
             if process is None:
                 instance.log.info("not running after restart: cleaned", pid=record.pid)
-                self.launcher.release(instance)
+                await self.launcher.release(instance)
                 continue
             if record.pid != process.pid:  # spawned, and its daemon died before saving this
                 record = msgspec.structs.replace(record, pid=process.pid)
@@ -434,13 +434,24 @@ class Supervisor(anyio.AsyncContextManagerMixin):
                         if spec is None:
                             raise InstanceNotFound(name)
                     known_uuid = previous_record.spec.uuid if previous_record else None
-                    record = await self.launcher.prepare(instance, spec, known_uuid=known_uuid)
+                    record = await self.launcher.prepare(
+                        instance, spec, known_uuid=known_uuid, macs_in_use=self._macs_in_use()
+                    )
                     await self._launch(instance, record, paused=paused)
             except SupervisorError:
                 if not instance.alive:
                     await self._roll_back_start(instance, previous_record)
                 raise
         return instance.info()
+
+    def _macs_in_use(self) -> dict[str, str]:
+        """The MACs of the NICs of every running instance, and whose they are."""
+        return {
+            nic.mac: name
+            for name, instance in self._instances.items()
+            if instance.alive and instance.record is not None
+            for nic in instance.record.nics
+        }
 
     async def _roll_back_start(self, instance: Instance, previous: RuntimeRecord | None) -> None:
         """Leave no trace of a failed start: the earlier record, or no instance at all.
@@ -513,15 +524,15 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         """Remove runtime files, uid lease and chroot; forget an instance with no file."""
         instance = self._instance(name)
         async with instance.operation("cleanup"):
-            self._clean_up(instance)
+            await self._clean_up(instance)
 
-    def _clean_up(self, instance: Instance) -> None:
+    async def _clean_up(self, instance: Instance) -> None:
         """`cleanup` of an instance whose operation lock the caller holds."""
         name = instance.name
         if instance.alive:
             raise InstanceExists(name, "is running: stop it first")
         with host_io_errors(f"cleanup of {name!r}", instance.paths.directory):
-            self.launcher.release(instance)
+            await self.launcher.release(instance)
             self.launcher.forget(instance)
         instance.record = None
         defined = instance_file(self.config.instances_dir, name).exists()

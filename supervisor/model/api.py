@@ -124,9 +124,13 @@ class UnsubscribeParams(_Params, frozen=True, kw_only=True, forbid_unknown_field
 
 class NicInfo(msgspec.Struct, kw_only=True, frozen=True):
     mac: str
+    #: The host's tap device (kept in the runtime record: the same after a daemon restart).
     tap: str | None
     mode: str
     link: str | None
+    ip: str | None = None
+    vlan: int | None = None
+    mtu: int | None = None
 
 
 class InstanceInfo(msgspec.Struct, kw_only=True, frozen=True):

@@ -3,38 +3,44 @@
 The order of a start is::
 
     plans = with_tap_names(plans, uuid)       # names kept in the runtime record
-    await check_host(plans)                   # before QEMU: refuse early, change nothing
+    await network.check_host(plans)           # before QEMU: refuse early, change nothing
     taps = open_taps(plans)                   # fds for QEMU's -netdev tap,fd=/fds=
     try:
         ...spawn QEMU with pass_fds=every tap's fds...
     finally:
         close_taps(taps)                      # QEMU holds its own copies now
-    await set_up(plans)                       # before `cont`
+    await network.set_up(plans)               # before `cont`
     ...
-    await tear_down(plans)                    # after QEMU exited (stop, crash, cleanup,
+    await network.tear_down(plans)            # after QEMU exited (stop, crash, cleanup,
                                               # adoption of a gone QEMU, failed start)
 
-The taps die with QEMU (they are not persistent); `tear_down` removes what outlives them
-(proxy NDP entries) and is safe to repeat, and to call whether the taps still exist or
-not. Every failure is a `NetworkError` (code 10) whose `interface` names the device.
+`network` is a `Networking`: the host-wide settings (the OVSDB socket). The taps die
+with QEMU (they are not persistent); `tear_down` removes what outlives them (proxy NDP
+entries, Open vSwitch ports) and is safe to repeat, and to call whether the taps still
+exist or not. Every failure is a `NetworkError` (code 10) whose `interface` names the
+device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Literal
 
 import anyio
 import msgspec
 
+from protocols import ovsdb
 from supervisor.log import get_logger
 from supervisor.model.errors import NetworkError
 from supervisor.qemu.cmdline import NicPlan
 
-from . import bridged, routed
+from . import bridged, ovs, routed
+from .hook import run_nic_hook
 from .netlink import Link, Netlink
 from .tun import TUN_DEVICE, OpenTap, open_tap, tap_name
 
-__all__ = ["check_host", "close_taps", "open_taps", "set_up", "tear_down", "with_tap_names"]
+__all__ = ["Networking", "close_taps", "open_taps", "tap_fds", "with_tap_names"]
 
 _log = get_logger(__name__)
 
@@ -55,36 +61,18 @@ def _tap(plan: NicPlan) -> str:
     return plan.tap
 
 
-async def check_host(plans: Sequence[NicPlan]) -> None:
-    """Refuse, before anything is created, NICs this host cannot set up.
-
-    Checks ``/dev/net/tun``, every bridged NIC's bridge (exists, is a bridge, carries
-    its VLAN), every routed NIC's table and, for IPv6, the uplink its proxy NDP entry
-    goes on. Changes nothing.
-    """
-    if plans and not await anyio.Path(TUN_DEVICE).exists():
-        raise NetworkError(TUN_DEVICE, "no tun device: the kernel needs the tun module")
-    async with Netlink() as netlink:
-        for plan in plans:
-            if plan.mode == "bridged":
-                await bridged.check(netlink, plan)
-            elif plan.mode == "routed":
-                await routed.check(netlink, plan)
-            else:
-                raise NetworkError(
-                    plan.link or _tap(plan), "openvswitch NICs are not available yet"
-                )
-
-
 def open_taps(plans: Sequence[NicPlan]) -> list[OpenTap]:
     """Open every NIC's tap (its `vnet_hdr` and `queues`); on failure close those opened.
 
     The fds are close-on-exec: pass them to QEMU with ``pass_fds``, then `close_taps`.
+    `tap_fds` maps them to the plans' fd names.
     """
     taps: list[OpenTap] = []
     try:
         for plan in plans:
-            taps.append(open_tap(_tap(plan), vnet_hdr=plan.vnet_hdr, queues=plan.queues))
+            taps.append(
+                open_tap(_tap(plan), vnet_hdr=plan.vnet_hdr, queues=plan.queues, vhost=plan.vhost)
+            )
     except BaseException:
         close_taps(taps)
         raise
@@ -97,23 +85,148 @@ def close_taps(taps: Sequence[OpenTap]) -> None:
         tap.close()
 
 
-async def set_up(plans: Sequence[NicPlan]) -> None:
-    """Connect every NIC's (open) tap as its mode says; on failure or cancellation undo
-    it all (`tear_down`, shielded) and re-raise the failure (a teardown failure on the
-    way is logged: the first cause is the one to report)."""
-    try:
-        async with Netlink() as netlink:
+def tap_fds(plans: Sequence[NicPlan], taps: Sequence[OpenTap]) -> dict[str, int]:
+    """Every fd name of the plans (`NicPlan.fd_names`, `NicPlan.vhost_fd_names`) -> its fd."""
+    fds: dict[str, int] = {}
+    for plan, tap in zip(plans, taps, strict=True):
+        fds.update(zip(plan.fd_names, tap.fds, strict=True))
+        fds.update(zip(plan.vhost_fd_names, tap.vhost_fds, strict=True))
+    return fds
+
+
+class Networking:
+    """The host's network as the engine sees it: check, set up and tear down NIC plans.
+
+    `ovsdb_socket` is ovsdb-server's socket (config ``ovsdb_socket``), reached only for
+    ``openvswitch`` NICs; `ovsdb_timeout_s` bounds connecting and each request. `hook`
+    is the optional per-NIC executable (config ``nic_hook``), run with ``ACTION=up`` once
+    a NIC is connected and ``ACTION=down`` before it is torn down, within
+    `hook_timeout_s` (`supervisor.net.hook`).
+    """
+
+    def __init__(
+        self,
+        *,
+        ovsdb_socket: str,
+        ovsdb_timeout_s: float = 10.0,
+        hook: str | None = None,
+        hook_timeout_s: float = 30.0,
+    ) -> None:
+        self.ovsdb_socket = ovsdb_socket
+        self.ovsdb_timeout_s = ovsdb_timeout_s
+        self.hook = hook
+        self.hook_timeout_s = hook_timeout_s
+
+    @asynccontextmanager
+    async def _ovsdb(self, plans: Sequence[NicPlan]) -> AsyncIterator[ovsdb.OVSDBClient | None]:
+        """A connection to ovsdb-server when some plan is an Open vSwitch NIC, else None."""
+        if not any(plan.mode == "openvswitch" for plan in plans):
+            yield None
+            return
+        async with ovs.connect_ovsdb(self.ovsdb_socket, timeout_s=self.ovsdb_timeout_s) as db:
+            yield db
+
+    async def check_host(self, plans: Sequence[NicPlan]) -> None:
+        """Refuse, before anything is created, NICs this host cannot set up.
+
+        Checks ``/dev/net/tun``, every bridged NIC's bridge (exists, is a bridge,
+        carries its VLAN), every routed NIC's table and, for IPv6, the uplink its proxy
+        NDP entry goes on, and every Open vSwitch NIC's bridge (Open vSwitch running,
+        the bridge in its database). Changes nothing.
+        """
+        if plans and not await anyio.Path(TUN_DEVICE).exists():
+            raise NetworkError(TUN_DEVICE, "no tun device: the kernel needs the tun module")
+        async with Netlink() as netlink, self._ovsdb(plans) as db:
             for plan in plans:
-                await _set_up_one(netlink, plan)
-    except BaseException:
+                if plan.mode == "bridged":
+                    await bridged.check(netlink, plan)
+                elif plan.mode == "routed":
+                    await routed.check(netlink, plan)
+                else:
+                    assert db is not None
+                    await _check_ovs_bridge(db, plan)
+
+    async def set_up(
+        self, plans: Sequence[NicPlan], *, instance: str, tags: Sequence[str] = ()
+    ) -> None:
+        """Connect every NIC's (open) tap as its mode says, then run the hook for it; on
+        failure or cancellation undo it all (`tear_down`, shielded) and re-raise the
+        failure (a teardown failure on the way is logged: the first cause is the one to
+        report)."""
         try:
-            await tear_down(plans)
-        except NetworkError as error:
-            _log.warning("NIC rollback failed", interface=error.interface, reason=error.reason)
-        raise
+            async with Netlink() as netlink, self._ovsdb(plans) as db:
+                for plan in plans:
+                    await _set_up_one(netlink, db, plan)
+                    await self._run_hook("up", plan, instance, tags)
+        except BaseException:
+            try:
+                await self.tear_down(plans, instance=instance, tags=tags)
+            except NetworkError as error:
+                _log.warning("NIC rollback failed", interface=error.interface, reason=error.reason)
+            raise
+
+    async def _run_hook(
+        self, action: Literal["up", "down"], plan: NicPlan, instance: str, tags: Sequence[str]
+    ) -> None:
+        if self.hook is not None:
+            await run_nic_hook(
+                self.hook,
+                action,
+                instance=instance,
+                plan=plan,
+                tags=tags,
+                timeout_s=self.hook_timeout_s,
+            )
+
+    async def tear_down(
+        self, plans: Sequence[NicPlan], *, instance: str, tags: Sequence[str] = ()
+    ) -> None:
+        """Run the hook (``down``) for every NIC, then remove what the NICs' set-up added
+        that outlives their taps; idempotent (so the hook must be too: it also runs for
+        a NIC whose set-up failed before its ``up``).
+
+        Runs shielded from cancellation, the removals within `TEARDOWN_TIMEOUT_S`
+        (TimeoutError past it), each hook within its own timeout. Tries every NIC even
+        when one fails (Open vSwitch gone, say), then raises the first failure.
+        """
+        first: NetworkError | None = None
+        with anyio.CancelScope(shield=True):
+            for plan in plans:
+                try:
+                    await self._run_hook("down", plan, instance, tags)
+                except NetworkError as error:
+                    first = first or error
+        if all(plan.mode == "bridged" for plan in plans):
+            if first is not None:
+                raise first
+            return  # a bridge port goes with its tap: nothing outlives it
+        with anyio.CancelScope(shield=True), anyio.fail_after(TEARDOWN_TIMEOUT_S):
+            async with AsyncExitStack() as stack:
+                netlink = await stack.enter_async_context(Netlink())
+                db = None
+                try:
+                    db = await stack.enter_async_context(self._ovsdb(plans))
+                except NetworkError as error:
+                    first = error
+                for plan in plans:
+                    try:
+                        if plan.mode == "routed":
+                            await routed.tear_down(netlink, plan, await netlink.link(_tap(plan)))
+                        elif plan.mode == "openvswitch" and db is not None:
+                            await ovs.del_port(db, _tap(plan))
+                    except NetworkError as error:
+                        first = first or error
+        if first is not None:
+            raise first
 
 
-async def _set_up_one(netlink: Netlink, plan: NicPlan) -> None:
+async def _check_ovs_bridge(db: ovsdb.OVSDBClient, plan: NicPlan) -> None:
+    bridge = plan.link or ""
+    if not await ovs.bridge_exists(db, bridge):
+        raise NetworkError(bridge, f"Open vSwitch has no bridge {bridge!r}")
+
+
+async def _set_up_one(netlink: Netlink, db: ovsdb.OVSDBClient | None, plan: NicPlan) -> None:
     try:
         tap = await _existing_tap(netlink, plan)
         if plan.mode == "bridged":
@@ -121,10 +234,25 @@ async def _set_up_one(netlink: Netlink, plan: NicPlan) -> None:
         elif plan.mode == "routed":
             await routed.set_up(netlink, plan, tap)
         else:
-            raise NetworkError(plan.link or tap.name, "openvswitch NICs are not available yet")
+            assert db is not None
+            await _set_up_ovs(netlink, db, plan, tap)
     except OSError as error:
         # A lookup the mode modules do not expect to fail (the netlink socket itself).
         raise NetworkError(_tap(plan), f"netlink: {error.strerror or error}") from error
+
+
+async def _set_up_ovs(netlink: Netlink, db: ovsdb.OVSDBClient, plan: NicPlan, tap: Link) -> None:
+    """Make `tap` a port of the NIC's Open vSwitch bridge, tagged with its `vlan`, and up.
+
+    A port of the tap's name left by an interrupted start of this instance (tap names
+    are the instance's own) is replaced.
+    """
+    try:
+        await netlink.set_up(tap.index, mtu=plan.mtu)
+    except OSError as error:
+        raise NetworkError(tap.name, f"cannot bring the tap up: {error.strerror}") from error
+    await ovs.del_port(db, tap.name)
+    await ovs.add_port(db, plan.link or "", tap.name, tag=plan.vlan)
 
 
 async def _existing_tap(netlink: Netlink, plan: NicPlan) -> Link:
@@ -132,23 +260,3 @@ async def _existing_tap(netlink: Netlink, plan: NicPlan) -> Link:
     if tap is None:
         raise NetworkError(_tap(plan), "the tap is gone (did QEMU exit?)")
     return tap
-
-
-async def tear_down(plans: Sequence[NicPlan]) -> None:
-    """Remove what the NICs' set-up added that outlives their taps; idempotent.
-
-    Runs shielded from cancellation, within `TEARDOWN_TIMEOUT_S` (TimeoutError past it).
-    Tries every NIC even when one fails, then raises the first failure.
-    """
-    first: NetworkError | None = None
-    with anyio.CancelScope(shield=True), anyio.fail_after(TEARDOWN_TIMEOUT_S):
-        async with Netlink() as netlink:
-            for plan in plans:
-                if plan.mode != "routed":
-                    continue
-                try:
-                    await routed.tear_down(netlink, plan, await netlink.link(_tap(plan)))
-                except NetworkError as error:
-                    first = first or error
-    if first is not None:
-        raise first

@@ -21,6 +21,7 @@ from typing import Final
 import msgspec
 
 from supervisor.model.errors import NetworkError
+from supervisor.model.validation import VHOST_NET_DEVICE
 
 __all__ = ["OpenTap", "open_tap", "tap_features", "tap_name"]
 
@@ -49,10 +50,12 @@ class OpenTap(msgspec.Struct, frozen=True, kw_only=True):
     fds: tuple[int, ...]
     #: Whether IFF_VNET_HDR was set: QEMU's ``vnet_hdr=on|off`` must match.
     vnet_hdr: bool
+    #: ``/dev/vhost-net`` fds for QEMU's ``vhostfd=``/``vhostfds=``, one per queue.
+    vhost_fds: tuple[int, ...] = ()
 
     def close(self) -> None:
         """Close the daemon's copies of the fds (after QEMU has its own, or to give up)."""
-        for fd in self.fds:
+        for fd in (*self.fds, *self.vhost_fds):
             os.close(fd)
 
 
@@ -95,8 +98,9 @@ def tap_features() -> int:
     return int(struct.unpack("I", buffer)[0])
 
 
-def open_tap(name: str, *, vnet_hdr: bool, queues: int = 1) -> OpenTap:
-    """Create tap `name` and return `queues` fds on it (IFF_MULTI_QUEUE when > 1).
+def open_tap(name: str, *, vnet_hdr: bool, queues: int = 1, vhost: bool = False) -> OpenTap:
+    """Create tap `name` and return `queues` fds on it (IFF_MULTI_QUEUE when > 1), and
+    as many ``/dev/vhost-net`` fds when `vhost` is asked for.
 
     IFF_VNET_HDR is set when `vnet_hdr` is asked for and the kernel offers it (the
     result says which). Raises `NetworkError` naming the tap when the name exists
@@ -131,4 +135,18 @@ def open_tap(name: str, *, vnet_hdr: bool, queues: int = 1) -> OpenTap:
         if error.errno == errno.EBUSY:
             raise NetworkError(name, "the tap exists already and is in use") from error
         raise NetworkError(name, f"cannot open a tap: {error.strerror or error}") from error
-    return OpenTap(name=name, fds=tuple(fds), vnet_hdr=with_vnet_hdr)
+    tap = OpenTap(name=name, fds=tuple(fds), vnet_hdr=with_vnet_hdr)
+    if not vhost:
+        return tap
+    vhost_fds: list[int] = []
+    try:
+        for _ in range(queues):
+            vhost_fds.append(os.open(VHOST_NET_DEVICE, os.O_RDWR))
+    except OSError as error:
+        tap.close()
+        for fd in vhost_fds:
+            os.close(fd)
+        raise NetworkError(
+            VHOST_NET_DEVICE, f"cannot open it for {name}: {error.strerror or error}"
+        ) from error
+    return msgspec.structs.replace(tap, vhost_fds=tuple(vhost_fds))

@@ -28,7 +28,7 @@ Differences from Ganeti, on purpose:
   not a virtio disk.
 
 Taps are passed as file descriptors when QEMU is launched. The argv names them by
-fd name (``-netdev tap,id=net0,fd=tap0``): `CommandLine.argv_with_fds` puts the real
+fd name (``-netdev tap,id=net0,fd=tap0``): `argv_with_fds` puts the real
 numbers in. The launcher adds ``-S`` (start paused) and ``-incoming`` itself, and sets
 the VNC and SPICE passwords over QMP (``change-vnc-password``, ``set_password``)
 before resuming the guest, as Ganeti does.
@@ -40,7 +40,7 @@ import os
 import pwd
 import shlex
 import socket
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Final, Literal
 
@@ -75,6 +75,7 @@ __all__ = [
     "LaunchResources",
     "NicPlan",
     "argv_for_spec_file",
+    "argv_with_fds",
     "build_command_line",
     "free_port",
     "guest_agent_socket",
@@ -115,10 +116,11 @@ class NicPlan(msgspec.Struct, frozen=True, kw_only=True):
     device_id: str | None
     #: The qdev model (``virtio-net-pci``) or, with the old ``-net nic``, the model name.
     model: str
-    #: Index in the argv of the tap option naming `fd_names`.
-    netdev_arg: int
-    #: The fd names the tap option uses, one per queue; see `CommandLine.argv_with_fds`.
+    #: The fd names the tap option uses, one per queue; see `argv_with_fds`.
     fd_names: tuple[str, ...]
+    #: The fd names of its ``/dev/vhost-net`` descriptors (``vhostfd=``/``vhostfds=``),
+    #: one per queue when `vhost` is on.
+    vhost_fd_names: tuple[str, ...] = ()
     #: Open the tap with IFF_VNET_HDR (virtio offloads).
     vnet_hdr: bool
     #: Open the tap with IFF_MULTI_QUEUE: one fd per queue.
@@ -177,24 +179,48 @@ class CommandLine(msgspec.Struct, frozen=True, kw_only=True):
     #: Whom QEMU runs as after start-up (None: root).
     run_as: str | None = None
 
-    def argv_with_fds(self, fds: Mapping[str, int]) -> list[str]:
-        """The argv with each tap fd name replaced by its descriptor number in `fds`.
 
-        `fds` maps every name of every `NicPlan.fd_names` to the number the descriptor
-        has in QEMU (``pass_fds`` keeps numbers). Raises KeyError naming a missing one.
-        """
-        argv = list(self.argv)
-        for nic in self.nics:
-            parts = []
-            for part in argv[nic.netdev_arg].split(","):
-                key, _, value = part.partition("=")
-                if key in ("fd", "fds"):
-                    numbers = ":".join(str(fds[name]) for name in value.split(":"))
-                    parts.append(f"{key}={numbers}")
-                else:
-                    parts.append(part)
-            argv[nic.netdev_arg] = ",".join(parts)
-        return argv
+#: The tap options that name descriptors, by fd name, in the argv the builder writes.
+_FD_KEYS: Final = ("fd", "fds", "vhostfd", "vhostfds")
+
+
+def argv_with_fds(
+    argv: Sequence[str], nics: Sequence[NicPlan], fds: Mapping[str, int]
+) -> list[str]:
+    """`argv` with each NIC's fd names replaced by descriptor numbers from `fds`.
+
+    The tap options are found by their netdev id (``-netdev tap,id=net0,...`` or the old
+    ``-net tap,...,name=net0,...``), so the argv may have been changed around them
+    (``-S``, QMP on a descriptor) after it was built. `fds` maps every name in every
+    `NicPlan.fd_names` and `NicPlan.vhost_fd_names` to the number the descriptor has in
+    QEMU (``pass_fds`` keeps numbers). Raises KeyError naming a missing name, and
+    ValueError naming a NIC whose tap option is not in `argv`.
+    """
+    netdev_ids = {nic.netdev_id for nic in nics}
+    filled: set[str] = set()
+    result = []
+    for arg in argv:
+        parts = arg.split(",")
+        options = dict(part.partition("=")[::2] for part in parts[1:])
+        netdev_id = options.get("id") or options.get("name")
+        if parts[0] != "tap" or netdev_id not in netdev_ids:
+            result.append(arg)
+            continue
+        for position, part in enumerate(parts):
+            key, _, value = part.partition("=")
+            if key in _FD_KEYS:
+                parts[position] = f"{key}={':'.join(str(fds[name]) for name in value.split(':'))}"
+        filled.add(netdev_id)
+        result.append(",".join(parts))
+    missing = sorted(netdev_ids - filled)
+    if missing:
+        raise ValueError(f"no tap option for netdev {missing[0]} in the argv")
+    return result
+
+
+def _fd_option(key: str, names: Sequence[str]) -> str:
+    """``fd=NAME`` for one queue, ``fds=NAME:NAME...`` for several (``vhostfd``/``vhostfds``)."""
+    return f"{key}={names[0]}" if len(names) == 1 else f"{key}s={':'.join(names)}"
 
 
 def guest_agent_socket(paths: InstancePaths) -> Path:
@@ -686,15 +712,15 @@ class _Builder:
                 else tuple(f"tap{index}q{queue}" for queue in range(queues))
             )
             vhost = hv.vhost_net and paravirtual
-            fds = f"fd={fd_names[0]}" if queues == 1 else f"fds={':'.join(fd_names)}"
+            vhost_fd_names = tuple(name.replace("tap", "vhost", 1) for name in fd_names)
+            fds = _fd_option("fd", fd_names)
             netdev_id = f"net{index}"
-            vhost_option = ",vhost=on" if vhost else ""
+            # The daemon opens /dev/vhost-net itself: QEMU may run unprivileged.
+            vhost_option = f",vhost=on,{_fd_option('vhostfd', vhost_fd_names)}" if vhost else ""
             if self.nic_devices:
                 self.add("-netdev", f"tap,id={netdev_id},{fds}{vhost_option}")
-                netdev_arg = len(self.argv) - 1
             else:
                 self.add("-net", f"tap,vlan={index},name={netdev_id},{fds}{vhost_option}")
-                netdev_arg = len(self.argv) - 1
                 self.add("-net", f"nic,vlan={index},macaddr={nic.mac},model={model}")
             self.nics.append(
                 NicPlan(
@@ -708,8 +734,8 @@ class _Builder:
                     netdev_id=netdev_id,
                     device_id=f"nic{index}" if self.nic_devices else None,
                     model=model,
-                    netdev_arg=netdev_arg,
                     fd_names=fd_names,
+                    vhost_fd_names=vhost_fd_names if vhost else (),
                     vnet_hdr=hv.vnet_hdr and paravirtual,
                     queues=queues,
                     vhost=vhost,
@@ -768,6 +794,7 @@ class _Builder:
     def _nic_devices(self) -> None:
         if not self.nic_devices:
             return
+        booting = not self.hv.kernel_path and self.hv.boot_order == "network"
         for position, nic in enumerate(self.nics):
             device = f"{nic.model},netdev={nic.netdev_id},id={nic.device_id},mac={nic.mac}"
             slot = None
@@ -777,6 +804,10 @@ class _Builder:
             if nic.queues > 1:
                 # linux-kvm.org's multiqueue advice: 2 vectors per queue pair, plus 2.
                 device += f",mq=on,vectors={2 * nic.queues + 2}"
+            if booting and nic.index == 0:
+                # Firmware boots the devices with a bootindex first (UEFI knows no other
+                # order); -boot order=n ranks, for SeaBIOS, the devices without one.
+                device += ",bootindex=1"
             self.add("-device", device)
             self.nics[position] = msgspec.structs.replace(nic, pci_slot=slot)
 

@@ -67,7 +67,7 @@ class RuntimeRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     spec: InstanceSpec
     #: The hypervisor parameters at start: a reboot reuses them, whatever changed since.
     hvparams: HvParams
-    #: The argv, with tap fds by name (`supervisor.qemu.cmdline.CommandLine.argv_with_fds`).
+    #: The argv, with tap fds by name (`supervisor.qemu.cmdline.argv_with_fds`).
     argv: tuple[str, ...]
     nics: tuple[NicPlan, ...] = ()
     disks: tuple[DiskPlan, ...] = ()

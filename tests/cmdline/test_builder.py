@@ -21,6 +21,7 @@ from supervisor.qemu.capabilities import QemuCapabilities
 from supervisor.qemu.cmdline import (
     CommandLine,
     LaunchResources,
+    argv_with_fds,
     build_command_line,
     guest_agent_socket,
     run_as_for_uid,
@@ -344,7 +345,10 @@ def test_disk_and_nic_plans() -> None:
         1400,
         15,
     )
-    assert command.argv[first.netdev_arg] == "tap,id=net0,fds=tap0q0:tap0q1,vhost=on"
+    assert first.vhost_fd_names == ("vhost0q0", "vhost0q1")
+    assert option(command, "-netdev")[0] == (
+        "tap,id=net0,fds=tap0q0:tap0q1,vhost=on,vhostfds=vhost0q0:vhost0q1"
+    )
     assert (
         first.mac
         == assign_macs(decode_spec({"name": "vm1", "uuid": UUID, "nics": [{"link": "br0"}]}))
@@ -369,12 +373,28 @@ def test_scsi_disks_get_targets() -> None:
 
 def test_argv_with_fds() -> None:
     command = build({"nics": [{"link": "br0"}, {"link": "br1"}]}, virtio_net_queues=2)
-    argv = command.argv_with_fds({"tap0q0": 10, "tap0q1": 11, "tap1q0": 12, "tap1q1": 13})
+    # Found by netdev id: arguments added before them (as the launcher does) are no matter.
+    launched = ["-S", "-chardev", "socket,id=qmp,fd=3", *command.argv]
+    argv = argv_with_fds(
+        launched, command.nics, {"tap0q0": 10, "tap0q1": 11, "tap1q0": 12, "tap1q1": 13}
+    )
     assert option_of(argv, "-netdev") == ["tap,id=net0,fds=10:11", "tap,id=net1,fds=12:13"]
+    assert argv[:3] == launched[:3]
     # The template itself is unchanged: the record keeps the names.
     assert option(command, "-netdev")[0] == "tap,id=net0,fds=tap0q0:tap0q1"
     with pytest.raises(KeyError, match="tap1q1"):
-        command.argv_with_fds({"tap0q0": 10, "tap0q1": 11, "tap1q0": 12})
+        argv_with_fds(command.argv, command.nics, {"tap0q0": 10, "tap0q1": 11, "tap1q0": 12})
+    without_second = [arg for arg in command.argv if not arg.startswith("tap,id=net1")]
+    with pytest.raises(ValueError, match="net1"):
+        argv_with_fds(without_second, command.nics, dict.fromkeys(["tap0q0", "tap0q1"], 9))
+
+
+def test_argv_with_fds_vhost_and_old_net_syntax() -> None:
+    command = build({"nics": [{"link": "br0"}]}, vhost_net=True)
+    argv = argv_with_fds(command.argv, command.nics, {"tap0": 7, "vhost0": 8})
+    assert option_of(argv, "-netdev") == ["tap,id=net0,fd=7,vhost=on,vhostfd=8"]
+    old = ["-net", "tap,vlan=0,name=net0,fd=tap0", "-net", "nic,vlan=0,model=virtio"]
+    assert argv_with_fds(old, command.nics, {"tap0": 5})[1] == "tap,vlan=0,name=net0,fd=5"
 
 
 def option_of(argv: list[str], name: str) -> list[str]:

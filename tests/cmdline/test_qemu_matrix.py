@@ -34,6 +34,7 @@ from supervisor.qemu.accel import probe_kvm, resolve_accelerator
 from supervisor.qemu.capabilities import QemuCapabilities, check_host_qemu, parse_capabilities
 from supervisor.qemu.cmdline import (
     LaunchResources,
+    argv_with_fds,
     build_command_line,
     run_as_for_uid,
     socket_path_problems,
@@ -456,7 +457,7 @@ def test_qemu_accepts(index: int, files: Files, caps: QemuCapabilities) -> None:
             for fd in fds:
                 stack.callback(os.close, fd)
             fd_numbers.update(zip(nic.fd_names, fds, strict=True))
-        argv = command.argv_with_fds(fd_numbers)
+        argv = argv_with_fds(command.argv, command.nics, fd_numbers)
         stderr = run_paused(argv, paths.qmp_socket, list(fd_numbers.values()))
     assert "deprecated" not in stderr, f"{name}: {stderr}"
     if hv.serial_console:

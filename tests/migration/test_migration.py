@@ -8,12 +8,14 @@ import pty
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 from core.conftest import guest_spec
+from core.sshd import Sshd, private_sshd
 from helpers import await_until, wait_gone
 
 from protocols.jsonrpc import RPCError
@@ -321,18 +323,27 @@ async def read_until(fd: int, needle: bytes, timeout_s: float = 60) -> bytes:
     return seen
 
 
-async def test_cli_shows_progress_on_a_terminal_and_ctrl_c_cancels(
-    configs: tuple[Config, Config],
+@pytest.fixture
+def sshd() -> Iterator[Sshd]:
+    with private_sshd() as server:
+        yield server
+
+
+async def test_cli_over_ssh_shows_progress_on_a_terminal_and_ctrl_c_cancels(
+    configs: tuple[Config, Config], sshd: Sshd
 ) -> None:
     async with two_daemons(configs) as (source, target):
         await source.sup.start(guest_spec("vm"))
         command = [
-            *CLI, "migrate", "vm", "--to", str(target.socket), "--bandwidth", str(SLOW_MIB_S),
-            "--socket", str(source.socket),
+            *CLI, "migrate", "vm", "--to", sshd.url(target.socket), "--address", "127.0.0.1",
+            "--bandwidth", str(SLOW_MIB_S), "--socket", str(source.socket),
         ]  # fmt: skip
+        environment = {**os.environ, "KVM_SUPERVISOR_SSH": sshd.ssh_command}
         master, terminal = pty.openpty()
         try:
-            process = await anyio.open_process(command, stdin=subprocess.DEVNULL, stdout=terminal)
+            process = await anyio.open_process(
+                command, stdin=subprocess.DEVNULL, stdout=terminal, env=environment
+            )
             os.close(terminal)
             terminal = -1
             async with process:
