@@ -617,7 +617,9 @@ class Migrations:
         caps = await launcher.capabilities.get(hv.kvm_path)
         accel = resolve_accelerator(hv.kvm_flag, launcher.kvm, instance=spec.name)
         raise_first(payload_problems(payload, caps, accel))
-        record = await launcher.prepare(instance, spec, known_uuid=None, hvparams=hv)
+        record = await launcher.prepare(
+            instance, spec, known_uuid=None, macs_in_use=self._sup._macs_in_use(), hvparams=hv
+        )
         problems = layout_problems(
             payload,
             machine=argv_machine(record.argv),
