@@ -6,6 +6,7 @@ import json
 import os
 import pty
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -265,10 +266,15 @@ class Relay:
         self.cut = anyio.Event()
 
     async def serve(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-        listeners = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-        async with listeners:
-            [listener] = listeners.listeners
-            task_status.started(listener.extra(anyio.abc.SocketAttribute.local_port))
+        sock = socket.socket()
+        # A small receive buffer, inherited by the accepted connection and never grown by
+        # the kernel: little more than `limit` leaves the source before it stalls.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        listener = await anyio.abc.SocketListener.from_socket(sock)
+        async with listener:
+            task_status.started(sock.getsockname()[1])
             source = await listener.accept()
         async with source, await anyio.connect_tcp("127.0.0.1", self.target_port) as target:
             while self.forwarded < self.limit:
@@ -284,6 +290,9 @@ async def test_stall_guard_cancels_a_stream_that_stopped_moving(
 ) -> None:
     async with two_daemons(configs) as (source, target), anyio.create_task_group() as tg:
         await source.sup.start(guest_spec("vm"))
+        # A booted guest's memory: a stream far larger than the socket buffers on its way,
+        # which would let a stream that is only a few MiB reach `completed` regardless.
+        await wait_heartbeat(source.sup.instance("vm").paths.serial_log, 1)
         # The four steps by hand: the source is sent to the relay, not to the target.
         info = await source.call("migration.info", name="vm")
         accepted = await target.call(
