@@ -93,8 +93,12 @@ MIB: Final = 1024 * 1024
 MIGRATION_EVENTS: Final = frozenset({"MIGRATION", "MIGRATION_PASS"})
 #: Events a migration task holds before it reads them (it reads each at once).
 EVENT_BUFFER: Final = 64
-#: Always on: without it QEMU sends no MIGRATION events.
-EVENTS_CAPABILITY: Final = "events"
+#: Always on, on both ends. ``events``: without it QEMU sends no MIGRATION events.
+#: ``return-path``: the target confirms it has loaded the guest before the source calls
+#: the migration completed (as libvirt does); without it a stream the network absorbed
+#: (socket buffers, a proxy) completes on the source while the target never got the end
+#: of it, and the guest would run nowhere.
+ALWAYS_ON: Final = ("events", "return-path")
 
 
 def migration_uri(host: str, port: int) -> str:
@@ -103,8 +107,8 @@ def migration_uri(host: str, port: int) -> str:
 
 
 def _capability_list(names: Sequence[str]) -> tuple[str, ...]:
-    """``events`` first, then `names`, each once."""
-    return tuple(dict.fromkeys((EVENTS_CAPABILITY, *names)))
+    """`ALWAYS_ON` first, then `names`, each once."""
+    return tuple(dict.fromkeys((*ALWAYS_ON, *names)))
 
 
 def _split_caps(hvparam: str) -> list[str]:
