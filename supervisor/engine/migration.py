@@ -408,9 +408,17 @@ class Migrations:
                 # Cancelled: the daemon is leaving, and QEMU goes on by itself.
                 instance.log.warning("daemon leaving during a migration", target=job.uri)
                 return
+            if not job.progress.finished:
+                ended = "failed"  # its monitor was lost
+            elif job.cancel_requested or job.stalled_s is not None:
+                # QEMU may call a migration we cancelled `failed` (its return path saw
+                # the stream end first): it was cancelled all the same.
+                ended = "cancelled"
+            else:
+                ended = status.status
             job.status = msgspec.structs.replace(
                 status,
-                status=status.status if job.progress.finished else "failed",
+                status=ended,
                 error=self._failure(job),
                 stalled=job.stalled_s is not None,
             )

@@ -324,8 +324,7 @@ async def test_stall_guard_cancels_a_stream_that_stopped_moving(
             assert started["status"]["status"] == "setup"
             final = await progress_until(progress, lambda s: s["status"] in FINISHED)
         assert relay.cut.is_set()
-        # QEMU may call one it cancels while it waits for the target `failed`.
-        assert final["status"] in ({"cancelled", "failed"} if swallow else {"cancelled"})
+        assert final["status"] == "cancelled"
         assert final["stalled"] is True
         assert final["error"].startswith("stalled: no byte moved for ")
         assert source.sup.info("vm").state == "running"
