@@ -1,4 +1,4 @@
-"""``kvm-supervisor migrate NAME --to SOCKET``: a migration with its progress on show.
+"""``kvm-supervisor migrate NAME --to TARGET``: a migration with its progress on show.
 
 On a terminal, one line redrawn at every ``migration.progress`` figure (percent, MiB
 sent, throughput, what remains, the expected downtime); with ``--json``, one JSON object

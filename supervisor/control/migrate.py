@@ -31,7 +31,7 @@ from supervisor.qemu.migration_progress import FINISHED
 
 __all__ = ["MigrationResult", "migrate"]
 
-#: How long the clean-up after a failed or cancelled migration may take.
+#: How long the clean-up after a migration (failed, cancelled or not) may take.
 CLEANUP_TIMEOUT_S: Final = 60.0
 
 
@@ -79,16 +79,22 @@ async def migrate(
     info = await source.call("migration.info", {"name": name})
     runtime: str = info["runtime"]
     before = await source.call("instance.info", {"name": name})
-    accept: dict[str, Any] = {"spec": info["spec"], "runtime": runtime, "address": address}
-    accept["port"] = port
+    accept: dict[str, Any] = {
+        "spec": info["spec"],
+        "runtime": runtime,
+        "address": address,
+        "port": port,
+    }
     if capabilities is not None:
         accept["capabilities"] = list(capabilities)
     accepted = await target.call("migration.accept", accept)
     steps = _Steps(source, target, name, runtime, resume=before["state"] == "running")
+    subscription = None
     try:
         subscribed = await source.call(
             "events.subscribe", {"instances": [name], "kinds": ["migration.progress"]}
         )
+        subscription = subscribed["subscription"]
         start: dict[str, Any] = {"name": name, "target": address, "port": accepted["port"]}
         for key, value in (
             ("live", live),
@@ -100,11 +106,19 @@ async def migrate(
                 start[key] = value
         began = anyio.current_time()
         await source.call("migration.start", start)
-        final = await _follow(source, name, subscribed["subscription"], on_progress)
+        final = await _follow(source, name, subscription, on_progress)
     except BaseException:
         with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
             await steps.settle()
         raise
+    finally:
+        if subscription is not None:
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(CLEANUP_TIMEOUT_S),
+                contextlib.suppress(RPCError, RPCConnectionLostError),
+            ):
+                await source.call("events.unsubscribe", {"subscription": subscription})
     if final.status != "completed":
         with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
             await steps.give_back()
