@@ -66,6 +66,16 @@ def netns() -> Iterator[str]:
         yield name
 
 
+def add_ipv6_uplink(netns: str) -> None:
+    """up0 (a veth) carries the namespace's IPv6 default route: the proxy NDP uplink."""
+    inside = ("-n", netns)
+    ip(*inside, "link", "add", "up0", "type", "veth", "peer", "name", "up1")
+    ip(*inside, "link", "set", "up0", "up")
+    ip(*inside, "link", "set", "up1", "up")
+    ip(*inside, "-6", "address", "add", "fd00:1::1/64", "dev", "up0", "nodad")
+    ip(*inside, "-6", "route", "add", "default", "via", "fd00:1::2", "dev", "up0")
+
+
 def run_scenario(netns: str, scenario: str) -> dict[str, Any]:
     """Run `scenario` of netdriver.py inside `netns` on both backends: {backend: result}."""
     # Warnings are errors, ResourceWarning included: an unclosed netlink socket or event
