@@ -58,6 +58,10 @@ _OVS_DEVICES = frozenset({OVS_BRIDGE, "ovs-netdev"})
 _KERNEL_ROUTE = re.compile(r"^(local |multicast |anycast )?(fe80:|ff00::/8)")
 
 
+def link_names(netns: str) -> set[str]:
+    return {link["ifname"] for link in json.loads(ip("-n", netns, "-j", "link", "show"))}
+
+
 @dataclass(frozen=True)
 class NetState:
     """What instances may add to a namespace, as ``ip`` and ``ovs-vsctl`` show it."""
@@ -149,7 +153,7 @@ def lan_namespace(*, with_ovs: bool) -> Iterator[Lan]:
                 )
                 # ovs-vswitchd creates the bridge's devices when it reads the database.
                 wait_until(
-                    lambda: set(ip(*inside, "-o", "link").split()) >= _OVS_DEVICES,
+                    lambda: link_names(netns) >= _OVS_DEVICES,
                     what=f"ovs-vswitchd creates {sorted(_OVS_DEVICES)} in {netns}",
                     timeout_s=30,
                 )
