@@ -21,7 +21,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +59,7 @@ _KERNEL_ROUTE = re.compile(r"^(local |multicast |anycast )?(fe80:|ff00::/8)")
 
 
 def link_names(netns: str) -> set[str]:
+    """The names of `netns`'s links."""
     return {link["ifname"] for link in json.loads(ip("-n", netns, "-j", "link", "show"))}
 
 
@@ -261,7 +262,7 @@ async def start_all(
     return [infos[index] for index in range(len(specs))]
 
 
-def _serial_tail(info: dict[str, Any]) -> Any:
+def _serial_tail(info: dict[str, Any]) -> Callable[[], str]:
     def tail() -> str:
         try:
             text = Path(info["serial_log"]).read_text(errors="replace")
@@ -279,10 +280,8 @@ async def consoles(*infos: dict[str, Any]) -> AsyncIterator[list[SerialConsole]]
         found = []
         for info in infos:
             await wait_for_serial(Path(info["serial_log"]), SHELL_READY, BOOT_TIMEOUT_S)
-            socket = info["console"]["socket"]
-            found.append(
-                await stack.enter_async_context(connect_console(socket, _serial_tail(info)))
-            )
+            path = info["console"]["socket"]
+            found.append(await stack.enter_async_context(connect_console(path, _serial_tail(info))))
         yield found
 
 
