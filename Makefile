@@ -6,7 +6,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
-DEBS := qemu-system-x86 qemu-utils busybox-static iputils-ping socat iproute2 cpio openvswitch-switch
+DEBS := qemu-system-x86 qemu-utils busybox-static iputils-ping socat iproute2 cpio openvswitch-switch \
+	openssh-server openssh-client
 GUEST := .cache/guest
 CONFIG ?= config/supervisor.toml
 PYTEST_ARGS ?=
@@ -21,12 +22,20 @@ help:
 	@echo "make lint   ruff + mypy only;  make clean   remove venv and caches"
 
 # Debian packages: only the missing ones, and `apt-get update` only when something is missing.
+# A policy-rc.d (exit 101) keeps package scripts from starting services (sshd, Open vSwitch)
+# on the host while they install; the tests start their own, in namespaces. It is removed
+# afterwards unless it was there before.
 debs:
 	@missing=""; for p in $(DEBS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing" >&2; \
+	  policy=/usr/sbin/policy-rc.d; \
+	  if [ ! -e $$policy ]; then \
+	    printf '#!/bin/sh\nexit 101\n' > $$policy; chmod 755 $$policy; \
+	    trap 'rm -f '$$policy EXIT; \
+	  fi; \
 	  apt-get update -qq; \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >&2; \
 	fi

@@ -21,6 +21,7 @@ from ._client import (
     DEFAULT_MAX_NOTIFICATIONS,
     NotificationStream,
     RPCClient,
+    connect_socket,
     connect_unix,
 )
 from ._codec import (
@@ -76,6 +77,7 @@ __all__ = [
     "Response",
     "ServerMessage",
     "batch_too_large_response",
+    "connect_socket",
     "connect_unix",
     "decode_incoming",
     "decode_params",

@@ -6,11 +6,12 @@ and queues server notifications for :meth:`RPCClient.notifications`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import socket
 from collections import deque
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Final, Self
 
@@ -52,7 +53,28 @@ def connect_unix(
         :attr:`RPCClient.notifications_dropped`.
     :raises OSError: on entering, the socket cannot be connected (missing, refused).
     """
-    return RPCClient(path, max_line_bytes=max_line_bytes, max_notifications=max_notifications)
+    return RPCClient(
+        functools.partial(anyio.connect_unix, path),
+        max_line_bytes=max_line_bytes,
+        max_notifications=max_notifications,
+    )
+
+
+def connect_socket(
+    sock: socket.socket,
+    *,
+    max_line_bytes: int = DEFAULT_CLIENT_MAX_LINE_BYTES,
+    max_notifications: int = DEFAULT_MAX_NOTIFICATIONS,
+) -> RPCClient:
+    """Speak JSON-RPC over `sock`, a connected unix stream socket the client then owns
+    (closed on leaving): one end of a `socket.socketpair` whose other end is a child's
+    stdin and stdout, such as ``ssh HOST kvm-supervisor rpc-stdio``. Otherwise as
+    :func:`connect_unix`."""
+
+    async def wrap() -> anyio.abc.SocketStream:
+        return await anyio.abc.UNIXSocketStream.from_socket(sock)
+
+    return RPCClient(wrap, max_line_bytes=max_line_bytes, max_notifications=max_notifications)
 
 
 class _PendingCall:
@@ -64,16 +86,17 @@ class _PendingCall:
 
 
 class RPCClient(anyio.AsyncContextManagerMixin):
-    """A connection to a JSON-RPC 2.0 server; see :func:`connect_unix`."""
+    """A connection to a JSON-RPC 2.0 server; see :func:`connect_unix` and
+    :func:`connect_socket`."""
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        connect: Callable[[], Awaitable[anyio.abc.SocketStream]],
         *,
         max_line_bytes: int = DEFAULT_CLIENT_MAX_LINE_BYTES,
         max_notifications: int = DEFAULT_MAX_NOTIFICATIONS,
     ) -> None:
-        self._path = path
+        self._connect = connect
         self._max_line_bytes = max_line_bytes
         self._ids = itertools.count(1)
         self._calls: dict[int, _PendingCall] = {}
@@ -90,7 +113,7 @@ class RPCClient(anyio.AsyncContextManagerMixin):
 
     @asynccontextmanager
     async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
-        stream = await anyio.connect_unix(self._path)
+        stream = await self._connect()
         self._socket = sock = stream.extra(SocketAttribute.raw_socket)
         self._loss = None
         try:

@@ -10,15 +10,24 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import msgspec
 
-from protocols.jsonrpc import RPCError, connect_unix
+from protocols.jsonrpc import RPCClient, RPCError, connect_unix
 from supervisor import __version__
+from supervisor.cli.remote import (
+    SshTarget,
+    bridge_stdio,
+    connect_ssh,
+    parse_connect,
+    run_remote_terminal,
+)
+from supervisor.cli.render import print_json, print_mapping, print_table, show_wait
 from supervisor.model.config import Config, load_config
 from supervisor.model.errors import SupervisorError
 
@@ -27,9 +36,76 @@ EXIT_DAEMON_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
+#: Verbs that work on this host's files, never through --connect.
+_LOCAL_VERBS = frozenset({"serve", "cmdline", "rpc-stdio"})
+
 
 class UsageError(Exception):
     """A mistake in the command line or in a file it names (exit status 2)."""
+
+
+class DaemonUnreachable(Exception):
+    """No daemon answers on the control socket (exit status 3); says what to do."""
+
+    def __init__(self, path: str, error: OSError) -> None:
+        if isinstance(error, FileNotFoundError):
+            what = f"no control socket at {path}"
+        elif isinstance(error, ConnectionRefusedError):
+            what = f"nothing listens on {path} (connection refused)"
+        elif isinstance(error, PermissionError):
+            what = (
+                f"{path}: permission denied: run as root, or as a member of the daemon's"
+                " control_group"
+            )
+        else:
+            what = f"the connection to {path} failed: {error.strerror or error}"
+        hint = (
+            "start the daemon with `kvm-supervisor serve --config FILE` (or `make run`), or"
+            " point at its socket with --socket PATH or --config FILE"
+        )
+        super().__init__(
+            f"daemon unreachable: {what}"
+            + ("" if isinstance(error, PermissionError) else f"; {hint}")
+        )
+
+
+@asynccontextmanager
+async def _connect(args: argparse.Namespace) -> AsyncIterator[RPCClient]:
+    """A client of the daemon's control socket, or of a remote one (``--connect``);
+    `DaemonUnreachable` when none answers."""
+    if args.connect:
+        target = _remote_target(args)
+        try:
+            async with connect_ssh(target) as client:
+                yield client
+        except ConnectionError as error:
+            raise DaemonUnreachable(args.connect, error) from None
+        return
+    path = _socket_path(args)
+    try:
+        async with connect_unix(path) as client:
+            yield client
+    except (ConnectionError, FileNotFoundError, PermissionError) as error:
+        raise DaemonUnreachable(str(path), error) from None
+
+
+def _remote_target(args: argparse.Namespace) -> SshTarget:
+    try:
+        return parse_connect(args.connect)
+    except ValueError as error:
+        raise UsageError(f"--connect: {error}") from None
+
+
+async def _rpc_stdio(args: argparse.Namespace) -> int:
+    """Bridge stdin/stdout to the local control socket (the remote end of --connect)."""
+    path = _socket_path(args)
+    try:
+        stream = await anyio.connect_unix(path)
+    except (ConnectionError, FileNotFoundError, PermissionError) as error:
+        raise DaemonUnreachable(str(path), error) from None
+    async with stream:
+        await bridge_stdio(stream)
+    return EXIT_OK
 
 
 def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -38,6 +114,12 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     default = argparse.SUPPRESS if suppress else None
     parser.add_argument("--config", metavar="PATH", default=default, help="daemon config file")
     parser.add_argument("--socket", metavar="PATH", default=default, help="control socket")
+    parser.add_argument(
+        "--connect",
+        metavar="URL",
+        default=default,
+        help="a daemon on another host: ssh://[user@]host[:port][/socket]",
+    )
     parser.add_argument(
         "--json",
         action="store_true",
@@ -62,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     verb("serve", "run the daemon in the foreground")
     sub = verb("cmdline", "print the QEMU argv `start` would run (needs no daemon)")
     sub.add_argument("--spec", required=True, metavar="FILE", help="instance TOML file")
+    verb("rpc-stdio", "bridge stdin/stdout to the control socket (what --connect runs)")
     verb("ping", "check that the daemon answers")
     verb("info", "daemon, QEMU and node information")
     verb("verify", "check the node: binaries, /dev/kvm, /dev/net/tun, state dir")
@@ -128,38 +211,11 @@ def _read_spec_file(path: str) -> Any:
         raise UsageError(f"{path}: {error}") from None
 
 
-def _print_json(value: Any) -> None:
-    sys.stdout.write(msgspec.json.encode(value).decode() + "\n")
-
-
-def _print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
-    cells = [[("-" if row.get(c) is None else str(row.get(c))) for c in columns] for row in rows]
-    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _print_mapping(value: dict[str, Any], indent: str = "") -> None:
-    for key, item in value.items():
-        if isinstance(item, dict) and item:
-            print(f"{indent}{key}:")
-            _print_mapping(item, indent + "  ")
-        elif isinstance(item, list):
-            rendered = ", ".join(
-                json.dumps(x, separators=(",", ":")) if isinstance(x, dict) else str(x)
-                for x in item
-            )
-            print(f"{indent}{key}: {rendered or '-'}")
-        else:
-            print(f"{indent}{key}: {'-' if item is None else item}")
-
-
 def _render(args: argparse.Namespace, result: Any) -> None:
     if args.json:
-        _print_json(result)
+        print_json(result)
     elif args.verb == "list":
-        _print_table(result, ("name", "state", "pid"))
+        print_table(result, ("name", "state", "pid"))
     elif args.verb == "monitor":
         sys.stdout.write(result["output"])
         if result["output"] and not result["output"].endswith("\n"):
@@ -168,7 +224,7 @@ def _render(args: argparse.Namespace, result: Any) -> None:
         print(json.dumps(result["return"], indent=2))
     elif isinstance(result, dict):
         if result:
-            _print_mapping(result)
+            print_mapping(result)
     else:
         print(result)
 
@@ -214,10 +270,26 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
 async def _call(args: argparse.Namespace) -> int:
     method, params = _request(args)
-    async with connect_unix(_socket_path(args)) as client:
+    async with _connect(args) as client, anyio.create_task_group() as tg:
+        if args.verb in {"stop", "reboot"} and not params.get("force") and sys.stderr.isatty():
+            tg.start_soon(
+                show_wait,
+                f"{args.name}: waiting for the guest to power off (ACPI power button)",
+                params.get("timeout_s", _stop_timeout(args)),
+                sys.stderr,
+            )
         result = await client.call(method, params)
+        tg.cancel_scope.cancel()
     _render(args, result)
     return EXIT_OK
+
+
+def _stop_timeout(args: argparse.Namespace) -> float | None:
+    """The daemon's ``stop_timeout_s``, if its config file can be read here."""
+    try:
+        return _config(args).stop_timeout_s
+    except UsageError:
+        return None
 
 
 async def _events(args: argparse.Namespace) -> int:
@@ -226,12 +298,12 @@ async def _events(args: argparse.Namespace) -> int:
         params["instances"] = args.instance
     if args.kind:
         params["kinds"] = args.kind
-    async with connect_unix(_socket_path(args)) as client:
+    async with _connect(args) as client:
         await client.call("events.subscribe", params)
         async for notification in client.notifications():
             event = notification.params if isinstance(notification.params, dict) else {}
             if args.json:
-                _print_json(event)
+                print_json(event)
             else:
                 data = json.dumps(event.get("data", {}), separators=(",", ":"))
                 print(
@@ -245,7 +317,7 @@ async def _events(args: argparse.Namespace) -> int:
 async def _console(args: argparse.Namespace) -> int:
     from supervisor.cli.console import attach
 
-    async with connect_unix(_socket_path(args)) as client:
+    async with _connect(args) as client:
         console = await client.call("instance.console", {"name": args.name})
     if console.get("kind") != "serial":
         print(json.dumps(console), file=sys.stderr)
@@ -271,7 +343,7 @@ async def _cmdline(args: argparse.Namespace) -> int:
     _configure_logging()
     argv = await argv_for_spec_file(Path(args.spec), _config(args))
     if args.json:
-        _print_json(argv)
+        print_json(argv)
     else:
         sys.stdout.write("".join(f"{arg}\n" for arg in argv))
     return EXIT_OK
@@ -297,7 +369,15 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def _runner(args: argparse.Namespace) -> Callable[[], Any]:
-    handlers = {"serve": _serve, "cmdline": _cmdline, "events": _events, "console": _console}
+    if args.connect and args.verb in _LOCAL_VERBS:
+        raise UsageError(f"{args.verb} runs on this host only: no --connect")
+    handlers = {
+        "serve": _serve,
+        "cmdline": _cmdline,
+        "events": _events,
+        "console": _console,
+        "rpc-stdio": _rpc_stdio,
+    }
     handler = handlers.get(args.verb, _call)
     return lambda: handler(args)
 
@@ -306,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.connect and args.verb == "console":
+            return run_remote_terminal(_remote_target(args), ["console", args.name])
         return int(anyio.run(_runner(args)))
     except UsageError as error:
         print(f"kvm-supervisor: {error}", file=sys.stderr)
@@ -317,8 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SupervisorError as error:
         print(f"kvm-supervisor: {error}", file=sys.stderr)
         return EXIT_USAGE if args.verb == "cmdline" else EXIT_DAEMON_ERROR
-    except (ConnectionError, FileNotFoundError, PermissionError) as error:
-        print(f"kvm-supervisor: daemon unreachable: {error}", file=sys.stderr)
+    except DaemonUnreachable as error:
+        print(f"kvm-supervisor: {error}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         return 130

@@ -12,7 +12,8 @@ Two kinds of peer pass the SO_PEERCRED check (`supervisor.control.peers.peer_all
     x509 dir, a VNC socket dir; symlinks and ``..`` resolved first; a qcow2 disk's backing
     chain included), no URL for an ISO, no host USB device, no ``,`` where QEMU would
     read the rest as its own options, and no display port outside
-    ``display_port_range``;
+    ``display_port_range``; and no NIC but on a bridge named in ``member_links``, with
+    no VLAN of its choosing (a routed NIC changes the host's routing: root's only);
   * ``instance.qmp``: read-only queries only; ``instance.monitor``: read-only ``info``
     commands only (`supervisor.engine.monitor_commands`).
 
@@ -182,6 +183,19 @@ def check_member_spec(spec: InstanceSpec, config: Config) -> None:
         _check_host_path(field, disk.path, config.image_dirs)
         if disk.format == "qcow2":
             _check_backing_chain(field, disk.path, config.image_dirs)
+    for index, nic in enumerate(spec.nics):
+        field = f"spec.nics[{index}]"
+        if nic.mode == "routed":
+            raise InvalidConfigError(
+                f"{field}.mode", f"a routed NIC adds host routes: {_ONLY_ROOT_MAY} start one"
+            )
+        if nic.link not in config.member_links:
+            raise InvalidConfigError(
+                f"{field}.link",
+                f"{nic.link!r} is not in member_links: {_ONLY_ROOT_MAY} attach a NIC to it",
+            )
+        if nic.vlan is not None:
+            raise InvalidConfigError(f"{field}.vlan", f"{_ONLY_ROOT_MAY} choose a VLAN")
 
 
 def _check_host_path(field: str, value: str, image_dirs: list[str]) -> None:

@@ -120,7 +120,11 @@ class Launcher:
         self._leased_ports: dict[str, int] = {}
         #: The MACs of the starts under way (prepared, not yet alive), by instance.
         self._leased_macs: dict[str, frozenset[str]] = {}
-        self.network = Networking(ovsdb_socket=config.ovsdb_socket)
+        self.network = Networking(
+            ovsdb_socket=config.ovsdb_socket,
+            hook=config.nic_hook,
+            hook_timeout_s=config.nic_hook_timeout_s,
+        )
 
     async def qemu_summary(self) -> QemuInfo:
         """The default QEMU binary, its version and the accelerator a default instance gets."""
@@ -332,7 +336,7 @@ class Launcher:
             record = instance.record
             assert record is not None and instance.process is not None
             hv = record.hvparams
-            await self.network.set_up(record.nics)
+            await self.network.set_up(record.nics, instance=record.name, tags=record.spec.tags)
             self._share_console(record)
             if hv.vnc_password_file:
                 await client.execute(
@@ -388,7 +392,9 @@ class Launcher:
         record = instance.record
         if record is not None and record.nics:
             try:
-                await self.network.tear_down(record.nics)
+                await self.network.tear_down(
+                    record.nics, instance=record.name, tags=record.spec.tags
+                )
             except NetworkError as error:
                 instance.log.error(
                     "NIC teardown failed", interface=error.interface, reason=error.reason

@@ -5,10 +5,11 @@ Every `Config` key has a default, so an empty file, or one holding only
 values of the wrong type (``max_request_bytes: Expected `int`, got `str```).
 
 Relative paths are resolved against the directory of the file that holds them: in the
-config file `state_dir`, `instances_dir`, `image_dirs`, `ovsdb_socket` and the path
-parameters of ``[hvparams]``; in an instance file its disks and path parameters (kernel,
-initrd, ISOs, floppy, password files, x509 dir, mem_path). Values coming over the
-control socket have no such base and must be absolute (`supervisor.model.validation` says so).
+config file `state_dir`, `instances_dir`, `image_dirs`, `ovsdb_socket`, `nic_hook` and
+the path parameters of ``[hvparams]``; in an instance file its disks and path
+parameters (kernel, initrd, ISOs, floppy, password files, x509 dir, mem_path). Values
+coming over the control socket have no such base and must be absolute
+(`supervisor.model.validation` says so).
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
     #: Where the host paths in specs sent by control-group members may lie (disks,
     #: kernel, initrd, ISOs, ...); empty: nowhere (see `supervisor.control.privilege`).
     image_dirs: list[Annotated[str, Meta(min_length=1)]] = msgspec.field(default_factory=list)
+    #: The bridges (Linux or Open vSwitch) control-group members may attach NICs to;
+    #: empty: none (see `supervisor.control.privilege`).
+    member_links: list[Annotated[str, Meta(min_length=1)]] = msgspec.field(default_factory=list)
     #: Longest request line accepted on the control socket.
     max_request_bytes: Annotated[int, Meta(ge=4096, le=64 * 1024 * 1024)] = 1024 * 1024
     #: Control socket connections served at once; more are closed at once.
@@ -88,6 +92,11 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
     event_queue_size: Annotated[int, Meta(ge=1, le=1_000_000)] = 1024
     #: ovsdb-server's unix socket, for ``mode = "openvswitch"`` NICs.
     ovsdb_socket: Annotated[str, Meta(min_length=1)] = DEFAULT_OVSDB_SOCKET
+    #: An executable run for each NIC after its set-up and before its teardown
+    #: (`supervisor.net.hook`); None: no hook.
+    nic_hook: str | None = None
+    #: How long one run of `nic_hook` may take before it is killed.
+    nic_hook_timeout_s: Seconds = 30.0
     #: Node-wide hypervisor parameter defaults, overridden by each instance's.
     hvparams: dict[str, Any] = msgspec.field(default_factory=dict)
 
@@ -127,9 +136,9 @@ def check_config(config: Config) -> None:
     """Check `config` as `load_config` does; raise `InvalidConfigError` on the first problem.
 
     A hand-built `Config` (the embedding API takes one) is decoded again, so its fields
-    get the file's type checks; then image dirs must be absolute, uid ranges must pass
-    `check_uid_range`, the display port range must run forwards, and the ``[hvparams]``
-    table must hold known parameters with valid values.
+    get the file's type checks; then image dirs and the NIC hook must be absolute, uid
+    ranges must pass `check_uid_range`, the display port range must run forwards, and
+    the ``[hvparams]`` table must hold known parameters with valid values.
     """
     try:
         msgspec.convert(msgspec.to_builtins(config), Config)
@@ -141,6 +150,8 @@ def check_config(config: Config) -> None:
             raise InvalidConfigError(
                 f"image_dirs[{index}]", f"{directory!r} is not an absolute path"
             )
+    if config.nic_hook is not None and not os.path.isabs(config.nic_hook):
+        raise InvalidConfigError("nic_hook", f"{config.nic_hook!r} is not an absolute path")
     low, high = config.display_port_range
     if low > high:
         raise InvalidConfigError("display_port_range", f"range {low}-{high} runs backwards")
@@ -191,6 +202,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         instances_dir=_absolute(base, config.instances_dir),
         image_dirs=[_absolute(base, directory) for directory in config.image_dirs],
         ovsdb_socket=_absolute(base, config.ovsdb_socket),
+        nic_hook=None if config.nic_hook is None else _absolute(base, config.nic_hook),
         hvparams=_resolve_hvparam_paths(base, config.hvparams),
     )
     check_config(config)

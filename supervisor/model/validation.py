@@ -113,7 +113,7 @@ def check_syntax(spec: InstanceSpec, hv: HvParams) -> list[InvalidConfigError]:
         *_security_problems(hv),
         *_disk_problems(spec, hv),
         *_cpu_problems(spec, hv),
-        *_nic_problems(spec),
+        *_nic_problems(spec, hv),
         *_misc_problems(spec, hv),
     ]
 
@@ -258,7 +258,12 @@ def _cpu_problems(spec: InstanceSpec, hv: HvParams) -> Iterator[InvalidConfigErr
         )
 
 
-def _nic_problems(spec: InstanceSpec) -> Iterator[InvalidConfigError]:
+def _nic_problems(spec: InstanceSpec, hv: HvParams) -> Iterator[InvalidConfigError]:
+    if spec.nics and hv.virtio_net_queues > 1 and hv.nic_type != "paravirtual":
+        yield InvalidConfigError(
+            f"{HV}.virtio_net_queues",
+            f"{hv.virtio_net_queues} queues need nic_type paravirtual, not {hv.nic_type}",
+        )
     first_use: dict[str, int] = {}
     for index, nic in enumerate(spec.nics):
         path = f"spec.nics[{index}]"
@@ -275,8 +280,10 @@ def _nic_problems(spec: InstanceSpec) -> Iterator[InvalidConfigError]:
             yield InvalidConfigError(f"{path}.link", f"a {nic.mode} NIC needs a link")
         if nic.mode == "routed" and nic.ip is None:
             yield InvalidConfigError(f"{path}.ip", "a routed NIC needs an IP address")
-        if nic.vlan is not None and nic.mode != "openvswitch":
-            yield InvalidConfigError(f"{path}.vlan", "VLANs need mode openvswitch")
+        if nic.vlan is not None and nic.mode == "routed":
+            yield InvalidConfigError(
+                f"{path}.vlan", "a routed NIC has no VLAN: use bridged or openvswitch"
+            )
 
 
 def _misc_problems(spec: InstanceSpec, hv: HvParams) -> Iterator[InvalidConfigError]:

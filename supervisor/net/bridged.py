@@ -48,11 +48,14 @@ async def set_up(netlink: Netlink, plan: NicPlan, tap: Link) -> None:
     the NIC's VLAN if it has one, and up."""
     bridge = await check(netlink, plan)
     try:
-        await netlink.set_mtu(tap.index, plan.mtu or bridge.mtu)
-        await netlink.set_master(tap.index, bridge.index)
-        if plan.vlan is not None:
+        if plan.vlan is None:
+            await netlink.join_up(tap.index, bridge.index, plan.mtu or bridge.mtu)
+        else:
+            # In its VLAN before it is up: no frame goes out untagged meanwhile.
+            await netlink.set_mtu(tap.index, plan.mtu or bridge.mtu)
+            await netlink.set_master(tap.index, bridge.index)
             await netlink.add_port_vlan(tap.index, plan.vlan)
-        await netlink.set_up(tap.index)
+            await netlink.set_up(tap.index)
     except OSError as error:
         raise NetworkError(
             tap.name, f"cannot join bridge {bridge.name}: {error.strerror}"

@@ -7,6 +7,7 @@ file writes under ``/proc/sys/net`` of the caller's network namespace.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 from types import TracebackType
 from typing import Any, Final, Literal, Self
@@ -74,10 +75,12 @@ class Netlink:
 
     async def link(self, name: str) -> Link | None:
         """Interface `name`, or None when there is none."""
-        indexes: list[int] = await self._socket.request("link_lookup", ifname=name)
-        if not indexes:
-            return None
-        (message,) = await self._socket.request("link", "get", index=indexes[0])
+        try:
+            (message,) = await self._socket.request("link", "get", ifname=name)
+        except OSError as error:
+            if error.errno == errno.ENODEV:
+                return None
+            raise
         return _link(message)
 
     async def links(self) -> list[Link]:
@@ -91,8 +94,14 @@ class Netlink:
     async def set_mtu(self, index: int, mtu: int) -> None:
         await self._socket.request("link", "set", index=index, mtu=mtu)
 
-    async def set_up(self, index: int) -> None:
-        await self._socket.request("link", "set", index=index, state="up")
+    async def set_up(self, index: int, *, mtu: int | None = None) -> None:
+        """Bring interface `index` up, with MTU `mtu` if given (one request)."""
+        extra = {} if mtu is None else {"mtu": mtu}
+        await self._socket.request("link", "set", index=index, state="up", **extra)
+
+    async def join_up(self, index: int, master: int, mtu: int) -> None:
+        """Make interface `index` a port of `master` with MTU `mtu`, and up (one request)."""
+        await self._socket.request("link", "set", index=index, master=master, mtu=mtu, state="up")
 
     async def probe_vlan_filtering(self, bridge: Link) -> None:
         """Raise OSError (EOPNOTSUPP) when the kernel has no bridge VLAN filtering.

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Literal
 
 import anyio
 import msgspec
@@ -35,6 +36,7 @@ from supervisor.model.errors import NetworkError
 from supervisor.qemu.cmdline import NicPlan
 
 from . import bridged, ovs, routed
+from .hook import run_nic_hook
 from .netlink import Link, Netlink
 from .tun import TUN_DEVICE, OpenTap, open_tap, tap_name
 
@@ -96,12 +98,24 @@ class Networking:
     """The host's network as the engine sees it: check, set up and tear down NIC plans.
 
     `ovsdb_socket` is ovsdb-server's socket (config ``ovsdb_socket``), reached only for
-    ``openvswitch`` NICs; `ovsdb_timeout_s` bounds connecting and each request.
+    ``openvswitch`` NICs; `ovsdb_timeout_s` bounds connecting and each request. `hook`
+    is the optional per-NIC executable (config ``nic_hook``), run with ``ACTION=up`` once
+    a NIC is connected and ``ACTION=down`` before it is torn down, within
+    `hook_timeout_s` (`supervisor.net.hook`).
     """
 
-    def __init__(self, *, ovsdb_socket: str, ovsdb_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        *,
+        ovsdb_socket: str,
+        ovsdb_timeout_s: float = 10.0,
+        hook: str | None = None,
+        hook_timeout_s: float = 30.0,
+    ) -> None:
         self.ovsdb_socket = ovsdb_socket
         self.ovsdb_timeout_s = ovsdb_timeout_s
+        self.hook = hook
+        self.hook_timeout_s = hook_timeout_s
 
     @asynccontextmanager
     async def _ovsdb(self, plans: Sequence[NicPlan]) -> AsyncIterator[ovsdb.OVSDBClient | None]:
@@ -132,29 +146,60 @@ class Networking:
                     assert db is not None
                     await _check_ovs_bridge(db, plan)
 
-    async def set_up(self, plans: Sequence[NicPlan]) -> None:
-        """Connect every NIC's (open) tap as its mode says; on failure or cancellation
-        undo it all (`tear_down`, shielded) and re-raise the failure (a teardown failure
-        on the way is logged: the first cause is the one to report)."""
+    async def set_up(
+        self, plans: Sequence[NicPlan], *, instance: str, tags: Sequence[str] = ()
+    ) -> None:
+        """Connect every NIC's (open) tap as its mode says, then run the hook for it; on
+        failure or cancellation undo it all (`tear_down`, shielded) and re-raise the
+        failure (a teardown failure on the way is logged: the first cause is the one to
+        report)."""
         try:
             async with Netlink() as netlink, self._ovsdb(plans) as db:
                 for plan in plans:
                     await _set_up_one(netlink, db, plan)
+                    await self._run_hook("up", plan, instance, tags)
         except BaseException:
             try:
-                await self.tear_down(plans)
+                await self.tear_down(plans, instance=instance, tags=tags)
             except NetworkError as error:
                 _log.warning("NIC rollback failed", interface=error.interface, reason=error.reason)
             raise
 
-    async def tear_down(self, plans: Sequence[NicPlan]) -> None:
-        """Remove what the NICs' set-up added that outlives their taps; idempotent.
+    async def _run_hook(
+        self, action: Literal["up", "down"], plan: NicPlan, instance: str, tags: Sequence[str]
+    ) -> None:
+        if self.hook is not None:
+            await run_nic_hook(
+                self.hook,
+                action,
+                instance=instance,
+                plan=plan,
+                tags=tags,
+                timeout_s=self.hook_timeout_s,
+            )
 
-        Runs shielded from cancellation, within `TEARDOWN_TIMEOUT_S` (TimeoutError past
-        it). Tries every NIC even when one fails (Open vSwitch gone, say), then raises
-        the first failure.
+    async def tear_down(
+        self, plans: Sequence[NicPlan], *, instance: str, tags: Sequence[str] = ()
+    ) -> None:
+        """Run the hook (``down``) for every NIC, then remove what the NICs' set-up added
+        that outlives their taps; idempotent (so the hook must be too: it also runs for
+        a NIC whose set-up failed before its ``up``).
+
+        Runs shielded from cancellation, the removals within `TEARDOWN_TIMEOUT_S`
+        (TimeoutError past it), each hook within its own timeout. Tries every NIC even
+        when one fails (Open vSwitch gone, say), then raises the first failure.
         """
         first: NetworkError | None = None
+        with anyio.CancelScope(shield=True):
+            for plan in plans:
+                try:
+                    await self._run_hook("down", plan, instance, tags)
+                except NetworkError as error:
+                    first = first or error
+        if all(plan.mode == "bridged" for plan in plans):
+            if first is not None:
+                raise first
+            return  # a bridge port goes with its tap: nothing outlives it
         with anyio.CancelScope(shield=True), anyio.fail_after(TEARDOWN_TIMEOUT_S):
             async with AsyncExitStack() as stack:
                 netlink = await stack.enter_async_context(Netlink())
@@ -203,9 +248,7 @@ async def _set_up_ovs(netlink: Netlink, db: ovsdb.OVSDBClient, plan: NicPlan, ta
     are the instance's own) is replaced.
     """
     try:
-        if plan.mtu is not None:
-            await netlink.set_mtu(tap.index, plan.mtu)
-        await netlink.set_up(tap.index)
+        await netlink.set_up(tap.index, mtu=plan.mtu)
     except OSError as error:
         raise NetworkError(tap.name, f"cannot bring the tap up: {error.strerror}") from error
     await ovs.del_port(db, tap.name)

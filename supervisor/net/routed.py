@@ -64,9 +64,7 @@ async def set_up(netlink: Netlink, plan: NicPlan, tap: Link) -> None:
     uplink = await check(netlink, plan)
     table = routing_table(plan.link)
     try:
-        if plan.mtu is not None:
-            await netlink.set_mtu(tap.index, plan.mtu)
-        await netlink.set_up(tap.index)
+        await netlink.set_up(tap.index, mtu=plan.mtu)
         if plan.ip is None:
             return
         address = ipaddress.ip_address(plan.ip)

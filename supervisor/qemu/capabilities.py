@@ -533,15 +533,10 @@ def _device_problems(
             yield InvalidConfigError(f"{HV}.nic_type", f"QEMU has no {model} device")
     if hv.vhost_net and not caps.vhost_net:
         yield InvalidConfigError(f"{HV}.vhost_net", f"QEMU {caps.version_text} has no vhost-net")
-    if hv.virtio_net_queues > 1 and spec.nics:
-        if not caps.multiqueue_tap:
-            yield InvalidConfigError(
-                f"{HV}.virtio_net_queues", f"QEMU {caps.version_text} has no multiqueue taps"
-            )
-        if hv.nic_type != "paravirtual":
-            yield InvalidConfigError(
-                f"{HV}.virtio_net_queues", "multiqueue needs nic_type paravirtual"
-            )
+    if hv.virtio_net_queues > 1 and spec.nics and not caps.multiqueue_tap:
+        yield InvalidConfigError(
+            f"{HV}.virtio_net_queues", f"QEMU {caps.version_text} has no multiqueue taps"
+        )
     yield from _disk_device_problems(spec, hv, caps)
     for card in filter(None, hv.soundhw.split(",")):
         models = SOUND_MODELS.get(card)

@@ -794,6 +794,7 @@ class _Builder:
     def _nic_devices(self) -> None:
         if not self.nic_devices:
             return
+        booting = not self.hv.kernel_path and self.hv.boot_order == "network"
         for position, nic in enumerate(self.nics):
             device = f"{nic.model},netdev={nic.netdev_id},id={nic.device_id},mac={nic.mac}"
             slot = None
@@ -803,6 +804,10 @@ class _Builder:
             if nic.queues > 1:
                 # linux-kvm.org's multiqueue advice: 2 vectors per queue pair, plus 2.
                 device += f",mq=on,vectors={2 * nic.queues + 2}"
+            if booting and nic.index == 0:
+                # Firmware boots the devices with a bootindex first (UEFI knows no other
+                # order); -boot order=n ranks, for SeaBIOS, the devices without one.
+                device += ",bootindex=1"
             self.add("-device", device)
             self.nics[position] = msgspec.structs.replace(nic, pci_slot=slot)
 

@@ -512,6 +512,26 @@ def test_a_backing_chain_inside_the_image_dirs_is_followed_to_its_end(tmp_path: 
     assert f"resolved: {outside / 'base.raw'}" in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    ("nic", "field", "reason"),
+    [
+        ({"mode": "routed", "ip": "192.0.2.7"}, "mode", "routed NIC adds host routes"),
+        ({"link": "br-admin"}, "link", "'br-admin' is not in member_links"),
+        ({"mode": "openvswitch", "link": "ovs-admin"}, "link", "not in member_links"),
+        ({"link": "br-members", "vlan": 7}, "vlan", "only root may choose a VLAN"),
+    ],
+)
+def test_a_member_attaches_nics_to_member_links_only(
+    tmp_path: Path, nic: dict[str, object], field: str, reason: str
+) -> None:
+    config = Config(image_dirs=[str(tmp_path)], member_links=["br-members"])
+    check_member_spec(decode_spec({"name": "vm", "nics": [{"link": "br-members"}]}), config)
+    spec = decode_spec({"name": "vm", "nics": [{"link": "br-members"}, nic]})
+    with pytest.raises(InvalidConfigError, match=reason) as refused:
+        check_member_spec(spec, config)
+    assert refused.value.path == f"spec.nics[1].{field}"
+
+
 def test_image_dirs_are_resolved_against_the_config_file(tmp_path: Path) -> None:
     config_file = tmp_path / "supervisor.toml"
     config_file.write_text('image_dirs = ["images", "/srv/images"]\n')

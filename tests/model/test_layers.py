@@ -4,7 +4,8 @@ Every import statement of every module counts, wherever it stands (inside a func
 under ``TYPE_CHECKING``): a lazy import upwards is still an import upwards. A module may
 import its own layer and the layers below it. The package root (``supervisor`` itself,
 for ``__version__``, and its plain modules such as `supervisor.log`) sits below every
-layer; its ``__init__`` is the public facade and may re-export from any layer.
+layer; its ``__init__`` is the public facade and may re-export from any layer, and its
+``__main__`` (``python -m supervisor``) runs the CLI.
 `protocols` sits below everything and never imports `supervisor`.
 """
 
@@ -77,6 +78,8 @@ def layering_violations(root: Path) -> list[str]:
     for module, path in known.items():
         if module == "supervisor":
             continue  # the facade: ``from supervisor import Supervisor`` re-exports the engine
+        if module == "supervisor.__main__":
+            continue  # ``python -m supervisor``: the entry point runs the CLI
         rank = _rank(module)
         for line, imported in _imports(module, path, known):
             if _rank(imported) > rank:

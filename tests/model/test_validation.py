@@ -301,9 +301,11 @@ def test_smp_topology_matches_vcpus(
             {"mode": "routed", "ip": "192.0.2.300"},
             "spec.nics[0].ip: '192.0.2.300' is not an IP address",
         ),
+        # Whether the bridge can carry it is for the host check (bridge VLAN filtering).
+        ({"mode": "bridged", "link": "br0", "vlan": 5}, None),
         (
-            {"mode": "bridged", "link": "br0", "vlan": 5},
-            "spec.nics[0].vlan: VLANs need mode openvswitch",
+            {"mode": "routed", "ip": "192.0.2.7", "vlan": 5},
+            "spec.nics[0].vlan: a routed NIC has no VLAN: use bridged or openvswitch",
         ),
         (
             {"mode": "bridged", "link": "br0", "mac": "01:00:5e:00:00:01"},
@@ -314,6 +316,17 @@ def test_smp_topology_matches_vcpus(
 )
 def test_nic_rules(nic: dict[str, Any], problem: str | None) -> None:
     assert syntax({"nics": [nic]}) == ([problem] if problem else [])
+
+
+def test_multiqueue_needs_paravirtual_nics() -> None:
+    nics = {"nics": [{"link": "br0"}]}
+    assert syntax(nics, virtio_net_queues=4, nic_type="e1000") == [
+        "spec.hvparams.virtio_net_queues: 4 queues need nic_type paravirtual, not e1000"
+    ]
+    assert syntax(nics, virtio_net_queues=4, nic_type="paravirtual") == []
+    assert syntax(nics, virtio_net_queues=1, nic_type="e1000") == []
+    # Without NICs neither matters (a node-wide default may set either).
+    assert syntax({}, virtio_net_queues=4, nic_type="e1000") == []
 
 
 def test_duplicate_macs() -> None:

@@ -26,7 +26,7 @@ from supervisor.net.tun import OpenTap
 from supervisor.qemu.cmdline import NicPlan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import start_listening, wait_until
+from helpers import await_until, kill_leftover_qemus, start_listening, wait_until
 
 QEMU = os.environ.get("KVM_SUPERVISOR_TEST_QEMU", "/usr/bin/qemu-system-x86_64")
 UUID = "6f1c0a52-3d2b-4c39-9a8e-0d7f4e2b1a10"
@@ -107,10 +107,10 @@ async def bridged() -> dict[str, Any]:
 
     async def body() -> dict[str, Any]:
         await NETWORK.check_host(plans)
-        await NETWORK.set_up(plans)
+        await NETWORK.set_up(plans, instance="vm1")
         ports = bridge_ports("br0")
         up = ["UP" in ip("-o", "link", "show", p.tap or "").split(">")[0] for p in plans]
-        await NETWORK.tear_down(plans)
+        await NETWORK.tear_down(plans, instance="vm1")
         return {"ports": ports, "up": up, "ports_after_teardown": bridge_ports("br0")}
 
     found = await with_open(plans, body)
@@ -145,7 +145,7 @@ async def routed() -> dict[str, Any]:
 
     async def body() -> dict[str, Any]:
         await NETWORK.check_host(plans)
-        await NETWORK.set_up(plans)
+        await NETWORK.set_up(plans, instance="vm1")
         seen = {
             "main": routes(),
             "table100": routes("table", "100"),
@@ -158,8 +158,8 @@ async def routed() -> dict[str, Any]:
             "proxy": ip("-6", "neigh", "show", "proxy").split(),
             "mtu6": ip("-o", "link", "show", tap6).split("mtu")[1].split()[0],
         }
-        await NETWORK.tear_down(plans)
-        await NETWORK.tear_down(plans)  # idempotent
+        await NETWORK.tear_down(plans, instance="vm1")
+        await NETWORK.tear_down(plans, instance="vm1")  # idempotent
         return {
             **seen,
             "main_after": routes(),
@@ -183,9 +183,9 @@ async def routed_taps_gone() -> dict[str, Any]:
         await NETWORK.check_host(no_uplink)
     except NetworkError as error:
         refused = error_of(error)
-    await with_open(plans, lambda: NETWORK.set_up(plans))
+    await with_open(plans, lambda: NETWORK.set_up(plans, instance="vm1"))
     seen = {"routes": routes(), "proxy": ip("-6", "neigh", "show", "proxy").split()}
-    await NETWORK.tear_down(plans)
+    await NETWORK.tear_down(plans, instance="vm1")
     return {
         **seen,
         "no_uplink": refused,
@@ -208,7 +208,7 @@ async def errors() -> dict[str, Any]:
 
         async def body(plans: list[NicPlan] = plans, label: str = label) -> None:
             try:
-                await NETWORK.set_up(plans)
+                await NETWORK.set_up(plans, instance="vm1")
             except NetworkError as error:
                 found[f"{label}_set_up"] = error_of(error)
             found[f"{label}_routes_after"] = routes()
@@ -248,7 +248,7 @@ async def qemu_holds_the_tap() -> dict[str, Any]:
                 network = await client.execute(
                     "human-monitor-command", {"command-line": "info network"}
                 )
-            await NETWORK.set_up(plans)
+            await NETWORK.set_up(plans, instance="vm1")
             while_alive = {"links": links(), "ports": bridge_ports("br0")}
         finally:
             proc.kill()
@@ -256,13 +256,78 @@ async def qemu_holds_the_tap() -> dict[str, Any]:
             if proc.stderr is not None:
                 proc.stderr.close()
         wait_until(lambda: name not in links(), what=f"{name} gone", timeout_s=30)
-        await NETWORK.tear_down(plans)
+        await NETWORK.tear_down(plans, instance="vm1")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return {"name": name, "network": network, **while_alive, "links_after": links()}
 
 
+async def embedded() -> dict[str, Any]:
+    """An embedded `Supervisor` starts an instance (paused: no guest code runs) with a
+    bridged and a routed NIC, loses its QEMU to SIGKILL, starts it again and stops it."""
+    from core.conftest import check_config_dict, guest_spec
+
+    from supervisor.engine.supervisor import Supervisor
+
+    workdir = Path(tempfile.mkdtemp(prefix="kvs-", dir="/tmp"))
+    (workdir / "defs").mkdir()
+    hook, hook_log = workdir / "nic-hook", workdir / "hook.log"
+    hook.write_text(
+        "#!/bin/sh\n"
+        f'echo "$ACTION $INSTANCE $INTERFACE_INDEX $MODE ${{BRIDGE:--}} ${{IP:--}}" >> {hook_log}\n'
+        'if [ "$INSTANCE" = refused ]; then echo "no uplink for $INTERFACE" >&2; exit 3; fi\n'
+    )
+    hook.chmod(0o755)
+    config = check_config_dict(
+        {
+            "state_dir": str(workdir),
+            "instances_dir": str(workdir / "defs"),
+            "hvparams": {},
+            "nic_hook": str(hook),
+        }
+    )
+    spec = guest_spec(
+        "vm1",
+        uuid=UUID,
+        nics=[{"link": "br0", "mtu": 1400}, {"mode": "routed", "ip": "10.77.9.9"}],
+    )
+    found: dict[str, Any] = {}
+
+    def snapshot() -> dict[str, Any]:
+        return {"ports": bridge_ports("br0"), "routes": routes(), "links": links()}
+
+    try:
+        async with Supervisor(config) as sup:
+            info = await sup.start(spec, paused=True)
+            found["nics"] = [[nic.tap, nic.mode, nic.link, nic.ip, nic.mtu] for nic in info.nics]
+            found["started"] = snapshot()
+            assert info.pid is not None
+            os.kill(info.pid, 9)
+            await await_until(
+                lambda: sup.info("vm1").state == "crashed", what="crashed", timeout_s=30
+            )
+            found["after_kill"] = snapshot()
+            await sup.start(name="vm1", paused=True)
+            found["restarted"] = snapshot()
+            await sup.stop("vm1", force=True)
+            found["after_stop"] = snapshot()
+            await sup.cleanup("vm1")
+            found["hook_runs"] = hook_log.read_text().splitlines()
+            hook_log.unlink()
+            try:
+                await sup.start(guest_spec("refused", nics=[{"link": "br0"}]), paused=True)
+            except NetworkError as error:
+                found["refused"] = error_of(error)
+            found["refused_hook_runs"] = hook_log.read_text().splitlines()
+            found["after_refused"] = snapshot()
+    finally:
+        kill_leftover_qemus(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return found
+
+
 SCENARIOS = {
+    "embedded": embedded,
     "taps": taps,
     "bridged": bridged,
     "routed": routed,

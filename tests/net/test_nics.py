@@ -97,3 +97,37 @@ def test_a_tap_lives_as_long_as_qemu_holds_it(netns: str) -> None:
         assert name in found["links"]
         assert found["ports"] == {name: 1450}
         assert found["links_after"] == ["br0", "lo"]
+
+
+def test_an_embedded_supervisor_sets_up_and_tears_down_nics(netns: str) -> None:
+    """Both backends (trio reaches netlink through a worker thread): the NICs are up
+    with the start, and gone with QEMU, whether it was killed or stopped."""
+    for found in _each(run_scenario(netns, "embedded")):
+        bridged, routed = (nic[0] for nic in found["nics"])
+        assert found["nics"] == [
+            [bridged, "bridged", "br0", None, 1400],
+            [routed, "routed", None, "10.77.9.9", None],
+        ]
+        for started in (found["started"], found["restarted"]):
+            assert started["ports"] == {bridged: 1400}
+            assert f"10.77.9.9 dev {routed}" in started["routes"]
+        up = ["up vm1 0 bridged br0 -", "up vm1 1 routed - 10.77.9.9"]
+        down = [line.replace("up", "down", 1) for line in up]
+        # Killed, started again, stopped, cleaned up (a teardown again: idempotent).
+        assert found["hook_runs"] == [*up, *down, *up, *down, *down]
+        # A failing hook fails the start (error 10 with its stderr) and rolls it back.
+        refused = found["refused"]
+        assert refused["code"] == 10 and refused["interface"].startswith("kvs")
+        assert "exited with code 3" in refused["message"]
+        assert f"no uplink for {refused['interface']}" in refused["message"]
+        # Down twice: the set-up's own roll-back, then the teardown after QEMU's exit.
+        assert found["refused_hook_runs"] == [
+            "up refused 0 bridged br0 -",
+            "down refused 0 bridged br0 -",
+            "down refused 0 bridged br0 -",
+        ]
+        assert found["after_refused"]["links"] == ["br0", "lo"]
+        for gone in (found["after_kill"], found["after_stop"]):
+            assert gone["ports"] == {}
+            assert not any("10.77.9.9" in route for route in gone["routes"])
+            assert gone["links"] == ["br0", "lo"]
