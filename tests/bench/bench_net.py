@@ -86,7 +86,7 @@ CYCLE_TARGET_FACTOR = 10.0
 ROUTED_IP = "10.79.0.5"
 CYCLE_UUID = "3b0f6c7e-2a55-4d1c-8f0e-6a2d9c41b7e3"
 
-START_PAIRS = 15
+START_PAIRS = 21
 START_NICS = 4
 START_TARGET_EXTRA_MS = 10.0
 
@@ -142,17 +142,17 @@ ip link del "$INTERFACE"
 }
 
 
-def cycle_plan(mode: str) -> NicPlan:
+def cycle_plan(mode: str, index: int = 0) -> NicPlan:
     return NicPlan(
-        index=0,
-        mac="52:54:00:78:00:01",
+        index=index,
+        mac=f"52:54:00:78:00:{index + 1:02x}",
         mode=mode,  # type: ignore[arg-type]
         link=BRIDGE if mode == "bridged" else None,
         ip=ROUTED_IP if mode == "routed" else None,
-        netdev_id="net0",
-        device_id="nic0",
+        netdev_id=f"net{index}",
+        device_id=f"nic{index}",
         model="virtio-net-pci",
-        fd_names=("tap0",),
+        fd_names=(f"tap{index}",),
         vnet_hdr=True,
         queues=1,
         vhost=False,
@@ -164,10 +164,10 @@ def cycle_plan(mode: str) -> NicPlan:
 Cycle = tuple[float, float]
 
 
-async def ours_cycle(network: nics.Networking, plan: NicPlan) -> Cycle:
-    """One NIC set up and torn down the engine's way."""
+async def ours_cycle(network: nics.Networking, instance_plans: list[NicPlan]) -> Cycle:
+    """The NICs of one instance set up and torn down the engine's way."""
     started = time.perf_counter()
-    plans = nics.with_tap_names([plan], CYCLE_UUID)
+    plans = nics.with_tap_names(instance_plans, CYCLE_UUID)
     await network.check_host(plans)
     taps = nics.open_taps(plans)
     try:
@@ -222,21 +222,25 @@ def add(samples: dict[str, list[float]], way: str, cycle: Cycle) -> None:
 
 
 async def cycles(scripts: Path) -> dict[str, dict[str, list[float]]]:
-    """Interleaved rounds of both ways per mode, and of the kernel's share:
+    """Interleaved rounds of both ways per mode, and of the kernel's share (and, bridged,
+    of an instance with `START_NICS` NICs, our way):
     {mode: {way: [ms], "<way> up": [ms], "<way> down": [ms]}}."""
     network = nics.Networking(ovsdb_socket="/nonexistent/db.sock")  # no Open vSwitch NICs
     found: dict[str, dict[str, list[float]]] = {}
+    quad = [cycle_plan("bridged", index) for index in range(START_NICS)]
     for mode in ("bridged", "routed"):
-        plan = cycle_plan(mode)
+        plans = [cycle_plan(mode)]
         for _ in range(CYCLE_WARMUP):
-            await ours_cycle(network, plan)
+            await ours_cycle(network, plans)
             script_cycle(scripts, mode)
         samples: dict[str, list[float]] = {}
         for _ in range(CYCLE_ROUNDS):
             add(samples, "script", script_cycle(scripts, mode))
             add(samples, "kernel", kernel_cycle())
             for _ in range(CYCLES_PER_ROUND):
-                add(samples, "ours", await ours_cycle(network, plan))
+                add(samples, "ours", await ours_cycle(network, plans))
+            if mode == "bridged":
+                add(samples, f"ours {len(quad)} NICs", await ours_cycle(network, quad))
         found[mode] = samples
     return found
 
@@ -577,6 +581,17 @@ def build_rows(cycles: dict[str, Any], figures: dict[str, Any]) -> list[Row]:
             extra <= START_TARGET_EXTRA_MS,
         )
     )
+    quad = f"ours {START_NICS} NICs"
+    rows.append(
+        Row(
+            f"(info) set-up of {START_NICS} NICs alone, asyncio",
+            f"{median('asyncio', 'bridged', f'{quad} up'):.2f} ms",
+            f"{median('trio', 'bridged', f'{quad} up'):.2f} ms on trio",
+            None,
+            "-",
+            None,
+        )
+    )
     count = figures["guests"]
     rows.append(
         Row(
@@ -638,6 +653,14 @@ def format_notes(cycles: dict[str, Any], figures: dict[str, Any]) -> str:
                 f"{parts('script')} ({len(found['script'])}); the kernel's tap create + "
                 f"delete {parts('kernel')}"
             )
+    for backend in ("asyncio", "trio"):
+        found = cycles[backend]["bridged"]
+        quad = f"ours {START_NICS} NICs"
+        lines.append(
+            f"one instance with {START_NICS} bridged NICs, {backend}, medians (ms): "
+            f"{statistics.median(found[quad]):.2f} = {statistics.median(found[f'{quad} up']):.2f}"
+            f" up + {statistics.median(found[f'{quad} down']):.2f} down ({len(found[quad])})"
+        )
     lines.append(f"left in the namespace after the cycles: {cycles['left'] or 'nothing'}")
     for label, key in (("plain", "plain"), (f"{START_NICS} NICs", "nics")):
         lines.append(
