@@ -29,7 +29,13 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parents[1]
 #: Known scripts in the order they run; others follow, by name.
-ORDER = ("bench_qmp.py", "bench_hmp.py", "bench_libvirt.py", "bench_supervisor.py")
+ORDER = (
+    "bench_qmp.py",
+    "bench_hmp.py",
+    "bench_libvirt.py",
+    "bench_supervisor.py",
+    "bench_net.py",
+)
 LIBVIRT = "bench_libvirt.py"
 LIBVIRT_ENV = "KVS_BENCH_LIBVIRT_JSON"
 #: How long an interrupted script gets to clean up before it is killed.

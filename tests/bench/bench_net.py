@@ -1,0 +1,742 @@
+"""Benchmark of NIC networking (issue 8 §5): set-up and teardown, starts with NICs, 50 guests.
+
+Run (as root): ``.venv/bin/python tests/bench/bench_net.py [--json] [--guests N]``.
+Asserts nothing: prints the figures, their anchors (measured in the same run), the ratios
+and whether each target is met (exit status 0 either way).
+
+Everything happens in a network namespace this script creates (``kvs-bench-<hex>``: ``lo``
+up, bridge ``br0`` at 10.78.0.1/16, the namespace's host side) and always deletes; the
+host's own namespace is not touched. In one run it measures:
+
+1. Set-up + teardown of one NIC, bridged (a port of ``br0``) and routed (a host route,
+   proxy ARP and forwarding), with the project's code as the engine runs it
+   (``with_tap_names``, ``check_host``, ``open_taps``, ``set_up``, ``close_taps`` --
+   QEMU's exit, in the engine -- and ``tear_down``), against the original way: an
+   ``ip``/``bridge`` shell script per NIC run with ``sh`` (``ip tuntap add``, the MTU,
+   ``ip link set master br0`` and ``up``; routed: ``ip route replace`` and the sysctls
+   through /proc), and its teardown script (route and tap deleted). Both run in a
+   process started with ``ip netns exec`` (this script with ``--inside cycles``), in
+   interleaved rounds, on asyncio and on trio, timed as set-up and teardown apart. Target:
+   the script's median >= 10x ours. Measured alongside: the kernel's share both pay (a
+   tap created and deleted through the ioctl alone; the deletion waits out RCU grace
+   periods) and, our way, the 4 NICs of one instance (the networking part of 2.).
+2. ``instance.start`` (returns when the guest runs) of a guest with 4 bridged NICs vs one
+   with none, in pairs, against ``kvm-supervisor serve`` running in the namespace; the
+   anchor is the same pair of argvs run bare with ``qemu-system-x86_64 -daemonize``
+   (the taps replaced by QEMU-internal hub ports), i.e. what QEMU itself spends on four
+   more virtio-net devices. Target: the median paired difference <= +10 ms.
+3. 50 guests with 2 NICs each on ``br0``, started under that daemon in batches of 10
+   (each batch concurrently), every guest pinged from the namespace's host side at the
+   address its kernel argument ``kvs_ip=`` gives eth0 (tests/guest/init); the daemon's
+   RSS before and with the 50 running, the start time per guest (RPC, and until it
+   answers pings), the wall time of the whole, then all stopped and the namespace
+   checked for leftover taps and bridge ports.
+
+Everything is cleaned up at the end, on error and on Ctrl-C too: the guests stopped with
+force, the daemon sent SIGTERM, QEMUs left over killed by pid (only those whose command
+line names this run's temp dir), the namespace deleted, the temp dir removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+from bench_supervisor import (
+    GUEST_DIR,
+    KERNEL_ARGS,
+    READY_MARKER,
+    REPO,
+    Bench,
+    Daemon,
+    _read_bytes,
+    kill_leftovers,
+    ms,
+    percentile,
+    rss_mib,
+)
+from benchtable import Row, format_table
+
+from supervisor.net import nics
+from supervisor.net.tun import open_tap
+from supervisor.qemu.cmdline import NicPlan
+
+BRIDGE = "br0"
+HOST_CIDR = "10.78.0.1/16"
+#: The least that boots the test guest with two virtio NICs is 72 MiB (64 panics, out of
+#: memory, during boot); a few MiB more keep it answering under load.
+GUEST_MIB = 80
+
+CYCLE_ROUNDS = 40
+CYCLES_PER_ROUND = 5  # ours per round; one script and one kernel-share run per round
+CYCLE_WARMUP = 3
+CYCLE_TARGET_FACTOR = 10.0
+ROUTED_IP = "10.79.0.5"
+CYCLE_UUID = "3b0f6c7e-2a55-4d1c-8f0e-6a2d9c41b7e3"
+
+START_PAIRS = 31
+START_NICS = 4
+START_TARGET_EXTRA_MS = 10.0
+
+GUESTS = 50
+GUEST_NICS = 2
+BATCH = 10
+#: Generous: a boot takes ~3 s of CPU under TCG, and the guests share 2 cores.
+READY_TIMEOUT_S = 300.0
+PING_ATTEMPTS = 5
+PING_CONCURRENCY = 10
+GUESTS_TIMEOUT_S = 900.0
+
+
+def log(message: str) -> None:
+    print(f"bench_net: {message}", file=sys.stderr, flush=True)
+
+
+def ip(*args: str) -> str:
+    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
+
+
+def ns_links(netns: str | None = None) -> list[str]:
+    """The interfaces of `netns` (of this process's namespace when None)."""
+    where = () if netns is None else ("-n", netns)
+    listing = ip(*where, "-o", "link")
+    return sorted(line.split(":")[1].strip().split("@")[0] for line in listing.splitlines())
+
+
+# --- 1. NIC set-up + teardown: ours vs a script (runs inside the namespace) ---------------
+
+#: The original way: what an ifup script did per NIC, the tap created by ``ip`` here.
+SCRIPTS = {
+    "bridged-up": """set -e
+ip tuntap add dev "$INTERFACE" mode tap vnet_hdr
+ip link set "$INTERFACE" mtu "$(cat "/sys/class/net/$BRIDGE/mtu")"
+ip link set "$INTERFACE" master "$BRIDGE"
+ip link set "$INTERFACE" up
+""",
+    "bridged-down": """set -e
+ip link del "$INTERFACE"
+""",
+    "routed-up": """set -e
+ip tuntap add dev "$INTERFACE" mode tap vnet_hdr
+ip link set "$INTERFACE" up
+ip route replace "$IP/32" proto static dev "$INTERFACE"
+echo 1 > "/proc/sys/net/ipv4/conf/$INTERFACE/proxy_arp"
+echo 1 > "/proc/sys/net/ipv4/conf/$INTERFACE/forwarding"
+""",
+    "routed-down": """set -e
+ip route del "$IP/32" dev "$INTERFACE"
+ip link del "$INTERFACE"
+""",
+}
+
+
+def cycle_plan(mode: str, index: int = 0) -> NicPlan:
+    return NicPlan(
+        index=index,
+        mac=f"52:54:00:78:00:{index + 1:02x}",
+        mode=mode,  # type: ignore[arg-type]
+        link=BRIDGE if mode == "bridged" else None,
+        ip=ROUTED_IP if mode == "routed" else None,
+        netdev_id=f"net{index}",
+        device_id=f"nic{index}",
+        model="virtio-net-pci",
+        fd_names=(f"tap{index}",),
+        vnet_hdr=True,
+        queues=1,
+        vhost=False,
+    )
+
+
+#: One cycle's parts in seconds: set-up (everything before QEMU would run the guest) and
+#: teardown (from QEMU's exit on: the tap deleted, what outlives it removed).
+Cycle = tuple[float, float]
+
+
+async def ours_cycle(network: nics.Networking, instance_plans: list[NicPlan]) -> Cycle:
+    """The NICs of one instance set up and torn down the engine's way."""
+    started = time.perf_counter()
+    plans = nics.with_tap_names(instance_plans, CYCLE_UUID)
+    await network.check_host(plans)
+    taps = nics.open_taps(plans)
+    try:
+        await network.set_up(plans, instance="bench")
+    finally:
+        set_up = time.perf_counter()
+        nics.close_taps(taps)  # in the engine, QEMU's exit: the kernel deletes the tap
+    await network.tear_down(plans, instance="bench")
+    return set_up - started, time.perf_counter() - set_up
+
+
+def script_cycle(scripts: Path, mode: str) -> Cycle:
+    """The same NIC set up and torn down by the shell scripts."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "INTERFACE": nics.with_tap_names([cycle_plan(mode)], CYCLE_UUID)[0].tap or "",
+        "MODE": mode,
+        "BRIDGE": BRIDGE,
+        "IP": ROUTED_IP,
+    }
+    parts = []
+    for action in ("up", "down"):
+        started = time.perf_counter()
+        done = subprocess.run(
+            ["sh", str(scripts / f"{mode}-{action}")],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            check=False,
+        )
+        parts.append(time.perf_counter() - started)
+        if done.returncode != 0:
+            raise RuntimeError(f"{mode}-{action} script failed: {done.stderr.decode().strip()}")
+    return parts[0], parts[1]
+
+
+def kernel_cycle() -> Cycle:
+    """The kernel's share both ways pay: a tap created (TUNSETIFF) and deleted (its last
+    fd closed: the kernel unregisters the device and waits out RCU grace periods)."""
+    name = nics.with_tap_names([cycle_plan("bridged")], CYCLE_UUID)[0].tap or ""
+    started = time.perf_counter()
+    tap = open_tap(name, vnet_hdr=True)
+    created = time.perf_counter()
+    tap.close()
+    return created - started, time.perf_counter() - created
+
+
+def add(samples: dict[str, list[float]], way: str, cycle: Cycle) -> None:
+    for part, seconds in zip(("up", "down"), cycle, strict=True):
+        samples.setdefault(f"{way} {part}", []).append(ms(seconds))
+    samples.setdefault(way, []).append(ms(sum(cycle)))
+
+
+async def cycles(scripts: Path) -> dict[str, dict[str, list[float]]]:
+    """Interleaved rounds of both ways per mode, and of the kernel's share (and, bridged,
+    of an instance with `START_NICS` NICs, our way):
+    {mode: {way: [ms], "<way> up": [ms], "<way> down": [ms]}}."""
+    network = nics.Networking(ovsdb_socket="/nonexistent/db.sock")  # no Open vSwitch NICs
+    found: dict[str, dict[str, list[float]]] = {}
+    quad = [cycle_plan("bridged", index) for index in range(START_NICS)]
+    for mode in ("bridged", "routed"):
+        plans = [cycle_plan(mode)]
+        for _ in range(CYCLE_WARMUP):
+            await ours_cycle(network, plans)
+            script_cycle(scripts, mode)
+        samples: dict[str, list[float]] = {}
+        for _ in range(CYCLE_ROUNDS):
+            add(samples, "script", script_cycle(scripts, mode))
+            add(samples, "kernel", kernel_cycle())
+            for _ in range(CYCLES_PER_ROUND):
+                add(samples, "ours", await ours_cycle(network, plans))
+            if mode == "bridged":
+                add(samples, f"ours {len(quad)} NICs", await ours_cycle(network, quad))
+        found[mode] = samples
+    return found
+
+
+def inside_cycles() -> int:
+    """``--inside cycles``: in the namespace, both backends; JSON on stdout."""
+    scripts = Path(tempfile.mkdtemp(prefix="kvsn-scripts-", dir="/tmp"))
+    try:
+        for name, text in SCRIPTS.items():
+            (scripts / name).write_text(text)
+        found: dict[str, Any] = {
+            backend: anyio.run(cycles, scripts, backend=backend) for backend in ("asyncio", "trio")
+        }
+    finally:
+        shutil.rmtree(scripts, ignore_errors=True)
+    routes = ip("route", "show", f"{ROUTED_IP}/32")
+    found["left"] = [name for name in ns_links() if name not in ("lo", BRIDGE)]
+    found["left"] += [f"route {line}" for line in routes.splitlines()]
+    print(json.dumps(found))
+    return 0
+
+
+def measure_cycles(netns: str) -> dict[str, Any]:
+    log(
+        f"NIC set-up + teardown: {CYCLE_ROUNDS} rounds of {CYCLES_PER_ROUND} ours / 1 script, "
+        "per mode, asyncio then trio"
+    )
+    done = subprocess.run(
+        ["ip", "netns", "exec", netns, sys.executable, __file__, "--inside", "cycles"],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the cycles in namespace {netns} failed (exit {done.returncode})")
+    found: dict[str, Any] = json.loads(done.stdout)
+    if found["left"]:
+        log(f"left behind in the namespace after the cycles: {found['left']}")
+    return found
+
+
+# --- 2. and 3. against a daemon in the namespace -----------------------------------------
+
+
+class NetnsDaemon(Daemon):
+    """``kvm-supervisor serve`` (and its CLI) inside `netns`: ``ip netns exec`` execs the
+    command in place, so the process is the daemon itself (its pid, its RSS)."""
+
+    def __init__(self, workdir: Path, netns: str) -> None:
+        super().__init__(workdir)
+        self.netns = netns
+
+    def cli(self, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, *super().cli(*args)]
+
+
+def guest_ip(index: int) -> str:
+    return f"10.78.{1 + index // 200}.{10 + index % 200}"
+
+
+def nic_spec(name: str, nics_count: int, *, index: int | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "name": name,
+        "memory_mib": GUEST_MIB,
+        "nics": [{"link": BRIDGE} for _ in range(nics_count)],
+    }
+    if index is not None:
+        prefix = HOST_CIDR.split("/")[1]
+        spec["hvparams"] = {"kernel_args": f"{KERNEL_ARGS} kvs_ip={guest_ip(index)}/{prefix}"}
+    return spec
+
+
+def bare_without_taps(argv: list[str]) -> list[str]:
+    """The argv with each tap netdev (its fd is the daemon's) as a QEMU-internal hub port."""
+    result = []
+    for arg in argv:
+        kind, _, options = arg.partition(",")
+        if kind == "tap":
+            netdev_id = dict(part.partition("=")[::2] for part in options.split(","))["id"]
+            result.append(f"hubport,id={netdev_id},hubid=0")
+        else:
+            result.append(arg)
+    return result
+
+
+class NetBench(Bench):
+    """Measurements 2 and 3 against one daemon in the namespace."""
+
+    def __init__(self, daemon: NetnsDaemon) -> None:
+        super().__init__(daemon)
+        self.netns = daemon.netns
+
+    async def start_ms(self, spec: dict[str, Any]) -> float:
+        started = time.perf_counter()
+        info = await self.rpc.call("instance.start", {"spec": spec})
+        elapsed = time.perf_counter() - started
+        if info["state"] != "running":
+            raise RuntimeError(f"instance.start returned state {info['state']}")
+        return ms(elapsed)
+
+    async def measure_start_with_nics(self) -> None:
+        plain = nic_spec("plain", 0)
+        networked = nic_spec("nics4", START_NICS)
+        log(f"start -> running, {START_NICS} NICs vs none: warming up")
+        argvs = {}
+        for spec in (plain, networked):
+            await self.start_ms(spec)
+            argvs[spec["name"]] = bare_without_taps(self.bare_argv(spec["name"]))
+            await self.stop(spec["name"])
+            await asyncio.to_thread(self.run_bare, argvs[spec["name"]])
+        ours: dict[str, list[float]] = {"plain": [], "nics4": []}
+        bare: dict[str, list[float]] = {"plain": [], "nics4": []}
+        for i in range(START_PAIRS):
+            order = (plain, networked) if i % 2 == 0 else (networked, plain)
+            for spec in order:
+                ours[spec["name"]].append(await self.start_ms(spec))
+                await self.stop(spec["name"])
+            for spec in order:
+                bare[spec["name"]].append(
+                    ms(await asyncio.to_thread(self.run_bare, argvs[spec["name"]]))
+                )
+        for name in ours:
+            await self.rpc.call("instance.cleanup", {"name": name})
+        for label, figures in (("via RPC", ours), ("bare -daemonize", bare)):
+            for name, values in figures.items():
+                log(f"start {name} {label} (ms): {', '.join(f'{x:.1f}' for x in values)}")
+        self.figures |= {
+            "start_plain_ms": ours["plain"],
+            "start_nics_ms": ours["nics4"],
+            "bare_plain_ms": bare["plain"],
+            "bare_nics_ms": bare["nics4"],
+        }
+
+    async def ping(self, address: str) -> bool:
+        """Whether `address` answers a ping from the namespace's host side (retried)."""
+        for _ in range(PING_ATTEMPTS):
+            proc = await asyncio.create_subprocess_exec(
+                *("ip", "netns", "exec", self.netns, "ping", "-n", "-q", "-c", "1", "-W", "2"),
+                address,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            if await proc.wait() == 0:
+                return True
+        return False
+
+    async def wait_ready(self, name: str) -> None:
+        """Until the guest's serial log shows its ready marker (eth0 configured by then)."""
+        path = self.instance_dir(name) / "serial.log"
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            while READY_MARKER not in await asyncio.to_thread(_read_bytes, path):
+                await asyncio.sleep(0.2)
+
+    async def start_guest(self, index: int, pings: asyncio.Semaphore) -> dict[str, Any]:
+        name = f"n{index:02d}"
+        started = time.perf_counter()
+        start_ms = await self.start_ms(nic_spec(name, GUEST_NICS, index=index))
+        await self.wait_ready(name)
+        async with pings:
+            reachable = await self.ping(guest_ip(index))
+        return {
+            "name": name,
+            "start_ms": start_ms,
+            "reachable_s": time.perf_counter() - started,
+            "reachable": reachable,
+        }
+
+    def bridge_ports(self) -> list[str]:
+        listing = ip("-n", self.netns, "-o", "link", "show", "master", BRIDGE)
+        return [line.split(":")[1].strip().split("@")[0] for line in listing.splitlines()]
+
+    async def measure_guests(self, count: int) -> None:
+        pings = asyncio.Semaphore(PING_CONCURRENCY)
+        self.figures["rss_before_guests_mib"] = rss_mib(self.daemon.pid)
+        results: list[dict[str, Any]] = []
+        began = time.perf_counter()
+        async with asyncio.timeout(GUESTS_TIMEOUT_S):
+            for first in range(0, count, BATCH):
+                batch = range(first, min(first + BATCH, count))
+                results += await asyncio.gather(*(self.start_guest(i, pings) for i in batch))
+                log(
+                    f"guests {batch.start}..{batch.stop - 1} started and pinged "
+                    f"({time.perf_counter() - began:.0f} s so far, load average "
+                    f"{os.getloadavg()[0]:.1f})"
+                )
+        all_started_s = time.perf_counter() - began
+        listing = await self.rpc.call("instance.list")
+        running = sum(1 for i in listing if i["state"] == "running")
+        rss_running = rss_mib(self.daemon.pid)
+        ports = len(self.bridge_ports())
+        # All at once, now that every guest runs: each still answers.
+        swept = time.perf_counter()
+        answers = await asyncio.gather(
+            *(self._ping_limited(guest_ip(i), pings) for i in range(count))
+        )
+        sweep_s = time.perf_counter() - swept
+        stopping = time.perf_counter()
+        await asyncio.gather(*(self.stop(r["name"]) for r in results))
+        stop_s = time.perf_counter() - stopping
+        left = [name for name in ns_links(self.netns) if name not in ("lo", BRIDGE)]
+        ports_after = len(self.bridge_ports())
+        for r in results:
+            await self.rpc.call("instance.cleanup", {"name": r["name"]})
+        log(
+            f"{count} guests: {sum(r['reachable'] for r in results)} answered once booted, "
+            f"{sum(answers)} in the final sweep; all started in {all_started_s:.0f} s; "
+            f"daemon RSS {rss_running:.1f} MiB; stopped in {stop_s:.1f} s, "
+            f"left behind: {left or 'nothing'}"
+        )
+        self.figures |= {
+            "guests": count,
+            "guests_running": running,
+            "guests_start_ms": [r["start_ms"] for r in results],
+            "guests_reachable_s": [r["reachable_s"] for r in results],
+            "guests_reachable_once_booted": sum(r["reachable"] for r in results),
+            "guests_reachable_in_sweep": sum(answers),
+            "guests_sweep_s": sweep_s,
+            "guests_all_started_s": all_started_s,
+            "guests_bridge_ports": ports,
+            "guests_stop_s": stop_s,
+            "guests_left_links": left,
+            "guests_left_ports": ports_after,
+            "rss_guests_running_mib": rss_running,
+        }
+
+    async def _ping_limited(self, address: str, pings: asyncio.Semaphore) -> bool:
+        async with pings:
+            return await self.ping(address)
+
+
+async def run_daemon_parts(daemon: NetnsDaemon, guests: int) -> dict[str, Any]:
+    daemon.spawn()
+    await daemon.wait_ready()
+    if "serve" not in Path(f"/proc/{daemon.pid}/cmdline").read_bytes().decode(errors="replace"):
+        raise RuntimeError(f"pid {daemon.pid} is not the daemon: its RSS would be wrong")
+    bench = NetBench(daemon)
+    try:
+        await bench.open()
+        await bench.measure_start_with_nics()
+        await bench.measure_guests(guests)
+    finally:
+        await bench.close()
+        await bench.stop_all()
+    return bench.figures
+
+
+# --- the namespace, the report -----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def bench_namespace() -> Iterator[str]:
+    """A fresh network namespace with ``lo`` up and bridge ``br0`` (MTU 1500, up, with the
+    host side's address); always deleted."""
+    name = f"kvs-bench-{secrets.token_hex(4)}"
+    ip("netns", "add", name)
+    try:
+        inside = ("-n", name)
+        ip(*inside, "link", "set", "lo", "up")
+        ip(*inside, "link", "add", BRIDGE, "type", "bridge")
+        # Set after creation, the MTU is the operator's: ports joining do not change it.
+        ip(*inside, "link", "set", BRIDGE, "mtu", "1500", "up")
+        ip(*inside, "addr", "add", HOST_CIDR, "dev", BRIDGE)
+        yield name
+    finally:
+        ip("netns", "delete", name)
+
+
+@contextlib.contextmanager
+def daemon_cleanup(netns: str) -> Iterator[NetnsDaemon]:
+    workdir = Path(tempfile.mkdtemp(prefix="kvsn-", dir="/tmp"))
+    daemon = NetnsDaemon(workdir, netns)
+    try:
+        yield daemon
+    finally:
+        daemon.terminate()
+        kill_leftovers(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def paired(ours: list[float], anchor: list[float]) -> list[float]:
+    return [a - b for a, b in zip(ours, anchor, strict=True)]
+
+
+def build_rows(cycles: dict[str, Any], figures: dict[str, Any]) -> list[Row]:
+    def median(backend: str, mode: str, key: str) -> float:
+        return float(statistics.median(cycles[backend][mode][key]))
+
+    def speed_up(metric: str, ours: float, script: float, target: bool) -> Row:
+        return Row(
+            metric,
+            f"{ours:.2f} ms",
+            f"{script:.1f} ms sh script",
+            script / ours,
+            f">= {CYCLE_TARGET_FACTOR:g}x faster" if target else "-",
+            script / ours >= CYCLE_TARGET_FACTOR if target else None,
+        )
+
+    rows = [
+        speed_up(
+            f"NIC set-up + teardown, {mode}, {backend}",
+            median(backend, mode, "ours"),
+            median(backend, mode, "script"),
+            True,
+        )
+        for backend in ("asyncio", "trio")
+        for mode in ("bridged", "routed")
+    ]
+    for mode in ("bridged", "routed"):
+        rows.append(
+            speed_up(
+                f"(info) set-up alone, {mode}, asyncio",
+                median("asyncio", mode, "ours up"),
+                median("asyncio", mode, "script up"),
+                False,
+            )
+        )
+    for mode in ("bridged", "routed"):
+        kernel = median("asyncio", mode, "kernel")
+        rows.append(
+            speed_up(
+                f"(info) above the kernel's {kernel:.1f} ms, {mode}, asyncio",
+                median("asyncio", mode, "ours") - kernel,
+                median("asyncio", mode, "script") - kernel,
+                False,
+            )
+        )
+    extra = statistics.median(paired(figures["start_nics_ms"], figures["start_plain_ms"]))
+    bare_extra = statistics.median(paired(figures["bare_nics_ms"], figures["bare_plain_ms"]))
+    rows.append(
+        Row(
+            f"start -> running, {START_NICS} NICs vs none",
+            f"{extra:+.1f} ms",
+            f"{bare_extra:+.1f} ms bare QEMU",
+            None,
+            f"<= +{START_TARGET_EXTRA_MS:g} ms",
+            extra <= START_TARGET_EXTRA_MS,
+        )
+    )
+    quad = f"ours {START_NICS} NICs"
+    rows.append(
+        Row(
+            f"(info) set-up of {START_NICS} NICs alone, asyncio",
+            f"{median('asyncio', 'bridged', f'{quad} up'):.2f} ms",
+            f"{median('trio', 'bridged', f'{quad} up'):.2f} ms on trio",
+            None,
+            "-",
+            None,
+        )
+    )
+    count = figures["guests"]
+    rows.append(
+        Row(
+            f"{count} guests x {GUEST_NICS} NICs, reachable",
+            f"{figures['guests_reachable_in_sweep']}/{count}",
+            "-",
+            None,
+            f"{count}/{count}",
+            figures["guests_reachable_in_sweep"] == count,
+        )
+    )
+    rss = figures["rss_guests_running_mib"]
+    before = figures["rss_before_guests_mib"]
+    rows.append(
+        Row(
+            f"daemon RSS, {count} guests",
+            f"{rss:.1f} MiB",
+            f"{before:.1f} MiB before",
+            rss / before,
+            "-",
+            None,
+        )
+    )
+    rows.append(
+        Row(
+            "start per guest, RPC (median)",
+            f"{statistics.median(figures['guests_start_ms']):.0f} ms",
+            "-",
+            None,
+            "-",
+            None,
+        )
+    )
+    return rows
+
+
+def format_notes(cycles: dict[str, Any], figures: dict[str, Any]) -> str:
+    def spread(values: list[float], digits: int = 1) -> str:
+        median, p90 = statistics.median(values), percentile(values, 90)
+        return f"median {median:.{digits}f}, p90 {p90:.{digits}f}, max {max(values):.{digits}f}"
+
+    count = figures["guests"]
+    lines = [
+        f"NIC networking in a private namespace; {os.cpu_count()} CPUs, Python "
+        f"{sys.version.split()[0]}, load average {os.getloadavg()[0]:.1f} at the end (other "
+        "work on the machine skews every figure)",
+    ]
+    for backend in ("asyncio", "trio"):
+        for mode in ("bridged", "routed"):
+            found = cycles[backend][mode]
+
+            def parts(way: str, found: dict[str, list[float]] = found) -> str:
+                up, down = (statistics.median(found[f"{way} {part}"]) for part in ("up", "down"))
+                return f"{statistics.median(found[way]):.2f} = {up:.2f} up + {down:.2f} down"
+
+            lines.append(
+                f"one {mode} NIC, {backend}, medians (ms): ours {parts('ours')} "
+                f"({len(found['ours'])}, p90 {percentile(found['ours'], 90):.2f}); sh script "
+                f"{parts('script')} ({len(found['script'])}); the kernel's tap create + "
+                f"delete {parts('kernel')}"
+            )
+    for backend in ("asyncio", "trio"):
+        found = cycles[backend]["bridged"]
+        quad = f"ours {START_NICS} NICs"
+        lines.append(
+            f"one instance with {START_NICS} bridged NICs, {backend}, medians (ms): "
+            f"{statistics.median(found[quad]):.2f} = {statistics.median(found[f'{quad} up']):.2f}"
+            f" up + {statistics.median(found[f'{quad} down']):.2f} down ({len(found[quad])})"
+        )
+    lines.append(f"left in the namespace after the cycles: {cycles['left'] or 'nothing'}")
+    for label, key in (("plain", "plain"), (f"{START_NICS} NICs", "nics")):
+        lines.append(
+            f"start -> running, {label} (ms): via RPC {spread(figures[f'start_{key}_ms'])}; "
+            f"bare -daemonize {spread(figures[f'bare_{key}_ms'])}"
+        )
+    extra = paired(figures["start_nics_ms"], figures["start_plain_ms"])
+    bare_extra = paired(figures["bare_nics_ms"], figures["bare_plain_ms"])
+    lines.append(
+        f"{START_NICS} NICs - none, paired (ms): via RPC {', '.join(f'{x:+.1f}' for x in extra)}"
+        f"; bare {', '.join(f'{x:+.1f}' for x in bare_extra)}"
+    )
+    rss, before = figures["rss_guests_running_mib"], figures["rss_before_guests_mib"]
+    lines += [
+        f"{count} guests x {GUEST_NICS} NICs ({GUEST_MIB} MiB, TCG) started in batches of "
+        f"{BATCH} in {figures['guests_all_started_s']:.0f} s (each batch booted and pinged "
+        f"before the next); {figures['guests_running']}/{count} running, "
+        f"{figures['guests_reachable_once_booted']}/{count} answered a ping once booted, "
+        f"{figures['guests_reachable_in_sweep']}/{count} in the final sweep "
+        f"({figures['guests_sweep_s']:.1f} s); {figures['guests_bridge_ports']} ports on "
+        f"{BRIDGE}",
+        f"start per guest via RPC (ms): {spread(figures['guests_start_ms'], 0)}; start -> "
+        f"answering pings (s): {spread(figures['guests_reachable_s'])}",
+        f"daemon RSS: {before:.1f} MiB before, {rss:.1f} MiB with the {count} running "
+        f"({(rss - before) / count * 1024:.0f} KiB per guest)",
+        f"all {count} stopped (force, concurrently) in {figures['guests_stop_s']:.1f} s; then "
+        f"{figures['guests_left_ports']} ports on {BRIDGE}, links left: "
+        f"{figures['guests_left_links'] or 'none'}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    parser.add_argument(
+        "--guests",
+        type=int,
+        default=GUESTS,
+        metavar="N",
+        help=f"guests in the last measurement (default {GUESTS})",
+    )
+    parser.add_argument("--inside", choices=["cycles"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.inside == "cycles":
+        return inside_cycles()
+    if os.geteuid() != 0:
+        log("needs root (network namespaces, taps)")
+        return 1
+    if not (GUEST_DIR / "vmlinuz").exists() or not (GUEST_DIR / "initrd.img").exists():
+        log(f"the test guest is missing from {GUEST_DIR}: run `make guest`")
+        return 1
+    began = time.monotonic()
+    try:
+        with bench_namespace() as netns:
+            log(f"namespace {netns}")
+            cycles = measure_cycles(netns)
+            with daemon_cleanup(netns) as daemon:
+                try:
+                    figures = asyncio.run(run_daemon_parts(daemon, args.guests))
+                except Exception:
+                    log(f"daemon log tail: {daemon.log_tail()}")
+                    raise
+    except KeyboardInterrupt:
+        log("interrupted (cleaned up)")
+        return 130
+    log(f"done in {time.monotonic() - began:.0f} s, namespace deleted")
+    print(format_notes(cycles, figures))
+    print(format_table(build_rows(cycles, figures)))
+    if args.json:
+        print(msgspec.json.encode({"cycles": cycles, "figures": figures}).decode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
