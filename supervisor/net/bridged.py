@@ -11,7 +11,7 @@ import errno
 from supervisor.model.errors import NetworkError
 from supervisor.qemu.cmdline import NicPlan
 
-from .netlink import Link, Netlink
+from .netlink import Device, Link, Netlink
 
 __all__ = ["check", "set_up"]
 
@@ -43,10 +43,9 @@ async def check(netlink: Netlink, plan: NicPlan) -> Link:
     return bridge
 
 
-async def set_up(netlink: Netlink, plan: NicPlan, tap: Link) -> None:
-    """Make `tap` a port of the bridge (MTU the bridge's unless the NIC sets one), in
-    the NIC's VLAN if it has one, and up."""
-    bridge = await check(netlink, plan)
+async def set_up(netlink: Netlink, plan: NicPlan, tap: Device, bridge: Link) -> None:
+    """Make `tap` a port of `bridge` (the NIC's, as `check` found it: MTU the bridge's
+    unless the NIC sets one), in the NIC's VLAN if it has one, and up."""
     try:
         if plan.vlan is None:
             await netlink.join_up(tap.index, bridge.index, plan.mtu or bridge.mtu)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import socket
 from types import TracebackType
 from typing import Any, Final, Literal, Self
 
@@ -18,7 +19,7 @@ from pyroute2.netlink.rtnl.ndmsg import NTF_PROXY  # type: ignore[import-untyped
 
 from supervisor.host.rtnetlink import RouteSocket
 
-__all__ = ["Link", "Netlink"]
+__all__ = ["Device", "Link", "Netlink", "device"]
 
 #: ``RT_TABLE_MAIN``.
 MAIN_TABLE: Final = 254
@@ -27,11 +28,27 @@ _VLAN_NATIVE: Final = 0x2 | 0x4
 _SYSCTL: Final = anyio.Path("/proc/sys/net")
 
 
-class Link(msgspec.Struct, frozen=True, kw_only=True):
-    """A network interface as NIC set-up sees it."""
+class Device(msgspec.Struct, frozen=True, kw_only=True):
+    """A network interface by index and name (all a tap's set-up needs of it)."""
 
     index: int
     name: str
+
+
+def device(name: str) -> Device | None:
+    """Interface `name` of the caller's network namespace, or None when there is none.
+
+    Asked with ``if_nametoindex`` (an ioctl): no netlink request, a few microseconds.
+    """
+    try:
+        return Device(index=socket.if_nametoindex(name), name=name)
+    except OSError:
+        return None
+
+
+class Link(Device, frozen=True, kw_only=True):
+    """A network interface as NIC set-up sees it."""
+
     mtu: int
     #: ``bridge``, ``tun``, ``veth``...; None for a device without a kind (``lo``).
     kind: str | None

@@ -37,7 +37,7 @@ from supervisor.qemu.cmdline import NicPlan
 
 from . import bridged, ovs, routed
 from .hook import run_nic_hook
-from .netlink import Link, Netlink
+from .netlink import Device, Link, Netlink, device
 from .tun import TUN_DEVICE, OpenTap, open_tap, tap_name
 
 __all__ = ["Networking", "close_taps", "open_taps", "tap_fds", "with_tap_names"]
@@ -137,9 +137,13 @@ class Networking:
         if plans and not await anyio.Path(TUN_DEVICE).exists():
             raise NetworkError(TUN_DEVICE, "no tun device: the kernel needs the tun module")
         async with Netlink() as netlink, self._ovsdb(plans) as db:
+            checked: set[tuple[str | None, bool]] = set()  # a bridge, with a VLAN or not
             for plan in plans:
                 if plan.mode == "bridged":
-                    await bridged.check(netlink, plan)
+                    bridge = (plan.link, plan.vlan is not None)
+                    if bridge not in checked:
+                        await bridged.check(netlink, plan)
+                        checked.add(bridge)
                 elif plan.mode == "routed":
                     await routed.check(netlink, plan)
                 else:
@@ -155,8 +159,9 @@ class Networking:
         report)."""
         try:
             async with Netlink() as netlink, self._ovsdb(plans) as db:
+                bridges: dict[str, Link] = {}  # each looked up once per batch
                 for plan in plans:
-                    await _set_up_one(netlink, db, plan)
+                    await _set_up_one(netlink, db, plan, bridges)
                     await self._run_hook("up", plan, instance, tags)
         except BaseException:
             try:
@@ -211,7 +216,7 @@ class Networking:
                 for plan in plans:
                     try:
                         if plan.mode == "routed":
-                            await routed.tear_down(netlink, plan, await netlink.link(_tap(plan)))
+                            await routed.tear_down(netlink, plan, device(_tap(plan)))
                         elif plan.mode == "openvswitch" and db is not None:
                             await ovs.del_port(db, _tap(plan))
                     except NetworkError as error:
@@ -226,11 +231,16 @@ async def _check_ovs_bridge(db: ovsdb.OVSDBClient, plan: NicPlan) -> None:
         raise NetworkError(bridge, f"Open vSwitch has no bridge {bridge!r}")
 
 
-async def _set_up_one(netlink: Netlink, db: ovsdb.OVSDBClient | None, plan: NicPlan) -> None:
+async def _set_up_one(
+    netlink: Netlink, db: ovsdb.OVSDBClient | None, plan: NicPlan, bridges: dict[str, Link]
+) -> None:
     try:
-        tap = await _existing_tap(netlink, plan)
+        tap = _existing_tap(plan)
         if plan.mode == "bridged":
-            await bridged.set_up(netlink, plan, tap)
+            bridge = bridges.get(plan.link or "")
+            if bridge is None:
+                bridge = bridges[plan.link or ""] = await bridged.check(netlink, plan)
+            await bridged.set_up(netlink, plan, tap, bridge)
         elif plan.mode == "routed":
             await routed.set_up(netlink, plan, tap)
         else:
@@ -241,7 +251,7 @@ async def _set_up_one(netlink: Netlink, db: ovsdb.OVSDBClient | None, plan: NicP
         raise NetworkError(_tap(plan), f"netlink: {error.strerror or error}") from error
 
 
-async def _set_up_ovs(netlink: Netlink, db: ovsdb.OVSDBClient, plan: NicPlan, tap: Link) -> None:
+async def _set_up_ovs(netlink: Netlink, db: ovsdb.OVSDBClient, plan: NicPlan, tap: Device) -> None:
     """Make `tap` a port of the NIC's Open vSwitch bridge, tagged with its `vlan`, and up.
 
     A port of the tap's name left by an interrupted start of this instance (tap names
@@ -255,8 +265,8 @@ async def _set_up_ovs(netlink: Netlink, db: ovsdb.OVSDBClient, plan: NicPlan, ta
     await ovs.add_port(db, plan.link or "", tap.name, tag=plan.vlan)
 
 
-async def _existing_tap(netlink: Netlink, plan: NicPlan) -> Link:
-    tap = await netlink.link(_tap(plan))
+def _existing_tap(plan: NicPlan) -> Device:
+    tap = device(_tap(plan))
     if tap is None:
         raise NetworkError(_tap(plan), "the tap is gone (did QEMU exit?)")
     return tap

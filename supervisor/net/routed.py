@@ -20,7 +20,7 @@ from typing import Final
 from supervisor.model.errors import NetworkError
 from supervisor.qemu.cmdline import NicPlan
 
-from .netlink import MAIN_TABLE, Link, Netlink, set_interface_sysctl
+from .netlink import MAIN_TABLE, Device, Netlink, set_interface_sysctl
 
 __all__ = ["check", "routing_table", "set_up", "tear_down"]
 
@@ -59,7 +59,7 @@ async def check(netlink: Netlink, plan: NicPlan) -> int | None:
     return uplink
 
 
-async def set_up(netlink: Netlink, plan: NicPlan, tap: Link) -> None:
+async def set_up(netlink: Netlink, plan: NicPlan, tap: Device) -> None:
     """Bring `tap` up (with the NIC's MTU) and route the NIC's ip to it."""
     uplink = await check(netlink, plan)
     table = routing_table(plan.link)
@@ -83,7 +83,7 @@ async def set_up(netlink: Netlink, plan: NicPlan, tap: Link) -> None:
         raise NetworkError(tap.name, f"cannot proxy NDP for {plan.ip}: {error.strerror}") from error
 
 
-async def tear_down(netlink: Netlink, plan: NicPlan, tap: Link | None) -> None:
+async def tear_down(netlink: Netlink, plan: NicPlan, tap: Device | None) -> None:
     """Remove what `set_up` added that outlives the tap; what is gone already is fine.
 
     The route goes when the tap is still there (the kernel drops it with the tap
