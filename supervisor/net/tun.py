@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import errno
 import fcntl
+import functools
 import hashlib
 import os
 import socket
@@ -85,8 +86,12 @@ def _exists(name: str) -> bool:
     return True
 
 
+@functools.cache
 def tap_features() -> int:
-    """The IFF_* flags the kernel's tun driver offers (TUNGETFEATURES); 0 without tun."""
+    """The IFF_* flags the kernel's tun driver offers (TUNGETFEATURES); 0 without tun.
+
+    Asked once per process: the running kernel's driver does not change.
+    """
     try:
         fd = os.open(TUN_DEVICE, os.O_RDWR)
     except OSError:
