@@ -33,7 +33,7 @@ from supervisor.ganeti.rpc import (
     DaemonError,
     DaemonUnreachable,
 )
-from supervisor.ganeti.settings import DriverSettings, SettingsError, load_settings
+from supervisor.ganeti.settings import DriverSettings, SettingsError, load_settings, node_root
 
 #: Added to a stop's ACPI wait for the daemon's reply: the kill and QEMU's exit.
 _STOP_MARGIN_S: Final = 30.0
@@ -67,6 +67,16 @@ def _call(method: str, params: Mapping[str, Any] | None = None, **options: Any) 
             return daemon.call(method, params)
     except (DaemonError, DaemonUnreachable) as error:
         raise errors.HypervisorError(f"kvm-supervisor: {method}: {error}") from None
+
+
+def _node_socket(node_name: str, socket_path: str) -> str:
+    """`node_name`'s daemon socket, given this node's: the same path on a real cluster
+    (all nodes alike, as Ganeti assumes for its own files); on a virtual cluster, a
+    socket under this node's root sits at the same place under `node_name`'s."""
+    root = node_root()
+    if root and socket_path.startswith(f"{root}/"):
+        return str(vcluster.ExchangeNodeRoot(node_name, socket_path))
+    return socket_path
 
 
 def _instance_info(name: str) -> dict[str, Any] | None:
@@ -230,9 +240,7 @@ class KvmSupervisorHypervisor(hv_base.BaseHypervisor):  # type: ignore[misc]  # 
         VNC and SPICE as Ganeti's KVM driver gives them."""
         if hvparams[constants.HV_SERIAL_CONSOLE]:
             settings = _settings()
-            # The primary node's socket: on a virtual cluster its path sits under that
-            # node's root, on a real one it is this node's path.
-            socket_path = vcluster.ExchangeNodeRoot(primary_node.name, settings.socket)
+            socket_path = _node_socket(primary_node.name, settings.socket)
             ndparams = node_group.FillND(primary_node)
             return objects.InstanceConsole(
                 instance=instance.name,

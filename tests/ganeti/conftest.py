@@ -99,6 +99,7 @@ class VirtualCluster:
     base: Path
     holder: subprocess.Popen[bytes]
     daemons: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    sshd: subprocess.Popen[bytes] | None = None
     setup_seconds: float = 0.0
 
     # -- paths ------------------------------------------------------------------------
@@ -262,9 +263,13 @@ class VirtualCluster:
         namespace = _net_namespace(self.holder.pid)
         found = []
         for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and int(entry.name) != self.holder.pid:
-                if namespace is not None and _net_namespace(int(entry.name)) == namespace:
-                    found.append(int(entry.name))
+            if (
+                entry.name.isdigit()
+                and int(entry.name) != self.holder.pid
+                and namespace is not None
+                and _net_namespace(int(entry.name)) == namespace
+            ):
+                found.append(int(entry.name))
         return found
 
 
@@ -277,7 +282,7 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
 def _prepare_files(base: Path) -> None:
     """The files bind-mounted in the namespace, sshd's config and key, the trivial OS."""
     etc = base / "etc"
-    hosts = [f"127.0.0.1 localhost", f"{CLUSTER_IP} {CLUSTER_NAME}"]
+    hosts = ["127.0.0.1 localhost", f"{CLUSTER_IP} {CLUSTER_NAME}"]
     hosts += [f"{ip} {node}" for node, ip in NODE_IPS.items()]
     _write(etc / "hosts", "\n".join(hosts) + "\n")
     _write(etc / "resolv.conf", "")
@@ -365,11 +370,69 @@ def _end_everything(cluster: VirtualCluster) -> None:
                 os.kill(pid, signal.SIGKILL)
         for pid in pids:
             wait_gone(pid)
-    for proc in cluster.daemons.values():
-        proc.wait(timeout=30)
+    for proc in [*cluster.daemons.values(), cluster.sshd]:
+        if proc is not None:
+            proc.wait(timeout=30)
     if cluster.holder.stdin is not None:
         cluster.holder.stdin.close()
     cluster.holder.wait(timeout=30)
+
+
+def _vcluster_setup(cluster: VirtualCluster) -> None:
+    """Ganeti's per-node directories (no /etc/hosts, no addresses: done already)."""
+    (cluster.base / "vc").mkdir(mode=0o755)
+    setup = [str(GANETI_TOOLS / "vcluster-setup"), "-E", "-N", "-c", str(len(NODES))]
+    setup += ["-i", "0", "-p", "192.0.2", "-n", "lo", str(cluster.base / "vc")]
+    subprocess.run(cluster.inside(setup), check=True, capture_output=True, timeout=60)
+
+
+def _start_sshd(cluster: VirtualCluster) -> None:
+    config = cluster.base / "ssh" / "sshd_config"
+    with (cluster.base / "sshd.log").open("wb") as log:
+        cluster.sshd = subprocess.Popen(
+            cluster.inside(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)]),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+
+
+def _install_drivers(cluster: VirtualCluster) -> None:
+    """`kvm-supervisor ganeti-install` on every node, at once, as its documentation says."""
+    installs = []
+    for node in NODES:
+        command = [sys.executable, "-m", "supervisor", "--config", str(cluster.daemon_config(node))]
+        installs.append(
+            subprocess.Popen(
+                [*command, "ganeti-install"],
+                env={**cluster.ganeti_env(node), "PYTHONPATH": str(REPO)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        )
+    for install in installs:
+        _, err = install.communicate(timeout=120)
+        assert install.returncode == 0, err.decode()
+
+
+def _init_cluster(cluster: VirtualCluster) -> None:
+    hvparams = (
+        f"kvm:kernel_path={GUEST_DIR / 'vmlinuz'},initrd_path={GUEST_DIR / 'initrd.img'},"
+        f"kernel_args={KERNEL_ARGS}"
+    )
+    # The instance policy admits the test guest's 96 MiB.
+    bounds = (
+        "min:disk-size=0,cpu-count=1,disk-count=0,memory-size=1,nic-count=0,spindle-use=0"
+        "/max:disk-size=1048576,cpu-count=8,disk-count=16,memory-size=32768,nic-count=8,"
+        "spindle-use=12"
+    )
+    cluster.gnt(
+        "gnt-cluster", "init", "--no-etc-hosts", "--no-ssh-init", "--master-netdev=lo",
+        "--enabled-disk-templates=diskless", "--enabled-hypervisors=kvm", "-H", hvparams,
+        "-N", f"link={BRIDGE}", f"--ipolicy-bounds-specs={bounds}", CLUSTER_NAME,
+    )  # fmt: skip
+    for node in NODES[1:]:
+        cluster.gnt("gnt-node", "add", "--no-ssh-key-check", node)
 
 
 @pytest.fixture(scope="session")
@@ -382,13 +445,6 @@ def vcluster() -> Iterator[VirtualCluster]:
         pytest.fail("the test guest is missing: run `make guest`")
     host_before = _host_state()
     started = time.monotonic()
-    last = [started]
-
-    def _lap(what: str) -> None:
-        now = time.monotonic()
-        print(f"{what}: {now - last[0]:.2f}", file=sys.stderr)
-        last[0] = now
-
     base = Path(tempfile.mkdtemp(prefix="kvsg-", dir="/tmp"))
     base.chmod(0o755)  # Ganeti's daemons run as its own users
     # The holder: `cat` ends when its stdin closes, also when pytest dies.
@@ -398,98 +454,32 @@ def vcluster() -> Iterator[VirtualCluster]:
         stdout=subprocess.DEVNULL,
     )
     cluster = VirtualCluster(base=base, holder=holder)
-    sshd: subprocess.Popen[bytes] | None = None
     try:
         wait_until(
             lambda: _net_namespace(holder.pid) != _net_namespace(os.getpid()),
             what="the namespace holder runs",
             timeout_s=30,
         )
-        _lap("holder")
         _prepare_files(base)
-        _lap("files")
-        subprocess.run(
-            cluster.inside(["sh", "-c", _namespace_script(base)]), check=True, timeout=60
-        )
-        _lap("namespace")
-        (base / "vc").mkdir(mode=0o755)
-        subprocess.run(
-            cluster.inside(
-                [
-                    str(GANETI_TOOLS / "vcluster-setup"),
-                    "-E",
-                    "-N",
-                    "-c",
-                    str(len(NODES)),
-                    "-i",
-                    "0",
-                    "-p",
-                    "192.0.2",
-                    "-n",
-                    "lo",
-                    str(base / "vc"),
-                ]
-            ),  # fmt: skip
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        with (base / "sshd.log").open("wb") as sshd_log:
-            sshd = subprocess.Popen(
-                cluster.inside(
-                    ["/usr/sbin/sshd", "-D", "-e", "-f", str(base / "ssh" / "sshd_config")]
-                ),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=sshd_log,
-            )
-        _lap("vcluster-setup")
-        installs = []
+        script = _namespace_script(base)
+        subprocess.run(cluster.inside(["sh", "-c", script]), check=True, timeout=60)
+        _vcluster_setup(cluster)
+        _start_sshd(cluster)
         for node in NODES:
             _write(cluster.daemon_config(node), _daemon_config(cluster, node))
             cluster.start_daemon(node)
-            installs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "supervisor", "--config", str(cluster.daemon_config(node)),
-                     "ganeti-install"],
-                    env={**cluster.ganeti_env(node), "PYTHONPATH": str(REPO)},
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                )
-            )  # fmt: skip
-        for install in installs:
-            out, err = install.communicate(timeout=120)
-            assert install.returncode == 0, err.decode()
-        _lap("install")
+        _install_drivers(cluster)
         for node in NODES:
             cluster.wait_daemon(node)
-        _lap("daemons")
+        sshd = cluster.sshd
+        assert sshd is not None
         wait_until(lambda: _sshd_listens(sshd), what="sshd listens", timeout_s=30)
-        _lap("sshd")
-        hvparams = (
-            f"kvm:kernel_path={GUEST_DIR / 'vmlinuz'},initrd_path={GUEST_DIR / 'initrd.img'},"
-            f"kernel_args={KERNEL_ARGS}"
-        )
-        cluster.gnt(
-            "gnt-cluster", "init", "--no-etc-hosts", "--no-ssh-init", "--master-netdev=lo",
-            "--enabled-disk-templates=diskless", "--enabled-hypervisors=kvm", "-H", hvparams,
-            "-N", f"link={BRIDGE}",
-            "--ipolicy-bounds-specs=min:disk-size=0,cpu-count=1,disk-count=0,memory-size=1,"
-            "nic-count=0,spindle-use=0/max:disk-size=1048576,cpu-count=8,disk-count=16,"
-            "memory-size=32768,nic-count=8,spindle-use=12",
-            CLUSTER_NAME,
-        )  # fmt: skip
-        _lap("cluster init")
-        for node in NODES[1:]:
-            cluster.gnt("gnt-node", "add", "--no-ssh-key-check", node)
-        _lap("node add")
+        _init_cluster(cluster)
         cluster.setup_seconds = time.monotonic() - started
         print(f"\nvirtual Ganeti cluster up in {cluster.setup_seconds:.1f} s", file=sys.stderr)
         yield cluster
     finally:
         _end_everything(cluster)
-        if sshd is not None:
-            sshd.wait(timeout=30)
         shutil.rmtree(base, ignore_errors=True)
         assert _host_state() == host_before, "the virtual cluster changed the host's Ganeti files"
 

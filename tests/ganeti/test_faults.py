@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 from helpers import wait_gone
@@ -20,9 +21,11 @@ def test_daemon_killed_while_ganeti_runs_an_instance(vcluster: VirtualCluster) -
         log = vcluster.wait_serial("node2", "db1")
         pid = vcluster.qemu_pid("node2", "db1")
         vcluster.kill_daemon("node2")
-        # Ganeti cannot tell without the daemon; the guest runs on.
+        # Ganeti cannot tell without the daemon, and its verify says why; the guest runs on.
         down = vcluster.gnt("gnt-instance", "list", "--no-headers", "-o", "status", "db1")
         assert down.strip() != "running"
+        verify = vcluster.run(["gnt-cluster", "verify", "--error-codes"], check=False).stdout
+        assert re.search(r"ERROR:ENODEHV:node:node2:.*kvm-supervisor daemon unreachable", verify)
         vcluster.start_daemon("node2")
         vcluster.wait_daemon("node2")
         assert vcluster.status("db1")[:2] == ["db1", "running"]
