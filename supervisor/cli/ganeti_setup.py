@@ -98,7 +98,8 @@ def _write(path: Path, text: str) -> None:
     temporary.replace(path)
 
 
-def _edit_defaults(root: str, base: Path) -> Path:
+def _defaults_with_block(root: str, base: Path) -> tuple[Path, str]:
+    """``etc/default/ganeti`` and its new text: exporting `base` as PYTHONUSERBASE."""
     path = defaults_file(root)
     try:
         text = path.read_text() if path.exists() else ""
@@ -110,15 +111,13 @@ def _edit_defaults(root: str, base: Path) -> Path:
             raise GanetiSetupError(f"{path} sets PYTHONUSERBASE already: {line.strip()}")
     if rest and not rest.endswith("\n"):
         rest += "\n"
-    block = f"{BLOCK_BEGIN}\nexport PYTHONUSERBASE='{base}'\n{BLOCK_END}\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write(path, rest + block)
-    return path
+    return path, f"{rest}{BLOCK_BEGIN}\nexport PYTHONUSERBASE='{base}'\n{BLOCK_END}\n"
 
 
 def _write_files(root: str, settings: DriverSettings, site_packages: Path) -> list[str]:
     """Write driver.toml, the .pth and the defaults block; one line per file."""
     base = user_base(root)
+    defaults, defaults_text = _defaults_with_block(root, base)
     try:
         for directory in (driver_dir(root), site_packages):
             directory.mkdir(parents=True, exist_ok=True)
@@ -134,7 +133,8 @@ def _write_files(root: str, settings: DriverSettings, site_packages: Path) -> li
             f"import sys; sys.path.append({settings.project!r}); "
             "import supervisor.ganeti.hook; supervisor.ganeti.hook.install()\n",
         )
-        defaults = _edit_defaults(root, base)
+        defaults.parent.mkdir(parents=True, exist_ok=True)
+        _write(defaults, defaults_text)
     except OSError as error:
         raise GanetiSetupError(f"{error.filename}: {error.strerror}") from None
     return [

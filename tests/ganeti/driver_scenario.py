@@ -20,7 +20,7 @@ from typing import Any
 
 sys.path.insert(0, "/usr/share/ganeti/default")
 
-from ganeti import constants, hypervisor, objects  # noqa: E402
+from ganeti import constants, hypervisor, objects
 
 NAME = "drv1"
 NODE = "node9"
