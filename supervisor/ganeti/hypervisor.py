@@ -207,7 +207,20 @@ class KvmSupervisorHypervisor(hv_base.BaseHypervisor):  # type: ignore[misc]  # 
         return found
 
     def GetNodeInfo(self, hvparams: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        return convert.node_info(_call("supervisor.info"))
+        """The daemon's node facts and QEMU version.
+
+        Without a daemon, the node's own facts, as Ganeti reads them for its KVM driver,
+        and no version (Ganeti takes it as optional): node verification then goes on and
+        reports the daemon through `Verify`, instead of failing as a whole.
+        """
+        try:
+            with _daemon() as daemon:
+                return convert.node_info(daemon.call("supervisor.info"))
+        except DaemonUnreachable as error:
+            _log.warning("kvm-supervisor: %s; node facts from /proc", error)
+            return self.GetLinuxNodeInfo()  # type: ignore[no-any-return]
+        except DaemonError as error:
+            raise errors.HypervisorError(f"kvm-supervisor: supervisor.info: {error}") from None
 
     def Verify(self, hvparams: Mapping[str, Any] | None = None) -> str | None:
         """The daemon's problems (``supervisor.verify``), or why it cannot be asked."""

@@ -25,13 +25,18 @@ def test_daemon_killed_while_ganeti_runs_an_instance(vcluster: VirtualCluster) -
         down = vcluster.gnt("gnt-instance", "list", "--no-headers", "-o", "status", "db1")
         assert down.strip() != "running"
         verify = vcluster.run(["gnt-cluster", "verify", "--error-codes"], check=False).stdout
-        assert re.search(r"ERROR:ENODEHV:node:node2:.*kvm-supervisor daemon unreachable", verify)
+        assert re.search(r"ERROR:ENODEHV:node:node2:.*kvm-supervisor daemon unreachable", verify), (
+            verify
+        )
         vcluster.start_daemon("node2")
         vcluster.wait_daemon("node2")
         assert vcluster.status("db1")[:2] == ["db1", "running"]
         assert vcluster.qemu_pid("node2", "db1") == pid  # adopted, not restarted
         vcluster.wait_serial("node2", "db1", offset=log.stat().st_size)
     finally:
+        if "node2" not in vcluster.daemons:
+            vcluster.start_daemon("node2")
+            vcluster.wait_daemon("node2")
         vcluster.remove_instance("db1")
 
 
