@@ -605,15 +605,7 @@ class Instance:
             uptime_s=round(now - self.started_at, 3) if running and self.started_at else None,
             started_at=self.started_at if running else None,
             nics=[
-                NicInfo(
-                    mac=nic.mac,
-                    tap=nic.tap,
-                    mode=nic.mode,
-                    link=nic.link,
-                    ip=nic.ip,
-                    vlan=nic.vlan,
-                    mtu=nic.mtu,
-                )
+                msgspec.convert(nic, NicInfo, from_attributes=True)
                 for nic in (record.nics if record else [])
             ],
             console=self._console_dict(),

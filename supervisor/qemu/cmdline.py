@@ -98,6 +98,7 @@ _BOOT_LETTERS: Final = {"disk": "c", "cdrom": "d", "floppy": "a", "network": "n"
 #: The chipset's own devices in slots 0-1 and the VGA in slot 2 (pc); q35's ICH9 owns 31.
 _PCI_SLOTS: Final = {"pci.0": range(3, 32), "pcie.0": range(2, 31)}
 _SCSI_BUS: Final = "scsi.0"
+_HOST_MTU_SINCE: Final = (2, 9, 0)
 _SCSI_CONTROLLER_ID: Final = "scsi"
 
 
@@ -791,6 +792,11 @@ class _Builder:
             "virtserialport,bus=qga0-serial.0,chardev=qga0,name=org.qemu.guest_agent.0",
         )
 
+    @property
+    def _host_mtu(self) -> bool:
+        """Whether virtio-net-pci has ``host_mtu`` (QEMU 2.9 added it)."""
+        return self.caps.version >= _HOST_MTU_SINCE
+
     def _nic_devices(self) -> None:
         if not self.nic_devices:
             return
@@ -801,6 +807,10 @@ class _Builder:
             if nic.model != "ne2k_isa":
                 placement, slot = self.pci.take(f"NIC {nic.index}")
                 device += placement
+            if nic.mtu is not None and nic.model == "virtio-net-pci" and self._host_mtu:
+                # The guest's driver reads its MTU from the device (QEMU 2.9+): the same
+                # as the tap's, so the guest never sends frames the host side drops.
+                device += f",host_mtu={nic.mtu}"
             if nic.queues > 1:
                 # linux-kvm.org's multiqueue advice: 2 vectors per queue pair, plus 2.
                 device += f",mq=on,vectors={2 * nic.queues + 2}"

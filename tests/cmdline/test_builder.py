@@ -389,6 +389,15 @@ def test_argv_with_fds() -> None:
         argv_with_fds(without_second, command.nics, dict.fromkeys(["tap0q0", "tap0q1"], 9))
 
 
+def test_a_nic_mtu_reaches_the_virtio_device() -> None:
+    command = build({"nics": [{"link": "br0"}, {"link": "br0", "mtu": 1400}]})
+    first, second = (d for d in option(command, "-device") if d.startswith("virtio-net-pci"))
+    assert "host_mtu" not in first
+    assert ",host_mtu=1400" in second
+    e1000 = build({"nics": [{"link": "br0", "mtu": 1400}]}, nic_type="e1000")
+    assert not any("host_mtu" in device for device in option(e1000, "-device"))
+
+
 def test_argv_with_fds_vhost_and_old_net_syntax() -> None:
     command = build({"nics": [{"link": "br0"}]}, vhost_net=True)
     argv = argv_with_fds(command.argv, command.nics, {"tap0": 7, "vhost0": 8})

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import QEMU
+from conftest import QEMU, REPO
 from core.conftest import check_config_dict, state_dir
 from helpers import kill_if_started_in, wait_gone, wait_until
 
@@ -83,10 +83,16 @@ class RPCFailed(Exception):
 
 
 class EngineDaemon:
-    """`kvm-supervisor serve` (or its fault-injecting variant) on a private state dir."""
+    """`kvm-supervisor serve` (or its fault-injecting variant) on a private state dir.
 
-    def __init__(self, state_dir: Path) -> None:
+    `prefix` goes before the interpreter (``ip netns exec NAME`` runs the daemon in a
+    network namespace); the daemon imports this checkout whatever the prefix does to
+    the environment.
+    """
+
+    def __init__(self, state_dir: Path, *, prefix: Sequence[str] = ()) -> None:
         self.state_dir = state_dir
+        self.prefix = tuple(prefix)
         self.defs = state_dir / "defs"
         self.config = state_dir / "supervisor.toml"
         self.socket = state_dir / "control.sock"
@@ -112,14 +118,14 @@ class EngineDaemon:
         self.notify_path.unlink(missing_ok=True)
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._notify.bind(str(self.notify_path))
-        prefix = CLI if crash_at is None else [*CRASH_DAEMON, crash_at]
+        program = CLI if crash_at is None else [*CRASH_DAEMON, crash_at]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [*prefix, "serve", "--config", str(self.config)],
+                [*self.prefix, *program, "serve", "--config", str(self.config)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
-                env={**os.environ, "NOTIFY_SOCKET": str(self.notify_path)},
+                env={**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "PYTHONPATH": str(REPO)},
             )
 
     def wait_ready(self, timeout_s: float = DEADLINE_S) -> bytes:

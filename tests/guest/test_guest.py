@@ -15,14 +15,15 @@ import re
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 import pytest
-from anyio.abc import Process, SocketStream
+from anyio.abc import Process
 from conftest import GUEST_DIR, QEMU
 from helpers import await_listening
+from serial_console import STEP_TIMEOUT_S, SerialConsole, connect_console
 
 from protocols import qmp
 
@@ -41,7 +42,6 @@ GUEST_MIB = 128
 BALLOON_MIB = 96
 # Generous: a boot takes ~4 s under TCG on an idle machine, and others run tests too.
 READY_TIMEOUT_S = 90.0
-STEP_TIMEOUT_S = 30.0
 READY_RE = re.compile(rb"KVS-GUEST-READY ([0-9.]+)")
 HEARTBEAT_RE = re.compile(rb"KVS-HEARTBEAT (\d+)")
 
@@ -54,64 +54,13 @@ def anyio_backend() -> str:
 
 @dataclass
 class Guest:
-    """A booted test guest: its QEMU process, QMP socket and serial console output.
-
-    The console is read only while a test waits on it (``expect``): between waits, what
-    the guest prints piles up in the socket, which holds far more than a few heartbeats.
-    """
+    """A booted test guest: its QEMU process, QMP socket and serial console."""
 
     proc: Process
     workdir: Path
     qmp_path: Path
-    serial: SocketStream
+    console: SerialConsole
     started: float
-    output: bytearray = field(default_factory=bytearray)
-    closed: bool = False
-
-    async def expect(
-        self, pattern: re.Pattern[bytes], *, since: int = 0, wait_s: float = STEP_TIMEOUT_S
-    ) -> re.Match[bytes]:
-        """Wait up to ``wait_s`` for ``pattern`` in the console output from ``since`` on."""
-        with anyio.move_on_after(wait_s):
-            while True:
-                match = pattern.search(self.output, since)
-                if match is not None:
-                    return match
-                if self.closed:
-                    break
-                try:
-                    self.output += await self.serial.receive()
-                except (anyio.EndOfStream, anyio.BrokenResourceError):
-                    self.closed = True
-        pytest.fail(
-            f"{pattern.pattern!r} not seen on the console within {wait_s}s "
-            f"(console closed: {self.closed}); console:\n{self.console_text(since)}\n"
-            f"qemu stderr:\n{self.stderr_text()}"
-        )
-
-    async def type(self, line: str) -> int:
-        """Type ``line`` and Enter on the console; return the output offset before it."""
-        since = len(self.output)
-        await self.serial.send(line.encode() + b"\n")
-        return since
-
-    async def run(self, command: str) -> str:
-        """Run a shell command on the console and return what it printed.
-
-        The end marker is computed by the shell, so the echo of the typed line does not
-        contain it.
-        """
-        since = await self.type(f"{command}; echo KVS-DONE-$((6 * 7))")
-        done = await self.expect(re.compile(rb"KVS-DONE-42"), since=since)
-        return self.output[since : done.start()].decode(errors="replace")
-
-    def console_text(self, since: int = 0) -> str:
-        return self.output[since:].decode(errors="replace")
-
-    def stderr_text(self) -> str:
-        with contextlib.suppress(OSError):
-            return (self.workdir / "qemu.err").read_text(errors="replace")
-        return ""
 
     async def wait_exit(self) -> int:
         """Wait for QEMU to exit on its own and return its exit status."""
@@ -119,8 +68,17 @@ class Guest:
             return await self.proc.wait()
         pytest.fail(
             f"qemu (pid {self.proc.pid}) still runs {STEP_TIMEOUT_S}s after the power-off; "
-            f"console:\n{self.console_text()}"
+            f"console:\n{self.console.text()}"
         )
+
+
+def _qemu_stderr(workdir: Path) -> Callable[[], str]:
+    def stderr() -> str:
+        with contextlib.suppress(OSError):
+            return "qemu stderr:\n" + (workdir / "qemu.err").read_text(errors="replace")
+        return ""
+
+    return stderr
 
 
 @contextlib.asynccontextmanager
@@ -158,8 +116,8 @@ async def boot_guest(
             pid=proc.pid,
             exit_details=lambda: (workdir / "qemu.err").read_text(errors="replace"),
         )
-        async with await anyio.connect_unix(serial_path) as serial:
-            yield Guest(proc, workdir, qmp_path, serial, started)
+        async with connect_console(serial_path, _qemu_stderr(workdir)) as console:
+            yield Guest(proc, workdir, qmp_path, console, started)
     finally:
         with anyio.CancelScope(shield=True):
             if proc.returncode is None:
@@ -169,7 +127,7 @@ async def boot_guest(
 
 async def wait_ready(guest: Guest, record_property: RecordProperty) -> int:
     """Wait for the ready marker, log the time it took; return the offset after it."""
-    match = await guest.expect(READY_RE, wait_s=READY_TIMEOUT_S)
+    match = await guest.console.expect(READY_RE, wait_s=READY_TIMEOUT_S)
     ready_s = time.monotonic() - guest.started
     guest_uptime_s = float(match.group(1))
     log.info(
@@ -222,15 +180,15 @@ async def test_console_heartbeat_balloon_eth0_and_typed_poweroff(
         beats: list[int] = []
         offset = after_ready
         for _ in range(3):
-            match = await guest.expect(HEARTBEAT_RE, since=offset)
+            match = await guest.console.expect(HEARTBEAT_RE, since=offset)
             beats.append(int(match.group(1)))
             offset = match.end()
         assert beats == [beats[0], beats[0] + 1, beats[0] + 2]
         assert beats[0] <= 2, f"first heartbeat after the ready marker is {beats[0]}"
 
         # A root shell on ttyS0, and eth0 (virtio_net) configured from kvs_ip=.
-        await guest.expect(re.compile(rb"# "), since=after_ready)
-        shown = await guest.run("ip -4 addr show eth0")
+        await guest.console.expect(re.compile(rb"# "), since=after_ready)
+        shown = await guest.console.run("ip -4 addr show eth0")
         assert re.search(r"inet 10\.99\.0\.2/24 .*eth0", shown), shown
 
         # virtio_balloon is loaded: the guest gives memory back when asked.
@@ -247,13 +205,13 @@ async def test_console_heartbeat_balloon_eth0_and_typed_poweroff(
         assert actual < full, f"balloon did not inflate: actual {actual} of {full} bytes"
 
         # The guest lives on with less memory: the shell still answers, nothing was killed.
-        whoami = await guest.run("id")
+        whoami = await guest.console.run("id")
         assert re.search(r"^uid=0 ", whoami, re.MULTILINE), whoami
-        assert b"Out of memory" not in guest.output, guest.console_text()
+        assert b"Out of memory" not in guest.console.output, guest.console.text()
 
         # `poweroff` typed on the console powers the machine off.
         async with monitor.events({"SHUTDOWN"}) as events:
-            await guest.type("poweroff")
+            await guest.console.type("poweroff")
             shutdown = await wait_shutdown(events)
         assert shutdown.data.get("guest") is True, shutdown.data
         assert await guest.wait_exit() == 0

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import ip, run_scenario
+from .conftest import add_ipv6_uplink, ip, run_scenario
 
 pytestmark = pytest.mark.netns
 
@@ -44,18 +44,8 @@ def test_bridged_ports_follow_the_bridge_mtu(netns: str) -> None:
     assert "vlan_filtering 0" in ip("-n", netns, "-d", "link", "show", "br0")
 
 
-def _ipv6_uplink(netns: str) -> None:
-    """up0 (a veth) carries the namespace's IPv6 default route: the proxy NDP uplink."""
-    inside = ("-n", netns)
-    ip(*inside, "link", "add", "up0", "type", "veth", "peer", "name", "up1")
-    ip(*inside, "link", "set", "up0", "up")
-    ip(*inside, "link", "set", "up1", "up")
-    ip(*inside, "-6", "address", "add", "fd00:1::1/64", "dev", "up0", "nodad")
-    ip(*inside, "-6", "route", "add", "default", "via", "fd00:1::2", "dev", "up0")
-
-
 def test_routed_routes_proxies_and_teardown(netns: str) -> None:
-    _ipv6_uplink(netns)
+    add_ipv6_uplink(netns)
     for found in _each(run_scenario(netns, "routed")):
         tap4, tap4t, tap6 = found["names"]
         assert f"10.77.0.5 dev {tap4}" in found["main"]
@@ -72,7 +62,7 @@ def test_routed_routes_proxies_and_teardown(netns: str) -> None:
 
 
 def test_routed_teardown_after_the_taps_died(netns: str) -> None:
-    _ipv6_uplink(netns)
+    add_ipv6_uplink(netns)
     for found in _each(run_scenario(netns, "routed_taps_gone")):
         assert not any("10.77" in r or "fd00:77" in r for r in found["routes"])
         assert found["proxy"][:3] == ["fd00:77::5", "dev", "up0"]

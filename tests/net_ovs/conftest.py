@@ -1,22 +1,24 @@
 """A private Open vSwitch for the tests: ovsdb-server with its own database and run dir,
 and ovs-vswitchd (userspace datapath only), both in a network namespace the fixture
 creates and always deletes, both ended by pid. The host's namespace and any system
-Open vSwitch are never touched."""
+Open vSwitch are never touched. `running_ovs` starts the pair in a namespace of the
+caller's (tests/net_guest runs it next to the daemon)."""
 
 from __future__ import annotations
 
 import os
-import secrets
 import select
 import shutil
 import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from net.conftest import host_links, namespace
 
 SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
 _DAEMONS = ("ovsdb-server", "ovs-vswitchd")
@@ -74,17 +76,11 @@ def _end_by_pidfile(pidfile: Path) -> None:
         os.close(pidfd)
 
 
-def _host_links() -> str:
-    links = subprocess.run(["ip", "-o", "link", "show"], check=True, capture_output=True)
-    return "\n".join(sorted(line.split(":")[1] for line in links.stdout.decode().splitlines()))
-
-
-@pytest.fixture
-def private_ovs() -> Iterator[PrivateOVS]:
-    host_links = _host_links()
-    netns = f"kvs-ovs-{secrets.token_hex(4)}"
+@contextmanager
+def running_ovs(netns: str) -> Iterator[PrivateOVS]:
+    """ovsdb-server (a fresh database) and ovs-vswitchd in `netns`, with a run dir of
+    their own in /tmp; both ended by pid and the run dir removed on the way out."""
     rundir = Path(tempfile.mkdtemp(prefix="kvs-ovs-", dir="/tmp"))
-    subprocess.run(["ip", "netns", "add", netns], check=True)
     try:
         ovs = PrivateOVS(netns, rundir)
         subprocess.run(["ovsdb-tool", "create", str(rundir / "conf.db"), str(SCHEMA)], check=True)
@@ -99,7 +95,13 @@ def private_ovs() -> Iterator[PrivateOVS]:
         # The switch first: it would log the database's disappearance.
         for daemon in reversed(_DAEMONS):
             _end_by_pidfile(rundir / f"{daemon}.pid")
-        subprocess.run(["ip", "netns", "delete", netns], check=True)
         shutil.rmtree(rundir, ignore_errors=True)
+
+
+@pytest.fixture
+def private_ovs() -> Iterator[PrivateOVS]:
+    before = host_links()
+    with namespace("kvs-ovs") as netns, running_ovs(netns) as ovs:
+        yield ovs
     # Bridges, taps and OVS ports all stayed in the test namespace.
-    assert _host_links() == host_links
+    assert host_links() == before
