@@ -20,7 +20,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Final
 
-from ganeti import constants, errors, objects, vcluster
+from ganeti import constants, errors, objects, pathutils, vcluster
 from ganeti.hypervisor import hv_base
 from ganeti.hypervisor.hv_kvm import KVMHypervisor
 from ganeti.hypervisor.hv_kvm import validation as kvm_validation
@@ -67,6 +67,15 @@ def _call(method: str, params: Mapping[str, Any] | None = None, **options: Any) 
             return daemon.call(method, params)
     except (DaemonError, DaemonUnreachable) as error:
         raise errors.HypervisorError(f"kvm-supervisor: {method}: {error}") from None
+
+
+def _disk_links(instance: objects.Instance) -> list[tuple[Any, str, None]]:
+    """The links to `instance`'s block devices on this node, as StartInstance gets them:
+    Ganeti makes them (``BlockdevOpen``) before it asks a target to accept an instance."""
+    return [
+        (disk, f"{pathutils.DISK_LINKS_DIR}/{instance.name}{constants.DISK_SEPARATOR}{index}", None)
+        for index, disk in enumerate(instance.disks_info or [])
+    ]
 
 
 def _node_socket(node_name: str, socket_path: str) -> str:
@@ -317,7 +326,7 @@ class KvmSupervisorHypervisor(hv_base.BaseHypervisor):  # type: ignore[misc]  # 
         return str(_call("migration.info", {"name": instance.name})["runtime"])
 
     def AcceptInstance(self, instance: objects.Instance, info: str, target: str) -> None:
-        spec = convert.instance_spec(instance, [])
+        spec = convert.instance_spec(instance, _disk_links(instance))
         params = {
             "spec": spec,
             "runtime": info,
