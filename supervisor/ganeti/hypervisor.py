@@ -16,8 +16,9 @@ library and Ganeti's modules only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
 from ganeti import constants, errors, objects, pathutils, vcluster
@@ -27,6 +28,7 @@ from ganeti.hypervisor.hv_kvm import validation as kvm_validation
 
 from supervisor.ganeti import convert
 from supervisor.ganeti.rpc import (
+    DEFAULT_TIMEOUT_S,
     INSTANCE_NOT_FOUND,
     INSTANCE_NOT_RUNNING,
     DaemonClient,
@@ -43,6 +45,10 @@ _STOP_WITHOUT_TIMEOUT_S: Final = 900.0
 #: A start may probe QEMU and set NICs up; a reboot stops first.
 _START_TIMEOUT_S: Final = 300.0
 
+#: Error codes that mean "no such instance here" (API.md §2).
+_UNKNOWN: Final = frozenset({INSTANCE_NOT_FOUND})
+_NOT_RUNNING: Final = frozenset({INSTANCE_NOT_FOUND, INSTANCE_NOT_RUNNING})
+
 _log = logging.getLogger(__name__)
 
 
@@ -54,19 +60,45 @@ def _settings() -> DriverSettings:
 
 
 def _daemon(*, timeout_s: float | None = None) -> DaemonClient:
-    socket_path = _settings().socket
-    if timeout_s is None:
-        return DaemonClient(socket_path)
-    return DaemonClient(socket_path, timeout_s=timeout_s)
+    return DaemonClient(_settings().socket, timeout_s=timeout_s or DEFAULT_TIMEOUT_S)
 
 
-def _call(method: str, params: Mapping[str, Any] | None = None, **options: Any) -> Any:
-    """One request on a connection of its own; errors become ``HypervisorError``."""
+@contextlib.contextmanager
+def _connection(timeout_s: float | None = None) -> Iterator[DaemonClient]:
+    """A connection to the node's daemon; its errors become ``HypervisorError``."""
     try:
-        with _daemon(**options) as daemon:
-            return daemon.call(method, params)
+        with _daemon(timeout_s=timeout_s) as daemon:
+            yield daemon
     except (DaemonError, DaemonUnreachable) as error:
-        raise errors.HypervisorError(f"kvm-supervisor: {method}: {error}") from None
+        raise errors.HypervisorError(f"kvm-supervisor: {error}") from None
+
+
+def _request(
+    daemon: DaemonClient,
+    method: str,
+    params: Mapping[str, Any] | None = None,
+    absent: frozenset[int] = frozenset(),
+) -> Any:
+    """`method`'s result, or None for an error whose code is in `absent` (an instance
+    already gone, say)."""
+    try:
+        return daemon.call(method, params)
+    except DaemonError as error:
+        if error.code in absent:
+            return None
+        raise DaemonError(error.code, f"{method}: {error.message}", error.data) from None
+
+
+def _call(
+    method: str,
+    params: Mapping[str, Any] | None = None,
+    *,
+    timeout_s: float | None = None,
+    absent: frozenset[int] = frozenset(),
+) -> Any:
+    """One request on a connection of its own (see `_request`)."""
+    with _connection(timeout_s) as daemon:
+        return _request(daemon, method, params, absent)
 
 
 def _disk_links(instance: objects.Instance) -> list[tuple[Any, str, None]]:
@@ -90,15 +122,7 @@ def _node_socket(node_name: str, socket_path: str) -> str:
 
 def _instance_info(name: str) -> dict[str, Any] | None:
     """``instance.info``, or None when the daemon does not know the instance."""
-    try:
-        with _daemon() as daemon:
-            info: dict[str, Any] = daemon.call("instance.info", {"name": name})
-    except DaemonError as error:
-        if error.code == INSTANCE_NOT_FOUND:
-            return None
-        raise errors.HypervisorError(f"kvm-supervisor: instance.info: {error}") from None
-    except DaemonUnreachable as error:
-        raise errors.HypervisorError(f"kvm-supervisor: {error}") from None
+    info: dict[str, Any] | None = _call("instance.info", {"name": name}, absent=_UNKNOWN)
     return info
 
 
@@ -124,16 +148,12 @@ class KvmSupervisorHypervisor(hv_base.BaseHypervisor):  # type: ignore[misc]  # 
         block_devices: list[tuple[Any, str, str | None]],
         startup_paused: bool,
     ) -> None:
-        try:
-            with _daemon(timeout_s=_START_TIMEOUT_S) as daemon:
-                node = daemon.call("supervisor.info")["node"]
-                startup = convert.startup_memory(instance, int(node["memory_free_mib"]))
-                spec = convert.instance_spec(instance, block_devices, startup)
-                daemon.call("instance.start", {"spec": spec, "paused": bool(startup_paused)})
-        except (DaemonError, DaemonUnreachable) as error:
-            raise errors.HypervisorError(
-                f"kvm-supervisor: cannot start {instance.name}: {error}"
-            ) from None
+        with _connection(_START_TIMEOUT_S) as daemon:
+            node = _request(daemon, "supervisor.info")["node"]
+            startup = convert.startup_memory(instance, int(node["memory_free_mib"]))
+            spec = convert.instance_spec(instance, block_devices, startup)
+            params = {"spec": spec, "paused": bool(startup_paused)}
+            _request(daemon, "instance.start", params)
 
     def StopInstance(
         self,
@@ -155,28 +175,10 @@ class KvmSupervisorHypervisor(hv_base.BaseHypervisor):  # type: ignore[misc]  # 
         if timeout is not None and not force:
             params["timeout_s"] = float(timeout)
             deadline = timeout + _STOP_MARGIN_S
-        try:
-            with _daemon(timeout_s=deadline) as daemon:
-                daemon.call("instance.stop", params)
-        except DaemonError as error:
-            if error.code in (INSTANCE_NOT_FOUND, INSTANCE_NOT_RUNNING):
-                return
-            raise errors.HypervisorError(f"kvm-supervisor: cannot stop {name}: {error}") from None
-        except DaemonUnreachable as error:
-            raise errors.HypervisorError(f"kvm-supervisor: cannot stop {name}: {error}") from None
+        _call("instance.stop", params, timeout_s=deadline, absent=_NOT_RUNNING)
 
     def CleanupInstance(self, instance_name: str) -> None:
-        try:
-            with _daemon() as daemon:
-                daemon.call("instance.cleanup", {"name": instance_name})
-        except DaemonError as error:
-            if error.code == INSTANCE_NOT_FOUND:
-                return
-            raise errors.HypervisorError(
-                f"kvm-supervisor: cannot clean up after {instance_name}: {error}"
-            ) from None
-        except DaemonUnreachable as error:
-            raise errors.HypervisorError(f"kvm-supervisor: {error}") from None
+        _call("instance.cleanup", {"name": instance_name}, absent=_UNKNOWN)
 
     def RebootInstance(self, instance: objects.Instance) -> None:
         _call("instance.reboot", {"name": instance.name}, timeout_s=_STOP_WITHOUT_TIMEOUT_S)
@@ -199,20 +201,13 @@ class KvmSupervisorHypervisor(hv_base.BaseHypervisor):  # type: ignore[misc]  # 
         self, hvparams: Mapping[str, Any] | None = None
     ) -> list[tuple[str, int, int, int, int, int]]:
         found = []
-        try:
-            with _daemon() as daemon:
-                for name in convert.alive_names(daemon.call("instance.list")):
-                    try:
-                        info = daemon.call("instance.info", {"name": name})
-                    except DaemonError as error:
-                        if error.code == INSTANCE_NOT_FOUND:
-                            continue  # cleaned up between the two calls
-                        raise
-                    entry = convert.instance_tuple(info, hvparams)
-                    if entry is not None:
-                        found.append(entry)
-        except (DaemonError, DaemonUnreachable) as error:
-            raise errors.HypervisorError(f"kvm-supervisor: {error}") from None
+        with _connection() as daemon:
+            for name in convert.alive_names(_request(daemon, "instance.list")):
+                # None: cleaned up since the list.
+                info = _request(daemon, "instance.info", {"name": name}, _UNKNOWN)
+                entry = None if info is None else convert.instance_tuple(info, hvparams)
+                if entry is not None:
+                    found.append(entry)
         return found
 
     def GetNodeInfo(self, hvparams: Mapping[str, Any] | None = None) -> dict[str, Any]:
