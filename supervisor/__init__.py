@@ -1,6 +1,7 @@
 """kvm-supervisor: an event-driven supervisor for KVM/QEMU virtual machines.
 
-``from supervisor import Supervisor, load_config`` is the embedding API (API.md §6).
+``from supervisor import Supervisor, load_config`` is the embedding API (API.md §6);
+``from supervisor import migrate`` runs a migration between two daemons.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
-__all__ = ["Supervisor", "__version__", "load_config"]
+__all__ = ["Supervisor", "__version__", "load_config", "migrate"]
 
 if TYPE_CHECKING:
+    from supervisor.control.migrate import migrate
     from supervisor.engine.supervisor import Supervisor
     from supervisor.model.config import load_config
 
@@ -31,4 +33,8 @@ def __getattr__(name: str) -> Any:
         from supervisor.model.config import load_config
 
         return load_config
+    if name == "migrate":
+        from supervisor.control.migrate import migrate
+
+        return migrate
     raise AttributeError(f"module 'supervisor' has no attribute {name!r}")

@@ -75,14 +75,35 @@ async def _connect(args: argparse.Namespace) -> AsyncIterator[RPCClient]:
     """A client of the daemon's control socket, or of a remote one (``--connect``);
     `DaemonUnreachable` when none answers."""
     if args.connect:
-        target = _remote_target(args)
-        try:
-            async with connect_ssh(target) as client:
-                yield client
-        except ConnectionError as error:
-            raise DaemonUnreachable(args.connect, error) from None
+        async with _connect_remote(args.connect, "--connect") as client:
+            yield client
         return
-    path = _socket_path(args)
+    async with _connect_local(_socket_path(args)) as client:
+        yield client
+
+
+@asynccontextmanager
+async def _connect_to(where: str, option: str) -> AsyncIterator[RPCClient]:
+    """A client of the daemon `where` names: an ``ssh://`` URL or a control socket path."""
+    if "://" in where:
+        async with _connect_remote(where, option) as client:
+            yield client
+        return
+    async with _connect_local(Path(where)) as client:
+        yield client
+
+
+@asynccontextmanager
+async def _connect_remote(url: str, option: str) -> AsyncIterator[RPCClient]:
+    try:
+        async with connect_ssh(_remote_target(url, option)) as client:
+            yield client
+    except ConnectionError as error:
+        raise DaemonUnreachable(url, error) from None
+
+
+@asynccontextmanager
+async def _connect_local(path: Path) -> AsyncIterator[RPCClient]:
     try:
         async with connect_unix(path) as client:
             yield client
@@ -90,11 +111,11 @@ async def _connect(args: argparse.Namespace) -> AsyncIterator[RPCClient]:
         raise DaemonUnreachable(str(path), error) from None
 
 
-def _remote_target(args: argparse.Namespace) -> SshTarget:
+def _remote_target(url: str, option: str) -> SshTarget:
     try:
-        return parse_connect(args.connect)
+        return parse_connect(url)
     except ValueError as error:
-        raise UsageError(f"--connect: {error}") from None
+        raise UsageError(f"{option}: {error}") from None
 
 
 async def _rpc_stdio(args: argparse.Namespace) -> int:
@@ -178,6 +199,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("name")
     sub.add_argument("command")
     sub.add_argument("arguments", nargs="?", metavar="JSON")
+    sub = verb("migrate", "migrate a running instance to another daemon")
+    sub.add_argument("name")
+    sub.add_argument(
+        "--to",
+        required=True,
+        metavar="TARGET",
+        help="the target daemon: its control socket, or ssh://[user@]host[:port][/socket]",
+    )
+    mode = sub.add_mutually_exclusive_group()
+    mode.add_argument("--live", dest="live", action="store_true", help="the guest keeps running")
+    mode.add_argument("--non-live", dest="live", action="store_false", help="pause it first")
+    sub.set_defaults(live=None)
+    sub.add_argument("--bandwidth", type=int, metavar="MIB_S", help="bandwidth limit, MiB/s")
+    sub.add_argument("--downtime", type=int, metavar="MS", help="longest downtime, ms")
+    sub.add_argument(
+        "--address",
+        metavar="IP",
+        help="where the target listens and the source connects (default 127.0.0.1 for a"
+        " socket path; needed with ssh://)",
+    )
+    sub.add_argument("--port", type=int, default=0, metavar="P", help="target port (0: any)")
     sub = verb("ganeti-install", "make this Ganeti node's kvm hypervisor kvm-supervisor's driver")
     sub.add_argument("--ganeti-python", default=GANETI_PYTHON, metavar="PATH")
     sub.add_argument("--ganeti-lib", default=GANETI_LIB, metavar="DIR")
@@ -402,6 +444,15 @@ async def _serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _migrate(args: argparse.Namespace) -> int:
+    from supervisor.cli.migrate import run_migrate
+
+    if "://" in args.to and args.address is None:
+        raise UsageError("--address: give the address the source reaches the target at")
+    async with _connect(args) as source, _connect_to(args.to, "--to") as target:
+        return await run_migrate(args, source, target)
+
+
 def _runner(args: argparse.Namespace) -> Callable[[], Any]:
     if args.connect and args.verb in _LOCAL_VERBS:
         raise UsageError(f"{args.verb} runs on this host only: no --connect")
@@ -410,6 +461,7 @@ def _runner(args: argparse.Namespace) -> Callable[[], Any]:
         "cmdline": _cmdline,
         "events": _events,
         "console": _console,
+        "migrate": _migrate,
         "rpc-stdio": _rpc_stdio,
         "ganeti-install": _ganeti_install,
         "ganeti-uninstall": _ganeti_uninstall,
@@ -423,7 +475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.connect and args.verb == "console":
-            return run_remote_terminal(_remote_target(args), ["console", args.name])
+            target = _remote_target(args.connect, "--connect")
+            return run_remote_terminal(target, ["console", args.name])
         return int(anyio.run(_runner(args)))
     except UsageError as error:
         print(f"kvm-supervisor: {error}", file=sys.stderr)

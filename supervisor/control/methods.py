@@ -101,6 +101,59 @@ async def _qmp(sup: Supervisor, params: api.QmpParams) -> api.QmpResult:
     return api.QmpResult(return_=await sup.qmp(params.name, params.command, params.arguments))
 
 
+async def _migration_info(sup: Supervisor, params: api.NameParams) -> api.MigrationInfoResult:
+    return sup.migrations.info(params.name)
+
+
+async def _migration_accept(
+    sup: Supervisor, params: api.MigrationAcceptParams
+) -> api.MigrationAcceptResult:
+    return await sup.migrations.accept(
+        params.spec,
+        params.runtime,
+        address=params.address,
+        port=params.port,
+        capabilities=params.capabilities,
+    )
+
+
+async def _migration_start(
+    sup: Supervisor, params: api.MigrationStartParams
+) -> api.MigrationStartResult:
+    status = await sup.migrations.start(
+        params.name,
+        target=params.target,
+        port=params.port,
+        live=params.live,
+        bandwidth_mib_s=params.bandwidth_mib_s,
+        downtime_ms=params.downtime_ms,
+        capabilities=params.capabilities,
+    )
+    return api.MigrationStartResult(status=status)
+
+
+async def _migration_status(sup: Supervisor, params: api.NameParams) -> api.MigrationStatus:
+    return await sup.migrations.status(params.name)
+
+
+async def _migration_cancel(sup: Supervisor, params: api.NameParams) -> api.MigrationStatus:
+    return await sup.migrations.cancel(params.name)
+
+
+async def _finalize_source(sup: Supervisor, params: api.FinalizeSourceParams) -> api.Empty:
+    await sup.migrations.finalize_source(params.name, success=params.success, live=params.live)
+    return api.Empty()
+
+
+async def _finalize_target(
+    sup: Supervisor, params: api.FinalizeTargetParams
+) -> api.InstanceInfo | api.Empty:
+    info = await sup.migrations.finalize_target(
+        params.name, params.runtime, success=params.success, resume=params.resume
+    )
+    return api.Empty() if info is None else info
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -184,6 +237,57 @@ METHODS: dict[str, Method] = {
             api.QmpResult,
             _qmp,
             "Run a QMP command (state-changing ones are refused).",
+        ),
+        Method(
+            "migration.info",
+            api.NameParams,
+            api.MigrationInfoResult,
+            _migration_info,
+            "Source: the running guest as an opaque payload for migration.accept.",
+        ),
+        Method(
+            "migration.accept",
+            api.MigrationAcceptParams,
+            api.MigrationAcceptResult,
+            _migration_accept,
+            "Target: start QEMU waiting for the guest; returns the port it listens on.",
+        ),
+        Method(
+            "migration.start",
+            api.MigrationStartParams,
+            api.MigrationStartResult,
+            _migration_start,
+            "Source: start migrating to an accepting target; returns at once.",
+        ),
+        Method(
+            "migration.status",
+            api.NameParams,
+            api.MigrationStatus,
+            _migration_status,
+            "A migration's figures, without waiting.",
+        ),
+        Method(
+            "migration.cancel",
+            api.NameParams,
+            api.MigrationStatus,
+            _migration_cancel,
+            "Cancel a migration: the source keeps running; a target's QEMU is stopped.",
+        ),
+        Method(
+            "migration.finalize_source",
+            api.FinalizeSourceParams,
+            api.Empty,
+            _finalize_source,
+            "Source: success ends QEMU and removes the runtime; failure resumes the guest.",
+        ),
+        Method(
+            "migration.finalize_target",
+            api.FinalizeTargetParams,
+            # InstanceInfo or {}: msgspec's schemas take no union of two untagged Structs.
+            Any,
+            _finalize_target,
+            "Target: success makes the instance this daemon's (returns its InstanceInfo);"
+            " failure stops its QEMU (returns {}).",
         ),
     )
 }

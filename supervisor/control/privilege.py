@@ -15,7 +15,10 @@ Two kinds of peer pass the SO_PEERCRED check (`supervisor.control.peers.peer_all
     ``display_port_range``; and no NIC but on a bridge named in ``member_links``, with
     no VLAN of its choosing (a routed NIC changes the host's routing: root's only);
   * ``instance.qmp``: read-only queries only; ``instance.monitor``: read-only ``info``
-    commands only (`supervisor.engine.monitor_commands`).
+    commands only (`supervisor.engine.monitor_commands`);
+  * no ``migration.*`` method: a migration payload carries host-level parameters that
+    no member-checked spec went through, and a migration opens the guest's memory to a
+    network peer.
 
 Only what a spec sent over the socket sets is checked: the node-wide defaults of the
 config's ``[hvparams]`` and the instance files in ``instances_dir`` are the admin's
@@ -45,6 +48,7 @@ from supervisor.model.spec import InstanceSpec
 
 __all__ = [
     "IMAGE_PATH_HVPARAMS",
+    "MIGRATION_METHODS",
     "ROOT_ONLY_HVPARAMS",
     "Privilege",
     "authorize",
@@ -136,10 +140,29 @@ def _monitor(params: api.MonitorParams, _: Config) -> None:
         raise InvalidConfigError("command", refusal)
 
 
+def _admin_only(method: str) -> Callable[[Any, Config], None]:
+    def refuse(_params: Any, _config: Config) -> None:
+        raise InvalidConfigError("method", f"{method}: {_ONLY_ROOT_MAY} migrate instances")
+
+    return refuse
+
+
+#: The migration methods, all for admins only.
+MIGRATION_METHODS: Final = (
+    "migration.info",
+    "migration.accept",
+    "migration.start",
+    "migration.status",
+    "migration.cancel",
+    "migration.finalize_source",
+    "migration.finalize_target",
+)
+
 _MEMBER_RULES: Final[Mapping[str, Callable[[Any, Config], None]]] = {
     "instance.start": _start,
     "instance.qmp": _qmp,
     "instance.monitor": _monitor,
+    **{method: _admin_only(method) for method in MIGRATION_METHODS},
 }
 
 

@@ -14,7 +14,7 @@ import contextlib
 import math
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import anyio
@@ -86,6 +86,10 @@ BUSY_WAIT_S = 5.0
 #: How long a killed QEMU may take to disappear before we report it as stuck.
 KILL_WAIT_S = 10.0
 
+#: Why an instance stopped whose QEMU waited for a migration that did not complete: its
+#: guest never ran here (the source still has it), so this is no crash and no restart.
+MIGRATION_FAILED = "migration-failed"
+
 #: QEMU run states in which `stop` kills at once: a guest that never ran has nothing to
 #: shut down, and pressing the power button of a migrated one would need a ``cont``.
 KILLED_ON_STOP = frozenset({*NOT_RESUMABLE, "prelaunch"})
@@ -128,6 +132,10 @@ class Instance:
         self.vcpus_seen: int | None = None
         self._operation: str | None = None
         self._operation_lock = anyio.Lock()
+        #: What holds the instance beyond one call (its outgoing migration); see `held_by`.
+        self.hold: str | None = None
+        #: The current run's task group: tasks that live as long as this QEMU does.
+        self._run_tasks: anyio.abc.TaskGroup | None = None
         self._exited = anyio.Event()
         self._exited.set()
         #: Set once this run's monitor has answered (state, sizes known).
@@ -169,21 +177,43 @@ class Instance:
     def alive(self) -> bool:
         return self.state in ALIVE
 
+    @property
+    def held_by(self) -> str | None:
+        """What holds the instance beyond one call, if anything: a migration.
+
+        An outgoing one sets `hold` while it runs; an incoming one holds the instance
+        from ``migration.accept`` to ``migration.finalize_target`` (its record says so,
+        so the hold survives a daemon restart).
+        """
+        if self.hold is not None:
+            return self.hold
+        record = self.record
+        if record is not None and record.incoming and self.alive:
+            return "an incoming migration (until migration.finalize_target)"
+        return None
+
     @contextlib.asynccontextmanager
-    async def operation(self, what: str) -> AsyncIterator[None]:
+    async def operation(self, what: str, *, holder: bool = False) -> AsyncIterator[None]:
         """Run one operation at a time on this instance.
 
         A second operation waits up to `BUSY_WAIT_S` for the first (so back-to-back
         calls just queue), then gets `Busy` and holds nothing. Ownership is what
         ``acquire`` returned, never guessed from the lock's state afterwards: the lock
-        may have passed to a third task that has not run yet.
+        may have passed to a third task that has not run yet. While something holds
+        the instance (`held_by`), only the `holder`'s own operations run; the others
+        get `Busy` naming it at once.
         """
+        if not holder and self.held_by is not None:
+            raise Busy(self.name, self.held_by)
         acquired = False
         with anyio.move_on_after(BUSY_WAIT_S):
             await self._operation_lock.acquire()
             acquired = True
         if not acquired:
             raise Busy(self.name, self._operation or "another operation")
+        if not holder and self.held_by is not None:
+            self._operation_lock.release()
+            raise Busy(self.name, self.held_by)
         self._operation = what
         try:
             yield
@@ -213,25 +243,48 @@ class Instance:
         raise `HypervisorError` with the tail of its output. Without (an adopted
         QEMU) the state is read from QEMU. Whenever the monitor connection is lost
         while QEMU lives on (a hung QEMU, a bug), it is retried every
-        `MONITOR_RETRY_S`; the exit is noticed through the pidfd all the while. On
-        cancellation (the daemon is leaving) QEMU is left running.
+        `MONITOR_RETRY_S`; the exit is noticed through the pidfd all the while. Tasks
+        started with `start_task` (a migration's) run beside it, until the exit is
+        reported. On cancellation (the daemon is leaving) QEMU is left running.
         """
         self.process = process
         self._exited = anyio.Event()
         self.monitor_ready = anyio.Event()
         self._exit_reason = None
         self._shutdown_cause = None
-        exited = await self._first_session(process, startup, task_status)
-        while not exited:  # the monitor went away, QEMU did not
-            status = None
-            with anyio.move_on_after(MONITOR_RETRY_S):
-                status = await process.wait_exit()
-            if status is not None:
-                with anyio.CancelScope(shield=True):
-                    await self._handle_exit(status)
-                break
-            exited = await self._monitor_session(process, startup=None)
+        # The run's own tasks (`start_task`) never raise: an error of ours leaves bare.
+        with ungrouped():
+            async with anyio.create_task_group() as run_tasks:
+                self._run_tasks = run_tasks
+                try:
+                    exited = await self._first_session(process, startup, task_status)
+                    while not exited:  # the monitor went away, QEMU did not
+                        status = None
+                        with anyio.move_on_after(MONITOR_RETRY_S):
+                            status = await process.wait_exit()
+                        if status is not None:
+                            with anyio.CancelScope(shield=True):
+                                await self._handle_exit(status)
+                            break
+                        exited = await self._monitor_session(process, startup=None)
+                finally:
+                    self._run_tasks = None
+                    run_tasks.cancel_scope.cancel()
         return process.exit_status or ExitStatus(code=None, signal=None)
+
+    async def start_task(
+        self, function: Callable[..., Coroutine[Any, Any, Any]], *args: Any
+    ) -> Any:
+        """Start ``function(*args, task_status=...)`` beside the run's liveness watcher.
+
+        It lives as long as this QEMU: it is cancelled once QEMU's exit is reported (or
+        the daemon leaves), and must never raise after it has started. Returns what it
+        passes to ``task_status.started()``; what it raises before that, this raises.
+        Raises `InstanceNotRunning` when no QEMU runs.
+        """
+        if self._run_tasks is None:
+            raise InstanceNotRunning(self.name, str(self.state))
+        return await self._run_tasks.start(function, *args)
 
     async def _first_session(
         self, process: QemuProcess, startup: StartupSteps | None, task_status: TaskStatus[None]
@@ -379,7 +432,8 @@ class Instance:
         elif event.name == "RESUME":
             self.qemu_status = "running"
             if self.state in (S.PAUSED, S.STARTING, S.INCOMING):
-                self.set_state(S.RUNNING, "resumed" if self.state == S.PAUSED else "started")
+                reason = {S.PAUSED: "resumed", S.INCOMING: "migrated"}.get(self.state, "started")
+                self.set_state(S.RUNNING, reason)
         elif event.name == "SHUTDOWN":
             self.qemu_status = "shutdown"
             self._shutdown_cause = str(event.data.get("reason"))
@@ -422,6 +476,8 @@ class Instance:
             details["signal"] = status.signal
         if self._exit_reason is not None:
             new, reason = S.STOPPED, self._exit_reason
+        elif self.state == S.INCOMING:
+            new, reason = S.STOPPED, MIGRATION_FAILED
         elif self._shutdown_cause is not None:
             new, reason = exit_for_shutdown(self._shutdown_cause)
             details["qemu_reason"] = self._shutdown_cause
@@ -445,13 +501,14 @@ class Instance:
 
     # -- operations --------------------------------------------------------------------
 
-    async def stop(self, *, force: bool, timeout_s: float) -> None:
+    async def stop(self, *, force: bool, timeout_s: float, reason: str = "killed") -> None:
         """ACPI power-down, then a kill after `timeout_s`; `force` kills at once.
 
-        Returns once QEMU has exited and the instance is stopped. A paused guest is
-        resumed after the power button is pressed, since only a running guest can
-        act on it. A crashed instance becomes stopped (no restart follows). If the
-        call is cancelled before QEMU exits, the instance returns to QEMU's state.
+        Returns once QEMU has exited and the instance is stopped, with `reason` if QEMU
+        was killed. A paused guest is resumed after the power button is pressed, since
+        only a running guest can act on it. A crashed instance becomes stopped (no
+        restart follows). If the call is cancelled before QEMU exits, the instance
+        returns to QEMU's state.
         """
         if self.state == S.CRASHED:
             self.set_state(S.STOPPED, "stop requested")
@@ -473,7 +530,7 @@ class Instance:
                     with anyio.move_on_after(timeout_s):
                         await self._exited.wait()
             if not self._exited.is_set():
-                self._exit_reason = "killed"
+                self._exit_reason = reason
                 if process.is_alive():
                     process.send_signal(signal.SIGKILL)
                 with anyio.move_on_after(KILL_WAIT_S) as scope:

@@ -43,7 +43,7 @@ from supervisor.model.errors import (
     InvalidConfigError,
     NetworkError,
 )
-from supervisor.model.hvparams import parse_cpu_mask, resolve_hvparams
+from supervisor.model.hvparams import HvParams, parse_cpu_mask, resolve_hvparams
 from supervisor.model.spec import InstanceSpec, assign_macs, ensure_uuid
 from supervisor.model.states import InstanceState
 from supervisor.model.validation import check_host_basics, check_syntax, raise_first
@@ -65,15 +65,18 @@ _log = get_logger(__name__)
 QMP_CHARDEV_ID = "qmp-listen"
 
 
-def launch_argv(argv: tuple[str, ...], qmp_listen_fd: int) -> list[str]:
+def launch_argv(argv: tuple[str, ...], qmp_listen_fd: int, *, incoming: bool = False) -> list[str]:
     """The argv to exec: paused (``-S``), with QMP on an already-listening descriptor.
 
     The record keeps the path form (``-qmp unix:PATH,server=on,wait=off``), which
-    can be run by hand; QEMU gets the same socket as ``fd=`` instead.
+    can be run by hand; QEMU gets the same socket as ``fd=`` instead. An `incoming`
+    QEMU waits for a migration (``-incoming defer``: ``migrate-incoming`` says where).
     """
     result = [argv[0]]
     if "-S" not in argv:
         result.append("-S")
+    if incoming:
+        result += ["-incoming", "defer"]
     args = iter(argv[1:])
     for arg in args:
         if arg == "-qmp":
@@ -157,20 +160,23 @@ class Launcher:
         *,
         known_uuid: str | None,
         macs_in_use: Mapping[str, str] | None = None,
+        hvparams: HvParams | None = None,
     ) -> RuntimeRecord:
         """Validate `spec`, lease what it needs and build its runtime record.
 
         `macs_in_use` maps the MACs of the node's other running instances to their
-        names: a NIC must not share one (nor one of a start under way). Raises
-        `InvalidConfigError` naming the field at fault (nothing is leased then),
-        `NetworkError` when the host cannot set up a NIC (its bridge is missing, say)
-        and `HypervisorError` when QEMU cannot be probed.
+        names: a NIC must not share one (nor one of a start under way). `hvparams` are
+        the resolved parameters to run with (a migration target takes its source's); by
+        default the spec's over the config's. Raises `InvalidConfigError` naming the
+        field at fault (nothing is leased then), `NetworkError` when the host cannot set
+        up a NIC (its bridge is missing, say) and `HypervisorError` when QEMU cannot be
+        probed.
         """
         if spec.uuid is None and known_uuid is not None:
             spec = msgspec.structs.replace(spec, uuid=known_uuid)
         spec = assign_macs(ensure_uuid(spec))
         self._refuse_macs_in_use(spec, macs_in_use or {})
-        hv = resolve_hvparams(self.config.hvparams, spec.hvparams)
+        hv = resolve_hvparams(self.config.hvparams, spec.hvparams) if hvparams is None else hvparams
         raise_first(check_syntax(spec, hv))
         raise_first(check_host_basics(spec, hv))
         if hv.security_model == "pool" and self.uid_pool is None:
@@ -251,7 +257,7 @@ class Launcher:
         self.state_dir.create_instance_dir(record.name, group_id=self.group_id)
         if record.hvparams.use_chroot:
             create_chroot(record.paths.chroot)
-        return msgspec.structs.replace(record, pid=None, started_at=None)
+        return msgspec.structs.replace(record, pid=None, started_at=None, incoming=False)
 
     async def launch(
         self, instance: Instance, record: RuntimeRecord, *, paused: bool
@@ -290,7 +296,11 @@ class Launcher:
             listener = _listening_socket(paths.qmp_socket)
             try:
                 fds = tap_fds(record.nics, taps)
-                argv = argv_with_fds(launch_argv(record.argv, listener.fileno()), record.nics, fds)
+                argv = argv_with_fds(
+                    launch_argv(record.argv, listener.fileno(), incoming=record.incoming),
+                    record.nics,
+                    fds,
+                )
                 refuse_symlink(paths.serial_log)  # QEMU appends to it (as root, maybe)
                 process = launch(
                     argv, log_path=paths.qemu_log, pass_fds=(listener.fileno(), *fds.values())
@@ -352,15 +362,20 @@ class Launcher:
                 await pin_vcpus(client, instance.process.pid, parse_cpu_mask(hv.cpu_mask))
             except CpuPinningError as error:
                 raise InvalidConfigError("spec.hvparams.cpu_mask", str(error)) from None
+            if record.incoming:
+                # The guest, its balloon included, comes with the migration
+                # (`supervisor.engine.migration` tells QEMU where to listen).
+                await self._complete(instance, record)
+                instance.qemu_status = "inmigrate"
+                instance.set_state(InstanceState.INCOMING, "waiting for a migration")
+                return
             startup_mib = record.spec.startup_memory_mib
             if startup_mib is not None and startup_mib < record.spec.memory_mib:
                 await client.execute("balloon", {"value": startup_mib * 1024 * 1024})
             if not paused:
                 await client.execute("cont")
             # After `cont`: a daemon killed before this save runs the steps again.
-            completed = msgspec.structs.replace(record, start_completed=True)
-            await _save(completed)
-            instance.record = completed
+            await self._complete(instance, record)
             if paused:
                 instance.qemu_status = "paused"
                 instance.set_state(InstanceState.PAUSED, "started paused")
@@ -369,6 +384,11 @@ class Launcher:
                 instance.set_state(InstanceState.RUNNING, "started")
 
         return run
+
+    async def _complete(self, instance: Instance, record: RuntimeRecord) -> None:
+        completed = msgspec.structs.replace(record, start_completed=True)
+        await _save(completed)
+        instance.record = completed
 
     def _share_console(self, record: RuntimeRecord) -> None:
         """Serial console socket: mode 0660 and the control group (API.md §1)."""

@@ -30,8 +30,14 @@ import msgspec
 from protocols.groups import ungrouped
 from supervisor import __version__
 from supervisor.engine.events import EventBus, Subscription
-from supervisor.engine.instance import Instance, backoff_delay, recent_crashes
+from supervisor.engine.instance import (
+    MIGRATION_FAILED,
+    Instance,
+    backoff_delay,
+    recent_crashes,
+)
 from supervisor.engine.launcher import Launcher
+from supervisor.engine.migration import Migrations
 from supervisor.host.statedir import StateDir
 from supervisor.log import get_logger
 from supervisor.model.api import InstanceInfo, InstanceSummary
@@ -74,6 +80,8 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         self._definition_mtimes: dict[str, float] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         self.launcher = Launcher(config, self.state_dir, group_id=self._group_id)
+        #: The ``migration.*`` operations (`supervisor.engine.migration`).
+        self.migrations = Migrations(self)
         self.log = get_logger(__name__)
 
     @asynccontextmanager
@@ -322,6 +330,9 @@ class Supervisor(anyio.AsyncContextManagerMixin):
     ) -> None:
         startup = None if paused is None else self.launcher.startup_steps(instance, paused=paused)
         await instance.supervise(process, startup=startup, task_status=task_status)
+        if instance.reason == MIGRATION_FAILED:
+            await self.migrations.forget_failed_incoming(instance)
+            return
         if not self._should_restart(instance):
             return
         delay = backoff_delay(recent_crashes(instance.crash_history, RESTART_WINDOW_S))
@@ -513,14 +524,20 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         """Remove runtime files, uid lease and chroot; forget an instance with no file."""
         instance = self._instance(name)
         async with instance.operation("cleanup"):
-            if instance.alive:
-                raise InstanceExists(name, "is running: stop it first")
-            with host_io_errors(f"cleanup of {name!r}", instance.paths.directory):
-                await self.launcher.release(instance)
-                self.launcher.forget(instance)
-            instance.record = None
-            if not instance_file(self.config.instances_dir, name).exists():
-                del self._instances[name]
+            await self._clean_up(instance)
+
+    async def _clean_up(self, instance: Instance) -> None:
+        """`cleanup` of an instance whose operation lock the caller holds."""
+        name = instance.name
+        if instance.alive:
+            raise InstanceExists(name, "is running: stop it first")
+        with host_io_errors(f"cleanup of {name!r}", instance.paths.directory):
+            await self.launcher.release(instance)
+            self.launcher.forget(instance)
+        instance.record = None
+        defined = instance_file(self.config.instances_dir, name).exists()
+        if not defined and self._instances.get(name) is instance:
+            del self._instances[name]
 
     def list(self) -> list[InstanceSummary]:
         self._load_definitions()

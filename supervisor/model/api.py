@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from supervisor.model.spec import InstanceName, InstanceSpec
+from supervisor.model.spec import PATTERN_END, InstanceName, InstanceSpec
 
 
 class _Params(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
@@ -55,6 +55,62 @@ class QmpParams(_Params, frozen=True, kw_only=True, forbid_unknown_fields=True):
     name: InstanceName
     command: Annotated[str, Meta(min_length=1, max_length=256)]
     arguments: dict[str, Any] | None = None
+
+
+#: Where a migration stream listens or connects: an IP address or a host name.
+MigrationHost = Annotated[
+    str,
+    Meta(
+        pattern=r"^[0-9A-Za-z.:-]{1,253}" + PATTERN_END,
+        description="IP address (v4 or v6) or host name.",
+    ),
+]
+MigrationCapability = Annotated[str, Meta(pattern=r"^[a-z0-9-]{1,64}" + PATTERN_END)]
+
+
+class MigrationAcceptParams(_Params, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``migration.accept``: the target starts QEMU waiting for `runtime`'s guest.
+
+    `spec` names the instance and must agree with the runtime's (see the README);
+    `capabilities` defaults to the runtime's ``migration_caps`` and must be the list
+    ``migration.start`` gets.
+    """
+
+    spec: InstanceSpec
+    runtime: Annotated[str, Meta(min_length=1)]
+    address: MigrationHost
+    port: Annotated[int, Meta(ge=0, le=65535)] = 0
+    capabilities: list[MigrationCapability] | None = None
+
+
+class MigrationStartParams(_Params, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``migration.start``; absent values come from the instance's hvparams
+    (``migration_port``, ``migration_mode``, ``migration_bandwidth``,
+    ``migration_downtime``, ``migration_caps``)."""
+
+    name: InstanceName
+    target: MigrationHost
+    port: Annotated[int, Meta(ge=1, le=65535)] | None = None
+    live: bool | None = None
+    bandwidth_mib_s: Annotated[int, Meta(ge=0)] | None = None
+    downtime_ms: Annotated[int, Meta(ge=0, le=2_000_000)] | None = None
+    capabilities: list[MigrationCapability] | None = None
+
+
+class FinalizeSourceParams(_Params, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: InstanceName
+    success: bool
+    live: bool = True
+
+
+class FinalizeTargetParams(_Params, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``resume`` (an extension): run a guest the migration left paused, as a non-live
+    migration does; false keeps it paused (a guest that was paused on its source)."""
+
+    name: InstanceName
+    runtime: Annotated[str, Meta(min_length=1)]
+    success: bool
+    resume: bool = True
 
 
 class SubscribeParams(_Params, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -162,3 +218,45 @@ class ConsoleInfo(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True)
     port: int | None = None
     display: int | None = None
     message: str | None = None
+
+
+class MigrationStatus(msgspec.Struct, kw_only=True, frozen=True):
+    """A migration's progress (API.md §3), from QEMU's ``query-migrate``.
+
+    `status` is QEMU's (``setup``, ``active``, ``device``, ``completed``, ``failed``,
+    ``cancelled``, ...) or ``none``. Sizes in MiB; `percent` is the share of guest
+    memory no longer waiting to be sent; `mbps` QEMU's throughput in megabits per
+    second. Extensions: `total_time_ms` (QEMU's), and, once a migration failed or was
+    cancelled, `error` saying why and `stalled` when the stall guard cancelled it.
+    """
+
+    status: str
+    transferred_mib: float = 0.0
+    remaining_mib: float = 0.0
+    total_mib: float = 0.0
+    percent: float = 0.0
+    mbps: float | None = None
+    dirty_sync_count: int | None = None
+    downtime_ms: int | None = None
+    expected_downtime_ms: int | None = None
+    total_time_ms: int | None = None
+    error: str | None = None
+    stalled: bool = False
+
+
+class MigrationInfoResult(msgspec.Struct, kw_only=True, frozen=True):
+    """``migration.info``: `runtime` is the opaque payload for the target; `spec` (an
+    extension) the instance's spec as it runs, for ``migration.accept``."""
+
+    runtime: str
+    spec: InstanceSpec
+
+
+class MigrationAcceptResult(msgspec.Struct, kw_only=True, frozen=True):
+    address: str
+    port: int
+    instance: InstanceInfo
+
+
+class MigrationStartResult(msgspec.Struct, kw_only=True, frozen=True):
+    status: MigrationStatus

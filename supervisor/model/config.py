@@ -90,6 +90,12 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
     display_port_range: tuple[Port, Port] = (5900, 6899)
     #: Events buffered per subscriber before it gets ``events.dropped``.
     event_queue_size: Annotated[int, Meta(ge=1, le=1_000_000)] = 1024
+    #: A migration whose stream moves no byte for this long is cancelled and the guest
+    #: resumed on its source (QEMU itself never gives up on a stalled stream).
+    migration_stall_timeout_s: Seconds = 30.0
+    #: ``migration.progress`` events come at least this often while a migration runs
+    #: (and at every change of its status); at most a second, as API.md §4 promises.
+    migration_progress_interval_s: Annotated[float, Meta(gt=0, le=1)] = 0.5
     #: ovsdb-server's unix socket, for ``mode = "openvswitch"`` NICs.
     ovsdb_socket: Annotated[str, Meta(min_length=1)] = DEFAULT_OVSDB_SOCKET
     #: An executable run for each NIC after its set-up and before its teardown

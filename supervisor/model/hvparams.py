@@ -265,7 +265,9 @@ class HvParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=
     migration_port: Annotated[
         int, _doc("TCP port the migration target listens on.", ge=1, le=65534)
     ] = 8102
-    migration_bandwidth: Annotated[int, _doc("Migration bandwidth limit, MiB/s.", ge=0)] = 32
+    migration_bandwidth: Annotated[
+        int, _doc("Migration bandwidth limit, MiB/s; 0: no limit.", ge=0)
+    ] = 32
     migration_downtime: Annotated[
         int, _doc("Maximum downtime of a live migration, milliseconds.", ge=0)
     ] = 30

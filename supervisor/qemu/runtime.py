@@ -90,6 +90,10 @@ class RuntimeRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     #: it spawns QEMU, so a daemon killed before the steps are done finishes them
     #: after its restart. Records made elsewhere are complete from the start.
     start_completed: bool = True
+    #: This run receives a migration: QEMU is started with ``-incoming defer``, holds no
+    #: guest of its own until the migration completes, and an exit before
+    #: ``migration.finalize_target`` is a failed migration, not a crash.
+    incoming: bool = False
 
     @classmethod
     def for_start(

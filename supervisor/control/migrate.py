@@ -1,0 +1,219 @@
+"""`migrate`: the four migration steps against two daemons, as one call.
+
+What ``kvm-supervisor migrate`` runs, and what an embedding program or a cluster
+manager can run itself over two JSON-RPC connections (`protocols.jsonrpc`)::
+
+    async with connect_unix(source_socket) as source, connect_unix(target_socket) as target:
+        result = await migrate(source, target, "web1", address="10.0.0.2")
+
+The order is Ganeti's: ``migration.info`` on the source, ``migration.accept`` on the
+target, ``migration.start`` on the source, then, following the source's
+``migration.progress`` events to the migration's end, ``migration.finalize_target``
+and ``migration.finalize_source`` (the target first: the source's QEMU is ended only
+once the target owns the guest). A migration that fails or is cancelled is finalized
+as a failure on both ends: the guest keeps running on the source, the target's QEMU
+is stopped and its runtime removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import anyio
+import msgspec
+
+from protocols.jsonrpc import RPCClient, RPCConnectionLostError, RPCError
+from supervisor.model.api import InstanceInfo, MigrationStatus
+from supervisor.model.errors import MigrationError
+from supervisor.qemu.migration_progress import FINISHED
+
+__all__ = ["MigrationResult", "migrate"]
+
+#: How long the clean-up after a migration (failed, cancelled or not) may take.
+CLEANUP_TIMEOUT_S: Final = 60.0
+
+
+class MigrationResult(msgspec.Struct, frozen=True, kw_only=True):
+    """A completed migration: its last figures (``downtime_ms`` among them), the seconds
+    from ``migration.start`` to the end of the finalization, where the target listened
+    and the instance as the target runs it."""
+
+    status: MigrationStatus
+    total_s: float
+    address: str
+    port: int
+    instance: InstanceInfo
+
+
+async def migrate(
+    source: RPCClient,
+    target: RPCClient,
+    name: str,
+    *,
+    address: str = "127.0.0.1",
+    port: int = 0,
+    live: bool | None = None,
+    bandwidth_mib_s: int | None = None,
+    downtime_ms: int | None = None,
+    capabilities: Sequence[str] | None = None,
+    on_progress: Callable[[MigrationStatus], None] | None = None,
+) -> MigrationResult:
+    """Migrate instance `name` from the daemon of `source` to the daemon of `target`.
+
+    The target listens on `address`:`port` (0: any free port) and the source connects
+    there; absent values come from the instance's hvparams (``migration_mode``,
+    ``migration_bandwidth``, ``migration_downtime``, ``migration_caps``).
+    `on_progress` gets every ``migration.progress`` figure as it comes. `source`'s
+    notifications are this call's while it runs: give it a connection of its own.
+
+    Raises `RPCError` as a daemon answered a step (code 7 for an unknown capability or
+    a guest the target cannot run, ...), or with code 8 (``migration_error``, its last
+    figures in ``data["status"]``) for a migration that failed or was cancelled;
+    `RPCConnectionLostError` when a daemon goes away. In both cases, and on
+    cancellation (after which the cancellation goes on), the migration is cancelled
+    and finalized as a failure first, so the guest keeps running on the source;
+    should it have completed meanwhile, it is finalized as a success instead.
+    """
+    info = await source.call("migration.info", {"name": name})
+    runtime: str = info["runtime"]
+    before = await source.call("instance.info", {"name": name})
+    accept: dict[str, Any] = {
+        "spec": info["spec"],
+        "runtime": runtime,
+        "address": address,
+        "port": port,
+    }
+    if capabilities is not None:
+        accept["capabilities"] = list(capabilities)
+    accepted = await target.call("migration.accept", accept)
+    steps = _Steps(source, target, name, runtime, resume=before["state"] == "running")
+    subscription = None
+    try:
+        subscribed = await source.call(
+            "events.subscribe", {"instances": [name], "kinds": ["migration.progress"]}
+        )
+        subscription = subscribed["subscription"]
+        start: dict[str, Any] = {"name": name, "target": address, "port": accepted["port"]}
+        for key, value in (
+            ("live", live),
+            ("bandwidth_mib_s", bandwidth_mib_s),
+            ("downtime_ms", downtime_ms),
+            ("capabilities", None if capabilities is None else list(capabilities)),
+        ):
+            if value is not None:
+                start[key] = value
+        began = anyio.current_time()
+        await source.call("migration.start", start)
+        final = await _follow(source, name, subscription, on_progress)
+    except BaseException:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
+            await steps.settle()
+        raise
+    finally:
+        if subscription is not None:
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(CLEANUP_TIMEOUT_S),
+                contextlib.suppress(RPCError, RPCConnectionLostError),
+            ):
+                await source.call("events.unsubscribe", {"subscription": subscription})
+    if final.status != "completed":
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
+            await steps.give_back()
+        raise RPCError(
+            MigrationError.code,
+            f"migration of {name!r} {final.status}: {final.error or 'no reason given'}",
+            {"name": name, "status": msgspec.to_builtins(final)},
+        )
+    instance = await steps.take_over()
+    return MigrationResult(
+        status=final,
+        total_s=round(anyio.current_time() - began, 3),
+        address=address,
+        port=accepted["port"],
+        instance=msgspec.convert(instance, InstanceInfo),
+    )
+
+
+async def _follow(
+    source: RPCClient,
+    name: str,
+    subscription: int,
+    on_progress: Callable[[MigrationStatus], None] | None,
+) -> MigrationStatus:
+    """The source's progress figures until the migration ends; the last ones."""
+    async for notification in source.notifications():
+        event = notification.params
+        if not isinstance(event, dict) or event.get("subscription") != subscription:
+            continue
+        if event.get("kind") == "events.dropped":
+            # Figures were lost on the way: the source says where the migration is.
+            status = msgspec.convert(
+                await source.call("migration.status", {"name": name}), MigrationStatus
+            )
+        else:
+            status = msgspec.convert(event.get("data"), MigrationStatus)
+        if on_progress is not None:
+            on_progress(status)
+        if status.status in FINISHED:
+            return status
+    raise RPCConnectionLostError("the source daemon's notifications ended")
+
+
+class _Steps:
+    """The finalization of one migration, on both daemons."""
+
+    def __init__(
+        self, source: RPCClient, target: RPCClient, name: str, runtime: str, *, resume: bool
+    ) -> None:
+        self.source = source
+        self.target = target
+        self.name = name
+        self.runtime = runtime
+        #: The guest ran before the migration: it runs on the target afterwards.
+        self.resume = resume
+
+    async def take_over(self) -> Any:
+        """Finalize a completed migration; the instance as the target runs it.
+
+        The target first: the source's QEMU ends only once the target owns the guest.
+        """
+        instance = await self.target.call(
+            "migration.finalize_target",
+            {"name": self.name, "runtime": self.runtime, "success": True, "resume": self.resume},
+        )
+        await self.source.call("migration.finalize_source", {"name": self.name, "success": True})
+        return instance
+
+    async def give_back(self) -> None:
+        """Finalize a migration that did not complete: the guest stays on the source.
+
+        Best effort, each end on its own: a daemon that cannot be reached is left as it
+        is (the caller gets the error that brought us here).
+        """
+        with contextlib.suppress(RPCError, RPCConnectionLostError):
+            await self.source.call(
+                "migration.finalize_source", {"name": self.name, "success": False}
+            )
+        with contextlib.suppress(RPCError, RPCConnectionLostError):
+            await self.target.call(
+                "migration.finalize_target",
+                {"name": self.name, "runtime": self.runtime, "success": False},
+            )
+
+    async def settle(self) -> None:
+        """After an error or a cancellation: cancel the migration, then finalize it as
+        the source says it ended (best effort, as `give_back`)."""
+        with contextlib.suppress(RPCError, RPCConnectionLostError):
+            await self.source.call("migration.cancel", {"name": self.name})
+        try:
+            status = await self.source.call("migration.status", {"name": self.name})
+        except (RPCError, RPCConnectionLostError):
+            status = {}
+        if status.get("status") == "completed":
+            with contextlib.suppress(RPCError, RPCConnectionLostError):
+                await self.take_over()
+        else:
+            await self.give_back()

@@ -1,0 +1,757 @@
+"""Live migration between two daemons: the engine's half of the ``migration.*`` methods.
+
+Four steps, as Ganeti's, driven by a third party (`supervisor.control.migrate`, a
+cluster manager) over both daemons' control sockets::
+
+    source daemon                                target daemon
+    info(name) -> runtime payload  ----------->  accept(spec, runtime, address, port)
+                                                   QEMU -S -incoming defer: `incoming`
+                                                   capabilities, migrate-incoming, cont;
+                                   <-----------    -> the port QEMU bound
+    start(name, target, port)
+      capabilities, parameters, [stop], migrate: `migrating`
+      a task follows QEMU: migration.progress events, stall guard
+    ...  completed, failed or cancelled  ...
+                                                 finalize_target(name, runtime, success)
+                                                   success: record saved, guest running
+                                                   failure: QEMU stopped, runtime removed
+    finalize_source(name, success)
+      success: QEMU ended (`stopped`, reason `migrated`), runtime removed
+      failure: the guest resumed, if it ran before
+
+The outgoing migration holds its instance (`Instance.hold`): other operations get
+`Busy` naming it while ``migration.status`` and ``migration.cancel`` get through. The
+task that follows it lives in the instance's run (`Instance.start_task`): a QEMU that
+exits ends it. A failed or cancelled migration, the stall guard's included, resumes the
+source's guest at once (if it ran before) and clears the capabilities, whether or not
+``finalize_source`` follows; a completed one leaves QEMU in ``postmigrate`` until
+``finalize_source`` ends it. An incoming migration holds its instance from ``accept``
+to ``finalize_target``; its QEMU exiting before (a cancel, a broken stream: QEMU exits
+by itself then) stops the instance with reason ``migration-failed`` and its runtime is
+removed, since its guest never ran here.
+
+Instances with NICs are refused for now (the engine does not set NICs up yet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+
+from protocols import qmp
+from supervisor.engine.events import make_event
+from supervisor.engine.instance import MIGRATION_FAILED, MONITOR_RETRY_S, Instance
+from supervisor.model.api import (
+    InstanceInfo,
+    MigrationAcceptResult,
+    MigrationInfoResult,
+    MigrationStatus,
+)
+from supervisor.model.errors import (
+    Busy,
+    InstanceExists,
+    InstanceNotFound,
+    InstanceNotRunning,
+    InvalidConfigError,
+    MigrationError,
+    OperationTimeout,
+    SupervisorError,
+    host_io_errors,
+)
+from supervisor.model.spec import InstanceSpec
+from supervisor.model.states import InstanceState, state_for_qemu_status
+from supervisor.model.validation import raise_first
+from supervisor.qemu.accel import resolve_accelerator
+from supervisor.qemu.migration_payload import (
+    MigrationPayload,
+    argv_devices,
+    argv_machine,
+    decode_payload,
+    device_layout,
+    encode_payload,
+    guest_spec,
+    layout_problems,
+    payload_for,
+    payload_problems,
+)
+from supervisor.qemu.migration_progress import FINISHED, MigrationProgress, parse_query_migrate
+from supervisor.qemu.runtime import RuntimeRecord, store_record
+
+if TYPE_CHECKING:
+    from supervisor.engine.supervisor import Supervisor
+
+__all__ = ["Migrations", "migration_uri"]
+
+S = InstanceState
+MIB: Final = 1024 * 1024
+
+#: QEMU's events that say a migration moved on; each is followed by a ``query-migrate``.
+MIGRATION_EVENTS: Final = frozenset({"MIGRATION", "MIGRATION_PASS"})
+#: Events a migration task holds before it reads them (it reads each at once).
+EVENT_BUFFER: Final = 64
+#: Always on, on both ends. ``events``: without it QEMU sends no MIGRATION events.
+#: ``return-path``: the target confirms it has loaded the guest before the source calls
+#: the migration completed (as libvirt does); without it a stream the network absorbed
+#: (socket buffers, a proxy) completes on the source while the target never got the end
+#: of it, and the guest would run nowhere.
+ALWAYS_ON: Final = ("events", "return-path")
+
+
+def migration_uri(host: str, port: int) -> str:
+    """QEMU's ``tcp:`` URI of `host` (an IPv6 address goes in brackets) and `port`."""
+    return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
+
+
+def _capability_list(names: Sequence[str]) -> tuple[str, ...]:
+    """`ALWAYS_ON` first, then `names`, each once."""
+    return tuple(dict.fromkeys((*ALWAYS_ON, *names)))
+
+
+def _split_caps(hvparam: str) -> list[str]:
+    return [name for name in hvparam.split(":") if name]
+
+
+def _refuse_nics(spec: InstanceSpec, field: str) -> None:
+    if spec.nics:
+        raise InvalidConfigError(
+            field,
+            "migration of instances with NICs is not available yet (the engine does not set"
+            " NICs up): migrate instances without NICs",
+        )
+
+
+class _SocketAddress(msgspec.Struct):
+    port: int | str
+
+
+class _Listening(msgspec.Struct, rename="kebab"):
+    socket_address: list[_SocketAddress] = msgspec.field(default_factory=list)
+
+
+class _Capability(msgspec.Struct):
+    capability: str
+    state: bool
+
+
+def _bound_port(reply: Any) -> int:
+    """The port of QEMU's listening socket in its ``query-migrate`` reply (QEMU 7.2 sends
+    it as a string)."""
+    listening = msgspec.convert(reply, _Listening)
+    if not listening.socket_address:
+        raise MigrationError("QEMU names no socket it listens on for the migration")
+    return int(listening.socket_address[0].port)
+
+
+async def _execute(
+    client: qmp.QMPClient, command: str, arguments: Mapping[str, Any] | None = None
+) -> Any:
+    """A QMP command of a migration; QEMU's refusal is a `MigrationError` quoting it."""
+    try:
+        return await client.execute(command, arguments)
+    except qmp.ExecuteError as error:
+        raise MigrationError(
+            f"{command}: {error.desc}", command=command, **{"class": error.error_class}
+        ) from None
+    except qmp.QMPTimeoutError as error:
+        raise OperationTimeout(f"{command} during a migration", error.timeout) from None
+    except qmp.QMPError as error:
+        raise MigrationError(f"{command}: QEMU's monitor failed: {error}") from None
+
+
+async def _enable_capabilities(client: qmp.QMPClient, names: Sequence[str], *, field: str) -> None:
+    """Turn `names` on, after checking this QEMU has them (`InvalidConfigError` naming
+    the first it lacks, under `field`)."""
+    known = msgspec.convert(await _execute(client, "query-migrate-capabilities"), list[_Capability])
+    known_names = [capability.capability for capability in known]
+    for name in names:
+        if name not in known_names:
+            raise InvalidConfigError(
+                field,
+                f"{name!r} is not a migration capability of this QEMU"
+                f" (it knows {', '.join(known_names)})",
+            )
+    states = [{"capability": name, "state": True} for name in names]
+    await _execute(client, "migrate-set-capabilities", {"capabilities": states})
+
+
+async def _clear_capabilities(client: qmp.QMPClient) -> None:
+    """Turn every migration capability off, as QEMU starts (a later migration sets its own)."""
+    known = msgspec.convert(await _execute(client, "query-migrate-capabilities"), list[_Capability])
+    states = [{"capability": c.capability, "state": False} for c in known if c.state]
+    if states:
+        await _execute(client, "migrate-set-capabilities", {"capabilities": states})
+
+
+async def _qemu_status(client: qmp.QMPClient) -> str:
+    return str((await _execute(client, "query-status"))["status"])
+
+
+class _Outgoing:
+    """One outgoing migration: what `Migrations.start` set up and the figures since."""
+
+    def __init__(
+        self,
+        *,
+        uri: str,
+        live: bool,
+        resume: bool,
+        capabilities: tuple[str, ...],
+        capabilities_field: str,
+        parameters: Mapping[str, int],
+        progress: MigrationProgress,
+    ) -> None:
+        self.uri = uri
+        self.live = live
+        self.capabilities = capabilities
+        #: The field an unknown capability is reported under.
+        self.capabilities_field = capabilities_field
+        #: ``migrate-set-parameters`` arguments.
+        self.parameters = parameters
+        #: The guest ran when the migration began: a failed one resumes it.
+        self.resume = resume
+        self.progress = progress
+        self.status = progress.status
+        self.done = anyio.Event()
+        self.cancel_requested = False
+        #: Seconds without a byte moved when the stall guard cancelled the migration.
+        self.stalled_s: float | None = None
+        #: Why the task following the migration ended early (its monitor lost).
+        self.error: str | None = None
+
+
+class Migrations:
+    """The ``migration.*`` operations of one `Supervisor` (``sup.migrations``).
+
+    Errors are `SupervisorError` subclasses, as the supervisor's: `MigrationError` (8)
+    for a migration QEMU refused or that is in the wrong phase, `InvalidConfigError` (7)
+    for a payload this host cannot run or an unknown capability.
+    """
+
+    def __init__(self, sup: Supervisor) -> None:
+        self._sup = sup
+        #: The outgoing migration of each instance, from `start` to `finalize_source`
+        #: (or the next `start`): at most one per instance.
+        self._outgoing: dict[str, _Outgoing] = {}
+
+    # -- source ----------------------------------------------------------------------
+
+    def info(self, name: str) -> MigrationInfoResult:
+        """The payload of `name`'s running guest, for ``migration.accept`` on the target."""
+        instance = self._sup.instance(name)
+        record = instance.record
+        if record is None or not instance.alive:
+            raise InstanceNotRunning(name, str(instance.state))
+        _refuse_nics(record.spec, "spec.nics")
+        return MigrationInfoResult(runtime=encode_payload(payload_for(record)), spec=record.spec)
+
+    async def start(
+        self,
+        name: str,
+        *,
+        target: str,
+        port: int | None = None,
+        live: bool | None = None,
+        bandwidth_mib_s: int | None = None,
+        downtime_ms: int | None = None,
+        capabilities: Sequence[str] | None = None,
+    ) -> MigrationStatus:
+        """Start migrating `name` to a target that accepted it on `target`:`port`.
+
+        Returns at once, with the migration under way (`migrating`); absent values come
+        from the instance's hvparams. A non-live migration pauses the guest first.
+        Raises `InvalidConfigError` for a capability QEMU lacks, `MigrationError` when
+        QEMU refuses to begin (nothing is changed then).
+        """
+        instance = self._sup.instance(name)
+        async with instance.operation("migration.start"):
+            record = instance.record
+            if record is None or instance.state not in (S.RUNNING, S.PAUSED):
+                raise InstanceNotRunning(name, str(instance.state))
+            client = instance.require_running()
+            hv = record.hvparams
+            live = hv.migration_mode == "live" if live is None else live
+            uri = migration_uri(target, hv.migration_port if port is None else port)
+            if capabilities is None:
+                names, field = _split_caps(hv.migration_caps), "spec.hvparams.migration_caps"
+            else:
+                names, field = list(capabilities), "capabilities"
+            bandwidth = hv.migration_bandwidth if bandwidth_mib_s is None else bandwidth_mib_s
+            downtime = hv.migration_downtime if downtime_ms is None else downtime_ms
+            progress = MigrationProgress(
+                stall_timeout_s=self._sup.config.migration_stall_timeout_s,
+                now=anyio.current_time(),
+            )
+            job = _Outgoing(
+                uri=uri,
+                live=live,
+                resume=instance.state == S.RUNNING,
+                capabilities=_capability_list(names),
+                capabilities_field=field,
+                parameters={"max-bandwidth": bandwidth * MIB, "downtime-limit": downtime},
+                progress=progress,
+            )
+            previous = instance.state
+            self._outgoing[name] = job
+            instance.hold = f"a migration to {uri}"
+            instance.set_state(S.MIGRATING, "migration started", target=uri, live=live)
+            try:
+                await instance.start_task(self._follow_outgoing, instance, client, job)
+            except BaseException:
+                del self._outgoing[name]
+                instance.hold = None
+                if instance.alive:
+                    instance.set_state(previous, "migration not started")
+                raise
+            instance.log.info("migration started", target=uri, live=live)
+        return job.status
+
+    async def _follow_outgoing(
+        self,
+        instance: Instance,
+        client: qmp.QMPClient,
+        job: _Outgoing,
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Begin the migration, then follow it to its end (the task of `start`).
+
+        Started once ``migrate`` is accepted; what fails before that is undone and
+        raised. Afterwards nothing is raised: the end, whatever it is, is reported in
+        `job` and a last ``migration.progress`` event.
+        """
+        async with client.events(MIGRATION_EVENTS, max_buffer=EVENT_BUFFER) as events:
+            stopped = False
+            try:
+                await _enable_capabilities(client, job.capabilities, field=job.capabilities_field)
+                await _execute(client, "migrate-set-parameters", job.parameters)
+                if not job.live and await _qemu_status(client) == "running":
+                    await _execute(client, "stop")
+                    stopped = True
+                await _execute(client, "migrate", {"uri": job.uri})
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._undo_start(instance, client, resume=stopped)
+                raise
+            task_status.started()
+            try:
+                await self._follow(instance, client, job, events)
+            except qmp.QMPError as error:
+                # A dying QEMU closes its monitor a moment before its exit is reported.
+                with anyio.move_on_after(MONITOR_RETRY_S):
+                    await instance.wait_exited()
+                job.error = f"QEMU's monitor was lost during the migration: {error}"
+            except Exception as error:  # a bug must not take the instance's run down
+                instance.log.exception("migration task failed")
+                job.error = f"the migration task failed: {error!r}"
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self._end_outgoing(instance, client, job)
+
+    async def _undo_start(self, instance: Instance, client: qmp.QMPClient, *, resume: bool) -> None:
+        try:
+            if resume:
+                await _execute(client, "cont")
+            await _clear_capabilities(client)
+        except SupervisorError as error:
+            instance.log.error("undoing a migration that did not start failed", error=str(error))
+
+    async def _follow(
+        self,
+        instance: Instance,
+        client: qmp.QMPClient,
+        job: _Outgoing,
+        events: qmp.EventSubscription,
+    ) -> None:
+        """Read ``query-migrate`` at each QEMU event and every progress interval until the
+        migration ends; cancel it when the stall guard says so."""
+        interval = self._sup.config.migration_progress_interval_s
+        progress = job.progress
+        asked = anyio.current_time()
+        while True:
+            with anyio.move_on_after(max(0.0, asked + interval - anyio.current_time())):
+                await events.__anext__()  # ends with an error when QEMU goes away
+            asked = anyio.current_time()
+            job.status = progress.update(await client.execute("query-migrate"), asked)
+            if progress.finished:
+                return
+            self._publish(instance, job.status)
+            if job.stalled_s is None and progress.stalled(asked):
+                job.stalled_s = progress.stalled_for(asked)
+                instance.log.warning("migration stalled: cancelling it", stalled_s=job.stalled_s)
+                await client.execute("migrate_cancel")
+
+    async def _end_outgoing(
+        self, instance: Instance, client: qmp.QMPClient, job: _Outgoing
+    ) -> None:
+        """Report how the migration ended; a failed one gives the guest back its run."""
+        status = job.status
+        try:
+            if status.status == "completed":
+                instance.hold = f"a completed migration to {job.uri} (until finalize_source)"
+                instance.log.info(
+                    "migration completed",
+                    downtime_ms=status.downtime_ms,
+                    total_time_ms=status.total_time_ms,
+                )
+                return
+            if not instance.alive:
+                job.status = msgspec.structs.replace(
+                    status, status="failed", error="the source's QEMU exited during the migration"
+                )
+                instance.hold = None
+                return
+            if job.error is None and not job.progress.finished:
+                # Cancelled: the daemon is leaving, and QEMU goes on by itself.
+                instance.log.warning("daemon leaving during a migration", target=job.uri)
+                return
+            if not job.progress.finished:
+                ended = "failed"  # its monitor was lost
+            elif job.cancel_requested or job.stalled_s is not None:
+                # QEMU may call a migration we cancelled `failed` (its return path saw
+                # the stream end first): it was cancelled all the same.
+                ended = "cancelled"
+            else:
+                ended = status.status
+            job.status = msgspec.structs.replace(
+                status,
+                status=ended,
+                error=self._failure(job),
+                stalled=job.stalled_s is not None,
+            )
+            instance.log.warning("migration did not complete", error=job.status.error)
+            await self._give_back(instance, client, resume=job.resume, reason="migration failed")
+        finally:
+            job.done.set()
+            self._publish(instance, job.status)
+
+    def _failure(self, job: _Outgoing) -> str:
+        if job.stalled_s is not None:
+            return f"stalled: no byte moved for {job.stalled_s:.1f} s (migration_stall_timeout_s)"
+        if job.cancel_requested:
+            return "cancelled"
+        if job.error is not None:
+            return job.error
+        return job.status.error or f"QEMU reports the migration {job.status.status}"
+
+    async def _give_back(
+        self, instance: Instance, client: qmp.QMPClient, *, resume: bool, reason: str
+    ) -> None:
+        """After a migration that did not complete: resume the guest if `resume` (it ran
+        before), clear the capabilities, and release the instance."""
+        try:
+            qemu_status = await _qemu_status(client)
+            if resume and qemu_status != "running":
+                await _execute(client, "cont")
+                qemu_status = "running"
+            await _clear_capabilities(client)
+            instance.qemu_status = qemu_status
+            instance.set_state(state_for_qemu_status(qemu_status), reason)
+        except SupervisorError as error:
+            instance.log.error("resuming the guest after its migration failed", error=str(error))
+        finally:
+            instance.hold = None
+
+    def _publish(self, instance: Instance, status: MigrationStatus) -> None:
+        data = msgspec.to_builtins(status)
+        self._sup.bus.publish(make_event(instance.name, "migration.progress", data))
+
+    async def status(self, name: str) -> MigrationStatus:
+        """The figures of `name`'s migration as last read (no waiting on the source);
+        status ``none`` when it has none."""
+        instance = self._sup.instance(name)
+        job = self._outgoing.get(name)
+        if job is not None:
+            return job.status
+        record = instance.record
+        if record is not None and record.incoming and instance.alive:
+            status, _ = parse_query_migrate(
+                await _execute(instance.require_running(), "query-migrate")
+            )
+            return status
+        return MigrationStatus(status="none")
+
+    async def cancel(self, name: str) -> MigrationStatus:
+        """Cancel `name`'s migration: on the source, the guest keeps (or resumes) running;
+        on the target, the waiting QEMU is stopped and its runtime removed.
+
+        Returns the last figures once the migration has ended. Raises `MigrationError`
+        when there is none to cancel, or it completed already.
+        """
+        instance = self._sup.instance(name)
+        job = self._outgoing.get(name)
+        if job is not None:
+            if job.status.status == "completed":
+                raise MigrationError(
+                    f"the migration of {name!r} completed: its guest runs on the target",
+                    name=name,
+                )
+            if not job.done.is_set():
+                job.cancel_requested = True
+                await _execute(instance.require_running(), "migrate_cancel")
+                timeout = self._sup.config.qmp_timeout_s
+                with anyio.move_on_after(timeout):
+                    await job.done.wait()
+                if not job.done.is_set():
+                    raise OperationTimeout(f"cancel of the migration of {name!r}", timeout)
+            return job.status
+        record = instance.record
+        if record is not None and record.incoming and instance.alive:
+            async with instance.operation("migration.cancel", holder=True):
+                await self._abandon_incoming(instance)
+            return MigrationStatus(status="cancelled", error="cancelled on the target")
+        raise MigrationError(f"instance {name!r} has no migration in progress", name=name)
+
+    async def finalize_source(self, name: str, *, success: bool, live: bool = True) -> None:
+        """End the source's part: on `success` QEMU (in ``postmigrate``) is ended and the
+        instance's runtime removed; otherwise an unfinished migration is cancelled and
+        the guest resumed if it ran before (after a daemon restart, which forgets that:
+        if `live`, as Ganeti does).
+
+        Raises `MigrationError` when QEMU's state contradicts `success`: a guest that
+        still runs here is never ended, nor one resumed that runs on the target now.
+        """
+        instance = self._sup.instance(name)
+        async with instance.operation("migration.finalize_source", holder=True):
+            job = self._outgoing.get(name)
+            if job is not None and not job.done.is_set():
+                raise MigrationError(
+                    f"the migration of {name!r} is still running: cancel it or wait for its end",
+                    name=name,
+                )
+            if success:
+                await self._end_migrated(instance)
+            elif instance.alive:
+                await self._end_failed(instance, resume=job.resume if job else live)
+            self._outgoing.pop(name, None)
+
+    async def _end_migrated(self, instance: Instance) -> None:
+        name = instance.name
+        if instance.alive:
+            qemu_status = await _qemu_status(instance.require_running())
+            if qemu_status != "postmigrate":
+                raise MigrationError(
+                    f"QEMU of {name!r} is {qemu_status}, not postmigrate: the migration did not"
+                    " complete from here, so the guest is left as it is",
+                    name=name,
+                    qemu_status=qemu_status,
+                )
+            await instance.stop(force=True, timeout_s=0, reason="migrated")
+        instance.hold = None
+        await self._sup._clean_up(instance)
+        instance.log.info("migrated away: runtime removed")
+
+    async def _end_failed(self, instance: Instance, *, resume: bool) -> None:
+        client = instance.require_running()
+        async with client.events({"MIGRATION"}, max_buffer=EVENT_BUFFER) as events:
+            reply = await _execute(client, "query-migrate")
+            if reply.get("status", "none") not in FINISHED | {"none"}:
+                # A migration nobody follows (the daemon restarted during it): end it first.
+                await _execute(client, "migrate_cancel")
+                timeout = self._sup.config.qmp_timeout_s
+                with anyio.move_on_after(timeout) as waiting:
+                    async for event in events:
+                        if isinstance(event, qmp.QMPEvent) and event.data["status"] in FINISHED:
+                            break
+                if waiting.cancelled_caught:
+                    raise OperationTimeout(f"cancel of the migration of {instance.name!r}", timeout)
+        if await _qemu_status(client) == "postmigrate":
+            raise MigrationError(
+                f"the migration of {instance.name!r} completed: its guest runs on the target"
+                " now and is not resumed here; finalize with success",
+                name=instance.name,
+            )
+        await self._give_back(instance, client, resume=resume, reason="migration failed")
+
+    # -- target ----------------------------------------------------------------------
+
+    async def accept(
+        self,
+        spec: InstanceSpec,
+        runtime: str,
+        *,
+        address: str,
+        port: int = 0,
+        capabilities: Sequence[str] | None = None,
+    ) -> MigrationAcceptResult:
+        """Start a QEMU that waits for `runtime`'s guest on `address`:`port` (0: any port).
+
+        Returns once QEMU listens (`incoming`), with the port it bound. Raises
+        `InvalidConfigError` naming the field, before anything starts, when this host
+        cannot run the guest (machine type, devices, accelerator, files, this QEMU's
+        layout); `InstanceExists` when the instance runs or has a runtime here;
+        `MigrationError` when QEMU cannot listen (everything is rolled back then).
+        """
+        payload = decode_payload(runtime)
+        target_spec = guest_spec(spec, payload)
+        _refuse_nics(target_spec, "runtime.spec.nics")
+        if capabilities is None:
+            names = _split_caps(payload.hvparams.migration_caps)
+            field = "runtime.hvparams.migration_caps"
+        else:
+            names, field = list(capabilities), "capabilities"
+        sup = self._sup
+        name = target_spec.name
+        instance = sup._instance(name, create=True)
+        async with instance.operation("migration.accept"):
+            if sup._instances.setdefault(name, instance) is not instance:
+                raise Busy(name, "migration.accept")
+            try:
+                with host_io_errors(f"migration.accept of {name!r}", instance.paths.directory):
+                    if instance.alive:
+                        raise InstanceExists(name, "is running here")
+                    if instance.record is not None:
+                        raise InstanceExists(
+                            name, "has a runtime record here: remove it first (instance.cleanup)"
+                        )
+                    record = await self._prepare_incoming(instance, target_spec, payload)
+                    await sup._launch(instance, record, paused=True)
+                bound = await self._listen(
+                    instance, migration_uri(address, port), _capability_list(names), field
+                )
+            except SupervisorError:
+                if not instance.alive:
+                    await sup._roll_back_start(instance, None)
+                raise
+            instance.log.info("waiting for a migration", address=address, port=bound)
+        return MigrationAcceptResult(address=address, port=bound, instance=instance.info())
+
+    async def _prepare_incoming(
+        self, instance: Instance, spec: InstanceSpec, payload: MigrationPayload
+    ) -> RuntimeRecord:
+        """The record of a QEMU that rebuilds the guest of `payload` here."""
+        launcher = self._sup.launcher
+        # The machine type is pinned, so a newer QEMU here keeps the guest's hardware.
+        hv = msgspec.structs.replace(payload.hvparams, machine_version=payload.machine)
+        caps = await launcher.capabilities.get(hv.kvm_path)
+        accel = resolve_accelerator(hv.kvm_flag, launcher.kvm, instance=spec.name)
+        raise_first(payload_problems(payload, caps, accel))
+        record = await launcher.prepare(
+            instance, spec, known_uuid=None, macs_in_use=self._sup._macs_in_use(), hvparams=hv
+        )
+        problems = layout_problems(
+            payload,
+            machine=argv_machine(record.argv),
+            devices=argv_devices(record.argv),
+            layout=device_layout(record.disks, record.nics),
+        )
+        if problems:
+            launcher.release_record(record)
+            raise_first(problems)
+        return msgspec.structs.replace(record, incoming=True)
+
+    async def _listen(
+        self, instance: Instance, uri: str, capabilities: Sequence[str], field: str
+    ) -> int:
+        """Have the incoming QEMU listen on `uri`; the port it bound. QEMU is stopped if
+        this fails."""
+        try:
+            client = instance.require_running()
+            await _enable_capabilities(client, capabilities, field=field)
+            await _execute(client, "migrate-incoming", {"uri": uri})
+            port = _bound_port(await _execute(client, "query-migrate"))
+            # In `inmigrate`, `cont` means "run once the guest has arrived": the guest of a
+            # live migration runs on the moment it switches over (one paused on its source
+            # stays paused: QEMU migrates the run state too).
+            await _execute(client, "cont")
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await instance.stop(force=True, timeout_s=0, reason=MIGRATION_FAILED)
+            raise
+        return port
+
+    async def finalize_target(
+        self, name: str, runtime: str, *, success: bool, resume: bool = True
+    ) -> InstanceInfo | None:
+        """End the target's part: on `success` the instance is this daemon's (its record
+        saved as an ordinary one, a paused guest resumed if `resume`), otherwise its QEMU
+        is stopped and its runtime removed (nothing to do if that happened already).
+
+        Raises `MigrationError` for a `success` whose migration did not complete here.
+        """
+        payload = decode_payload(runtime)
+        if payload.spec.name != name:
+            raise InvalidConfigError("runtime", f"is the payload of {payload.spec.name!r}")
+        try:
+            instance = self._sup.instance(name)
+        except InstanceNotFound:
+            if success:
+                raise
+            return None  # its QEMU exited and its runtime was removed already
+        async with instance.operation("migration.finalize_target", holder=True):
+            record = instance.record
+            if record is None or not record.incoming:
+                if not success and not instance.alive:
+                    return None
+                raise MigrationError(f"instance {name!r} has no incoming migration", name=name)
+            if record.uuid != payload.spec.uuid:
+                raise InvalidConfigError("runtime.spec.uuid", f"is not the uuid of {name!r} here")
+            if not success:
+                await self._abandon_incoming(instance)
+                return None
+            await self._take_over(instance, record, resume=resume)
+        return instance.info()
+
+    async def _take_over(self, instance: Instance, record: RuntimeRecord, *, resume: bool) -> None:
+        client = instance.require_running()
+        migrated = await self._incoming_end(instance, client)
+        if migrated != "completed":
+            raise MigrationError(
+                f"the incoming migration of {instance.name!r} is {migrated}, not completed",
+                name=instance.name,
+                status=migrated,
+            )
+        # Routed NICs come up here, once the guest has switched over (Ganeti's order): this
+        # is where NIC set-up goes when migration learns NICs (see `_refuse_nics`).
+        owned = msgspec.structs.replace(record, incoming=False)
+        with host_io_errors(f"finalize of {instance.name!r}", instance.paths.directory):
+            await store_record(owned.paths.runtime_record, owned)
+        instance.record = owned
+        await _clear_capabilities(client)
+        qemu_status = await _qemu_status(client)
+        if resume and qemu_status == "paused":
+            await _execute(client, "cont")
+            qemu_status = "running"
+        instance.qemu_status = qemu_status
+        instance.set_state(state_for_qemu_status(qemu_status), "migrated")
+        instance.log.info("migration finalized: the instance runs here")
+
+    async def _incoming_end(self, instance: Instance, client: qmp.QMPClient) -> str:
+        """How the incoming migration ended: the source reports its end a moment before
+        the target has loaded the last state, so an ``active`` one is waited for (at
+        most ``qmp_timeout_s``)."""
+        async with client.events({"MIGRATION"}, max_buffer=EVENT_BUFFER) as events:
+            status = str((await _execute(client, "query-migrate")).get("status", "none"))
+            if status in FINISHED or status == "none":
+                return status
+            with anyio.move_on_after(self._sup.config.qmp_timeout_s):
+                try:
+                    async for event in events:
+                        if isinstance(event, qmp.QMPEvent) and event.data["status"] in FINISHED:
+                            return str(event.data["status"])
+                except qmp.QMPError:
+                    return "failed"  # QEMU went away: its exit says the rest
+            return status
+
+    async def _abandon_incoming(self, instance: Instance) -> None:
+        """Stop an incoming QEMU and remove its runtime (operation lock held)."""
+        if instance.alive:
+            await instance.stop(force=True, timeout_s=0, reason=MIGRATION_FAILED)
+        await self._sup._clean_up(instance)
+
+    async def forget_failed_incoming(self, instance: Instance) -> None:
+        """Remove the runtime of an incoming QEMU that exited before the migration was
+        finalized (the supervisor calls it when such a run ends): its guest never ran
+        here, so nothing of it may be started again on this host."""
+        try:
+            async with instance.operation("migration clean-up", holder=True):
+                record = instance.record
+                if instance.alive or record is None or not record.incoming:
+                    return  # the accept that failed removed it, or a new run began
+                await self._sup._clean_up(instance)
+                instance.log.info("incoming migration failed: runtime removed")
+        except SupervisorError as error:
+            instance.log.error("clean-up after a failed incoming migration", error=str(error))

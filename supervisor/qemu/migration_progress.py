@@ -1,0 +1,119 @@
+"""A migration's progress, from QEMU's ``query-migrate`` answers: no I/O, no clock.
+
+The engine's migration task reads ``query-migrate`` whenever QEMU announces a change
+(the ``MIGRATION`` and ``MIGRATION_PASS`` events) and at least every progress
+interval, and feeds each answer here with the time it got it. `MigrationProgress`
+turns the answers into `MigrationStatus` figures and watches for a stream that stopped
+moving: QEMU never times one out (a TCP peer that stops reading leaves it ``active``
+for as long as TCP keeps the connection, a quarter of an hour), so the stall guard is
+ours.
+
+QEMU's states, as ``query-migrate`` reports them::
+
+    none -> setup -> active -> [pre-switchover] -> device -> completed
+                       |  \\-> postcopy-active --------------/
+                       |-> cancelling -> cancelled
+                       \\-> failed                 (error-desc says why)
+
+The stream is stalled when the bytes QEMU sent (``ram.transferred``) have not grown for
+``stall_timeout_s`` while the migration is neither finished nor being cancelled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+import msgspec
+
+from supervisor.model.api import MigrationStatus
+
+__all__ = ["FINISHED", "MigrationProgress", "parse_query_migrate"]
+
+#: QEMU statuses after which nothing more happens.
+FINISHED: Final = frozenset({"completed", "failed", "cancelled"})
+#: Statuses in which no byte is expected to move.
+_NOT_MOVING: Final = FINISHED | {"none", "cancelling"}
+
+MIB: Final = 1024 * 1024
+
+
+class _Ram(msgspec.Struct, rename="kebab"):
+    total: int = 0
+    remaining: int = 0
+    transferred: int = 0
+    mbps: float | None = None
+    dirty_sync_count: int | None = None
+
+
+class _QueryMigrate(msgspec.Struct, rename="kebab"):
+    """The part of QEMU's MigrationInfo we read (QEMU may add fields: they are ignored)."""
+
+    status: str = "none"
+    ram: _Ram | None = None
+    total_time: int | None = None
+    downtime: int | None = None
+    expected_downtime: int | None = None
+    error_desc: str | None = None
+
+
+def parse_query_migrate(reply: Mapping[str, Any]) -> tuple[MigrationStatus, int]:
+    """The status of a ``query-migrate`` reply, and the bytes sent so far.
+
+    Raises `msgspec.ValidationError` when a field has a type QEMU never sends.
+    """
+    info = msgspec.convert(reply, _QueryMigrate)
+    ram = info.ram or _Ram()
+    if info.status == "completed":
+        percent = 100.0
+    elif ram.total:
+        percent = round(100.0 * (ram.total - ram.remaining) / ram.total, 1)
+    else:
+        percent = 0.0
+    status = MigrationStatus(
+        status=info.status,
+        transferred_mib=round(ram.transferred / MIB, 2),
+        remaining_mib=round(ram.remaining / MIB, 2),
+        total_mib=round(ram.total / MIB, 2),
+        percent=percent,
+        mbps=None if ram.mbps is None else round(ram.mbps, 1),
+        dirty_sync_count=ram.dirty_sync_count,
+        downtime_ms=info.downtime,
+        expected_downtime_ms=info.expected_downtime,
+        total_time_ms=info.total_time,
+        error=info.error_desc,
+    )
+    return status, ram.transferred
+
+
+class MigrationProgress:
+    """The figures of one migration and its stall guard; feed it with `update`."""
+
+    def __init__(self, *, stall_timeout_s: float, now: float) -> None:
+        self.stall_timeout_s = stall_timeout_s
+        self.status = MigrationStatus(status="setup")
+        self._transferred = -1
+        self._moved_at = now
+
+    @property
+    def finished(self) -> bool:
+        return self.status.status in FINISHED
+
+    def update(self, reply: Mapping[str, Any], now: float) -> MigrationStatus:
+        """Take a ``query-migrate`` reply received at `now` (seconds, any monotonic clock)."""
+        status, transferred = parse_query_migrate(reply)
+        if transferred != self._transferred or status.status in _NOT_MOVING:
+            self._transferred = transferred
+            self._moved_at = now
+        self.status = status
+        return status
+
+    def stalled(self, now: float) -> bool:
+        """Whether no byte has moved for ``stall_timeout_s`` up to `now`."""
+        if self.status.status in _NOT_MOVING:
+            return False
+        return now - self._moved_at >= self.stall_timeout_s
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds since the last byte moved."""
+        return now - self._moved_at
