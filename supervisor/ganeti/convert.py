@@ -1,7 +1,7 @@
 """Ganeti's objects to kvm-supervisor's messages and back (API.md §3).
 
 - ``objects.Instance`` (with its block devices) -> an InstanceSpec: the name, uuid,
-  memory and vCPUs of its beparams, its NICs with their nicparams, its disks' block
+  maximum memory and vCPUs of its beparams, its NICs with their nicparams, its disks' block
   device paths, its tags and all its hvparams (Ganeti's fully filled KVM parameters,
   which kvm-supervisor takes under the same names);
 - InstanceInfo -> the ``(name, id, memory, vcpus, state, times)`` tuple of
@@ -34,13 +34,14 @@ _MIB: Final = 1024 * 1024
 
 
 def instance_spec(
-    instance: objects.Instance,
-    block_devices: Sequence[tuple[Any, str, str | None]],
-    startup_memory_mib: int | None = None,
+    instance: objects.Instance, block_devices: Sequence[tuple[Any, str, str | None]]
 ) -> dict[str, Any]:
     """The InstanceSpec that runs `instance` with `block_devices` (Ganeti's tuples
-    ``(disk, link_name, drive_uri)``), ballooned to `startup_memory_mib` after the start
-    when that is below its memory."""
+    ``(disk, link_name, drive_uri)``).
+
+    It depends on Ganeti's configuration only, never on the node (free memory), so a
+    migration target builds the very spec the source runs.
+    """
     beparams = instance.beparams
     memory = int(beparams[constants.BE_MAXMEM])
     spec: dict[str, Any] = {
@@ -55,8 +56,6 @@ def instance_spec(
         "restart": "never",
         "hvparams": dict(instance.hvparams),
     }
-    if startup_memory_mib is not None and startup_memory_mib < memory:
-        spec["startup_memory_mib"] = startup_memory_mib
     if instance.network_port:
         spec["network_port"] = int(instance.network_port)
     return spec

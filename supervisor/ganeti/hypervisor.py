@@ -148,12 +148,17 @@ class KvmSupervisorHypervisor(hv_base.BaseHypervisor):  # type: ignore[misc]  # 
         block_devices: list[tuple[Any, str, str | None]],
         startup_paused: bool,
     ) -> None:
+        """Start with the maximum memory, then balloon down to Ganeti's startup memory
+        (the maximum if the node has it free, never below the minimum), as Ganeti's KVM
+        driver does: the spec stays the same on every node, for migrations."""
+        spec = convert.instance_spec(instance, block_devices)
         with _connection(_START_TIMEOUT_S) as daemon:
             node = _request(daemon, "supervisor.info")["node"]
             startup = convert.startup_memory(instance, int(node["memory_free_mib"]))
-            spec = convert.instance_spec(instance, block_devices, startup)
-            params = {"spec": spec, "paused": bool(startup_paused)}
-            _request(daemon, "instance.start", params)
+            _request(daemon, "instance.start", {"spec": spec, "paused": bool(startup_paused)})
+            if startup < spec["memory_mib"]:
+                params = {"name": instance.name, "memory_mib": startup}
+                _request(daemon, "instance.balloon", params)
 
     def StopInstance(
         self,
