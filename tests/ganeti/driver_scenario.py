@@ -166,6 +166,10 @@ def running(kernel: str, initrd: str, kernel_args: str) -> dict[str, Any]:
         {**hvparams, "security_model": "user", "security_domain": "no-such-user-kvs"},
     )
 
+    info = outcome(driver().MigrationInfo, instance)
+    results["migration_info"] = {"ok": isinstance(info.get("ok"), str) and bool(info["ok"])}
+    results["migration_status_idle"] = outcome(driver().GetMigrationStatus, instance)
+
     results["stop"] = outcome(driver().StopInstance, instance, timeout=60)
     results["info_after_stop"] = outcome(driver().GetInstanceInfo, NAME)
     results["list_after_stop"] = outcome(driver().ListInstances)
@@ -174,6 +178,7 @@ def running(kernel: str, initrd: str, kernel_args: str) -> dict[str, Any]:
     results["stop_by_name_unforced"] = outcome(driver().StopInstance, None, name=NAME)
     results["kill_by_name_unknown"] = outcome(driver().StopInstance, None, force=True, name=NAME)
     results["stop_unknown"] = outcome(driver().StopInstance, instance, timeout=5)
+    results["migration_info_unknown"] = outcome(driver().MigrationInfo, instance)
     return results
 
 

@@ -168,6 +168,9 @@ def test_every_method_against_a_real_daemon(driver_node: DriverNode) -> None:
         assert words in r[call]["message"], (call, r[call]["message"])
     assert r["validate_ok"] == {"ok": None}
 
+    assert r["migration_info"] == {"ok": True}  # the opaque payload, a string
+    # No migration here ("none"): Ganeti asks only during one, so that one is lost.
+    assert r["migration_status_idle"]["ok"]["status"] == "failed"
     assert r["stop"] == {"ok": None}
     assert r["info_after_stop"] == {"ok": None}
     assert r["list_after_stop"] == {"ok": []}
@@ -176,6 +179,8 @@ def test_every_method_against_a_real_daemon(driver_node: DriverNode) -> None:
     assert r["stop_by_name_unforced"]["error"] == "HypervisorError"
     assert r["kill_by_name_unknown"] == {"ok": None}
     assert r["stop_unknown"] == {"ok": None}
+    assert r["migration_info_unknown"]["error"] == "HypervisorError"
+    assert "not found" in r["migration_info_unknown"]["message"]
     with DaemonClient(str(driver_node.socket)) as daemon:
         assert daemon.call("instance.list") == []
 
