@@ -56,14 +56,14 @@ def project_dir() -> Path:
     return Path(supervisor.__file__).resolve().parent.parent
 
 
-def _ganeti_env(root: str, base: Path | None) -> dict[str, str]:
-    """What a Ganeti daemon of this node sees: no PYTHONPATH of ours, its own user base."""
+def _ganeti_env(base: Path) -> dict[str, str]:
+    """What a Ganeti daemon of this node sees: no PYTHONPATH of ours, `base` as its user
+    base, the node's vcluster variables if any."""
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
     for name in (ROOTDIR_VARIABLE, "GANETI_HOSTNAME"):
         if name in os.environ:
             env[name] = os.environ[name]
-    if base is not None:
-        env["PYTHONUSERBASE"] = str(base)
+    env["PYTHONUSERBASE"] = str(base)
     return env
 
 
@@ -154,7 +154,7 @@ async def install(
     """
     if not await anyio.Path(ganeti_lib, "ganeti", "hypervisor").is_dir():
         raise GanetiSetupError(f"Ganeti's Python modules are not in {ganeti_lib}")
-    env = _ganeti_env(root, user_base(root))
+    env = _ganeti_env(user_base(root))
     site_packages = await _python_output(
         ganeti_python, "import site; print(site.getusersitepackages())", env
     )
