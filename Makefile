@@ -6,8 +6,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
+# Ganeti 3.0.2, for tests/ganeti (a two-node virtual cluster in a network namespace).
+GANETI_DEBS := ganeti ganeti-3.0 ganeti-haskell-3.0 ganeti-htools-3.0
 DEBS := qemu-system-x86 qemu-utils busybox-static iputils-ping socat iproute2 cpio openvswitch-switch \
-	openssh-server openssh-client
+	openssh-server openssh-client $(GANETI_DEBS)
 GUEST := .cache/guest
 CONFIG ?= config/supervisor.toml
 PYTEST_ARGS ?=
@@ -22,7 +24,7 @@ help:
 	@echo "make lint   ruff + mypy only;  make clean   remove venv and caches"
 
 # Debian packages: only the missing ones, and `apt-get update` only when something is missing.
-# A policy-rc.d (exit 101) keeps package scripts from starting services (sshd, Open vSwitch)
+# A policy-rc.d (exit 101) keeps package scripts from starting services (sshd, Open vSwitch, Ganeti)
 # on the host while they install; the tests start their own, in namespaces. It is removed
 # afterwards unless it was there before.
 debs:

@@ -20,6 +20,7 @@ import msgspec
 
 from protocols.jsonrpc import RPCClient, RPCError, connect_unix
 from supervisor import __version__
+from supervisor.cli.ganeti_setup import GANETI_LIB, GANETI_PYTHON
 from supervisor.cli.remote import (
     SshTarget,
     bridge_stdio,
@@ -37,7 +38,7 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
 #: Verbs that work on this host's files, never through --connect.
-_LOCAL_VERBS = frozenset({"serve", "cmdline", "rpc-stdio"})
+_LOCAL_VERBS = frozenset({"serve", "cmdline", "rpc-stdio", "ganeti-install", "ganeti-uninstall"})
 
 
 class UsageError(Exception):
@@ -219,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
         " socket path; needed with ssh://)",
     )
     sub.add_argument("--port", type=int, default=0, metavar="P", help="target port (0: any)")
+    sub = verb("ganeti-install", "make this Ganeti node's kvm hypervisor kvm-supervisor's driver")
+    sub.add_argument("--ganeti-python", default=GANETI_PYTHON, metavar="PATH")
+    sub.add_argument("--ganeti-lib", default=GANETI_LIB, metavar="DIR")
+    verb("ganeti-uninstall", "give this Ganeti node its own kvm hypervisor back")
     sub = verb("events", "stream events, one line each")
     sub.add_argument("--instance", action="append", metavar="NAME")
     sub.add_argument("--kind", action="append", metavar="K")
@@ -372,6 +377,35 @@ async def _console(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _ganeti_install(args: argparse.Namespace) -> int:
+    from supervisor.cli import ganeti_setup
+    from supervisor.ganeti.settings import node_root
+
+    try:
+        done = await ganeti_setup.install(
+            _socket_path(args),
+            root=node_root(),
+            ganeti_python=args.ganeti_python,
+            ganeti_lib=args.ganeti_lib,
+        )
+    except ganeti_setup.GanetiSetupError as error:
+        raise UsageError(str(error)) from None
+    print("\n".join(done))
+    return EXIT_OK
+
+
+async def _ganeti_uninstall(args: argparse.Namespace) -> int:
+    from supervisor.cli import ganeti_setup
+    from supervisor.ganeti.settings import node_root
+
+    try:
+        done = ganeti_setup.uninstall(root=node_root())
+    except ganeti_setup.GanetiSetupError as error:
+        raise UsageError(str(error)) from None
+    print("\n".join(done))
+    return EXIT_OK
+
+
 def _configure_logging() -> None:
     # Only the verbs that log load structlog: the client verbs start faster without it.
     from supervisor.cli.logs import configure_logging
@@ -429,6 +463,8 @@ def _runner(args: argparse.Namespace) -> Callable[[], Any]:
         "console": _console,
         "migrate": _migrate,
         "rpc-stdio": _rpc_stdio,
+        "ganeti-install": _ganeti_install,
+        "ganeti-uninstall": _ganeti_uninstall,
     }
     handler = handlers.get(args.verb, _call)
     return lambda: handler(args)

@@ -1,5 +1,9 @@
 """Imports run one way: protocols <- model <- host <- qemu <- net <- engine <- control <- cli.
 
+`supervisor.ganeti` (the Ganeti driver, which runs in Ganeti's Python) sits lowest: it
+imports none of the others (tests/ganeti/test_standalone.py holds it to the standard
+library and Ganeti's modules).
+
 Every import statement of every module counts, wherever it stands (inside a function,
 under ``TYPE_CHECKING``): a lazy import upwards is still an import upwards. A module may
 import its own layer and the layers below it. The package root (``supervisor`` itself,
@@ -18,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 #: The layers of `supervisor`, lowest first. A new subpackage must be placed here.
-LAYERS = ("model", "host", "qemu", "net", "engine", "control", "cli")
+LAYERS = ("ganeti", "model", "host", "qemu", "net", "engine", "control", "cli")
 PROTOCOLS_RANK = -2
 ROOT_RANK = -1
 
