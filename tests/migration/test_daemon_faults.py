@@ -92,13 +92,21 @@ async def subscribe(rpc: RPCClient) -> None:
     await rpc.call("events.subscribe", {"instances": ["vm"], "kinds": ["migration.progress"]})
 
 
-async def sent_some(rpc: RPCClient, timeout_s: float = 60) -> None:
-    """Wait for a ``migration.progress`` event (see `subscribe`) with bytes sent."""
+async def progress_until(
+    rpc: RPCClient, predicate: Callable[[dict[str, Any]], bool], timeout_s: float = 60
+) -> dict[str, Any]:
+    """The first ``migration.progress`` figures (see `subscribe`) `predicate` accepts."""
     with anyio.fail_after(timeout_s):
         async for notification in rpc.notifications():
-            data = notification.params["data"]
-            if data["status"] == "active" and data["transferred_mib"] > 0:
-                return
+            data: dict[str, Any] = notification.params["data"]
+            if predicate(data):
+                return data
+    raise AssertionError("the events ended")
+
+
+async def sent_some(rpc: RPCClient) -> None:
+    """Wait until the migration has sent something (see `subscribe`)."""
+    await progress_until(rpc, lambda s: s["status"] == "active" and s["transferred_mib"] > 0)
 
 
 async def answer_when(
@@ -230,8 +238,8 @@ async def test_target_daemon_killed_under_migrate_cancels_and_its_restart_cleans
             tg.start_soon(run)
             await sent_some(watcher)
             target_node.kill()
-        status = await source.call("migration.status", {"name": "vm"})
-        assert (status["status"], status["error"]) == ("cancelled", "cancelled")
+            final = await progress_until(watcher, lambda s: s["status"] in FINISHED)
+        assert (final["status"], final["error"]) == ("cancelled", "cancelled")
         info = await source.call("instance.info", {"name": "vm"})
         assert (info["state"], info["qemu_status"]) == ("running", "running")
         async with client(target_node) as target:
