@@ -24,6 +24,7 @@ from typing import Any, Final
 import anyio
 import msgspec
 
+from protocols.groups import ungrouped
 from protocols.jsonrpc import RPCClient, RPCConnectionLostError, RPCError
 from supervisor.model.api import InstanceInfo, MigrationStatus
 from supervisor.model.errors import MigrationError
@@ -65,8 +66,9 @@ async def migrate(
     The target listens on `address`:`port` (0: any free port) and the source connects
     there; absent values come from the instance's hvparams (``migration_mode``,
     ``migration_bandwidth``, ``migration_downtime``, ``migration_caps``).
-    `on_progress` gets every ``migration.progress`` figure as it comes. `source`'s
-    notifications are this call's while it runs: give it a connection of its own.
+    `on_progress` gets every ``migration.progress`` figure as it comes. Both clients'
+    notifications are this call's while it runs: give it connections of its own (the
+    target's end tells that its daemon went away).
 
     Raises `RPCError` as a daemon answered a step (code 7 for an unknown capability or
     a guest the target cannot run, ...), or with code 8 (``migration_error``, its last
@@ -106,7 +108,11 @@ async def migrate(
                 start[key] = value
         began = anyio.current_time()
         await source.call("migration.start", start)
-        final = await _follow(source, name, subscription, on_progress)
+        with ungrouped():
+            async with anyio.create_task_group() as watch:
+                watch.start_soon(_watch_target, target)
+                final = await _follow(source, name, subscription, on_progress)
+                watch.cancel_scope.cancel()
     except BaseException:
         with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
             await steps.settle()
@@ -160,6 +166,14 @@ async def _follow(
         if status.status in FINISHED:
             return status
     raise RPCConnectionLostError("the source daemon's notifications ended")
+
+
+async def _watch_target(target: RPCClient) -> None:
+    """Raise `RPCConnectionLostError` once the target daemon's connection ends: its
+    daemon died, and the migration is cancelled rather than left to complete into a
+    QEMU that nobody supervises or finalizes."""
+    async for _ in target.notifications():
+        pass  # this call subscribes to nothing there; the stream's end raises
 
 
 class _Steps:

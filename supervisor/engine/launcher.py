@@ -257,7 +257,9 @@ class Launcher:
         self.state_dir.create_instance_dir(record.name, group_id=self.group_id)
         if record.hvparams.use_chroot:
             create_chroot(record.paths.chroot)
-        return msgspec.structs.replace(record, pid=None, started_at=None, incoming=False)
+        return msgspec.structs.replace(
+            record, pid=None, started_at=None, incoming=False, outgoing=None
+        )
 
     async def launch(
         self, instance: Instance, record: RuntimeRecord, *, paused: bool

@@ -79,7 +79,7 @@ from supervisor.qemu.migration_payload import (
     payload_problems,
 )
 from supervisor.qemu.migration_progress import FINISHED, MigrationProgress, parse_query_migrate
-from supervisor.qemu.runtime import RuntimeRecord, store_record
+from supervisor.qemu.runtime import OutgoingMigration, RuntimeRecord, store_record
 
 if TYPE_CHECKING:
     from supervisor.engine.supervisor import Supervisor
@@ -188,6 +188,25 @@ async def _clear_capabilities(client: qmp.QMPClient) -> None:
 
 async def _qemu_status(client: qmp.QMPClient) -> str:
     return str((await _execute(client, "query-status"))["status"])
+
+
+async def _note_outgoing(instance: Instance, outgoing: OutgoingMigration | None) -> None:
+    """Save `outgoing` (None: no migration) in the instance's runtime record."""
+    record = instance.record
+    if record is None or record.outgoing == outgoing:
+        return
+    noted = msgspec.structs.replace(record, outgoing=outgoing)
+    with host_io_errors(f"migration of {instance.name!r}", instance.paths.directory):
+        await store_record(noted.paths.runtime_record, noted)
+    instance.record = noted
+
+
+async def _forget_outgoing(instance: Instance) -> None:
+    """`_note_outgoing` of no migration, once one has ended here; a failure is logged."""
+    try:
+        await _note_outgoing(instance, None)
+    except SupervisorError as error:
+        instance.log.error("runtime record not updated after the migration", error=str(error))
 
 
 class _Outgoing:
@@ -299,7 +318,7 @@ class Migrations:
             instance.hold = f"a migration to {uri}"
             instance.set_state(S.MIGRATING, "migration started", target=uri, live=live)
             try:
-                await instance.start_task(self._follow_outgoing, instance, client, job)
+                await instance.start_task(self._follow_outgoing, instance, client, job, True)
             except BaseException:
                 del self._outgoing[name]
                 instance.hold = None
@@ -314,10 +333,12 @@ class Migrations:
         instance: Instance,
         client: qmp.QMPClient,
         job: _Outgoing,
+        begin: bool,
         *,
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Begin the migration, then follow it to its end (the task of `start`).
+        """Begin the migration (if `begin`: `start`'s; not one a restarted daemon picked
+        up), then follow it to its end.
 
         Started once ``migrate`` is accepted; what fails before that is undone and
         raised. Afterwards nothing is raised: the end, whatever it is, is reported in
@@ -326,12 +347,18 @@ class Migrations:
         async with client.events(MIGRATION_EVENTS, max_buffer=EVENT_BUFFER) as events:
             stopped = False
             try:
-                await _enable_capabilities(client, job.capabilities, field=job.capabilities_field)
-                await _execute(client, "migrate-set-parameters", job.parameters)
-                if not job.live and await _qemu_status(client) == "running":
-                    await _execute(client, "stop")
-                    stopped = True
-                await _execute(client, "migrate", {"uri": job.uri})
+                if begin:
+                    await _enable_capabilities(
+                        client, job.capabilities, field=job.capabilities_field
+                    )
+                    await _execute(client, "migrate-set-parameters", job.parameters)
+                    if not job.live and await _qemu_status(client) == "running":
+                        await _execute(client, "stop")
+                        stopped = True
+                    # Written before it is done: a daemon killed from here on finds it.
+                    noted = OutgoingMigration(uri=job.uri, live=job.live, resume=job.resume)
+                    await _note_outgoing(instance, noted)
+                    await _execute(client, "migrate", {"uri": job.uri})
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await self._undo_start(instance, client, resume=stopped)
@@ -356,6 +383,7 @@ class Migrations:
             if resume:
                 await _execute(client, "cont")
             await _clear_capabilities(client)
+            await _note_outgoing(instance, None)
         except SupervisorError as error:
             instance.log.error("undoing a migration that did not start failed", error=str(error))
 
@@ -403,6 +431,7 @@ class Migrations:
                     status, status="failed", error="the source's QEMU exited during the migration"
                 )
                 instance.hold = None
+                await _forget_outgoing(instance)
                 return
             if job.error is None and not job.progress.finished:
                 # Cancelled: the daemon is leaving, and QEMU goes on by itself.
@@ -454,6 +483,7 @@ class Migrations:
             instance.log.error("resuming the guest after its migration failed", error=str(error))
         finally:
             instance.hold = None
+            await _forget_outgoing(instance)
 
     def _publish(self, instance: Instance, status: MigrationStatus) -> None:
         data = msgspec.to_builtins(status)
@@ -737,8 +767,25 @@ class Migrations:
             return status
 
     async def _abandon_incoming(self, instance: Instance) -> None:
-        """Stop an incoming QEMU and remove its runtime (operation lock held)."""
+        """Stop an incoming QEMU and remove its runtime (operation lock held).
+
+        Raises `MigrationError` when its migration completed: the guest runs here now,
+        and its source has ended (or ends) its own copy.
+        """
         if instance.alive:
+            client = instance.qmp
+            if client is not None and not client.closed:
+                try:
+                    status = (await _execute(client, "query-migrate")).get("status")
+                except SupervisorError:
+                    status = None  # QEMU is going: nothing runs here
+                if status == "completed":
+                    raise MigrationError(
+                        f"the incoming migration of {instance.name!r} completed: its guest"
+                        " runs here now and is not stopped; finalize it with success",
+                        name=instance.name,
+                        status=status,
+                    )
             await instance.stop(force=True, timeout_s=0, reason=MIGRATION_FAILED)
         await self._sup._clean_up(instance)
 
@@ -755,3 +802,80 @@ class Migrations:
                 instance.log.info("incoming migration failed: runtime removed")
         except SupervisorError as error:
             instance.log.error("clean-up after a failed incoming migration", error=str(error))
+
+    # -- after a daemon restart ------------------------------------------------------
+
+    async def adopt(self, instance: Instance) -> None:
+        """Pick up the migration of a QEMU a restarted daemon adopted (the adoption holds
+        the operation lock): an outgoing one the record notes is followed again, or its
+        end is carried out; an incoming one that cannot arrive any more is abandoned."""
+        record = instance.record
+        try:
+            if record is not None and record.outgoing is not None:
+                await self._adopt_outgoing(instance, record.outgoing)
+            elif record is not None and record.incoming:
+                await self._adopt_incoming(instance)
+        except SupervisorError as error:
+            instance.log.error("migration not picked up after the restart", error=str(error))
+
+    async def _adopt_outgoing(self, instance: Instance, outgoing: OutgoingMigration) -> None:
+        """As QEMU says: still under way, it is followed (and held) as `start`'s is;
+        completed (QEMU ``postmigrate``), the source's part ends as ``finalize_source``
+        ends it; failed, cancelled or never begun, the guest is given back its run."""
+        client = instance.require_running()
+        progress = MigrationProgress(
+            stall_timeout_s=self._sup.config.migration_stall_timeout_s, now=anyio.current_time()
+        )
+        job = _Outgoing(
+            uri=outgoing.uri,
+            live=outgoing.live,
+            resume=outgoing.resume,
+            capabilities=(),
+            capabilities_field="",
+            parameters={},
+            progress=progress,
+        )
+        job.status = progress.update(await _execute(client, "query-migrate"), anyio.current_time())
+        self._outgoing[instance.name] = job
+        ended = job.status.status
+        if ended not in FINISHED | {"none"}:
+            instance.hold = f"a migration to {job.uri}"
+            instance.set_state(
+                S.MIGRATING, "migration followed after a restart", target=job.uri, live=job.live
+            )
+            instance.log.info("following the migration again after a restart", target=job.uri)
+            await instance.start_task(self._follow_outgoing, instance, client, job, False)
+            return
+        try:
+            if ended == "completed":
+                instance.log.info("the migration completed while the daemon was down")
+                await self._end_migrated(instance)
+                del self._outgoing[instance.name]
+                return
+            why = job.status.error or f"QEMU reports it {ended}"
+            if ended == "none":
+                why = "the daemon was killed before QEMU was told to migrate"
+            job.status = msgspec.structs.replace(
+                job.status,
+                status="cancelled" if ended == "cancelled" else "failed",
+                error=f"ended while the source's daemon was down: {why}",
+            )
+            instance.log.warning("migration did not complete", error=job.status.error)
+            await self._give_back(instance, client, resume=job.resume, reason="migration failed")
+        finally:
+            job.done.set()
+            self._publish(instance, job.status)
+
+    async def _adopt_incoming(self, instance: Instance) -> None:
+        """An incoming QEMU whose start was interrupted before ``migrate-incoming`` (no
+        socket to send to, and nobody got its port) or whose migration failed is stopped
+        and its runtime removed; one still listening or receiving stays held for
+        ``finalize_target``, and one whose guest arrived runs on, held likewise."""
+        client = instance.require_running()
+        reply = await _execute(client, "query-migrate")
+        status = str(reply.get("status", "none"))
+        if status in {"failed", "cancelled"} or (
+            status == "none" and not reply.get("socket-address")
+        ):
+            instance.log.warning("incoming migration abandoned after a restart", status=status)
+            await self._abandon_incoming(instance)

@@ -206,6 +206,8 @@ class Supervisor(anyio.AsyncContextManagerMixin):
             if process is None:
                 instance.log.info("not running after restart: cleaned", pid=record.pid)
                 await self.launcher.release(instance)
+                if record.incoming:
+                    await self._forget_incoming(instance)
                 continue
             if record.pid != process.pid:  # spawned, and its daemon died before saving this
                 record = msgspec.structs.replace(record, pid=process.pid)
@@ -218,6 +220,14 @@ class Supervisor(anyio.AsyncContextManagerMixin):
             await self._tg.start(self._adopt, instance, process)
         for name, pids in running.items():
             self.log.error("QEMU without an instance dir: not supervised", name=name, pids=pids)
+
+    async def _forget_incoming(self, instance: Instance) -> None:
+        """Remove the runtime of an incoming QEMU that exited while no daemon ran: its
+        guest never ran here, so nothing of it may be started again on this host."""
+        try:
+            await self._clean_up(instance)
+        except SupervisorError as error:
+            instance.log.error("runtime of a failed incoming migration left", error=str(error))
 
     def _find_qemu(
         self, instance: Instance, record: RuntimeRecord, pids: list[int]
@@ -248,7 +258,8 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         may still be in ``-S``) is finished: the start-up steps run again, then
         ``cont`` unless that start asked for a paused guest; if they fail, QEMU is
         killed and the instance left stopped. Otherwise the lock is held until the
-        monitor has answered, at most ``qmp_timeout_s``.
+        monitor has answered, at most ``qmp_timeout_s``. Then a migration the QEMU was
+        in is picked up (`Migrations.adopt`), still under the lock.
         """
         record = instance.record
         assert record is not None and self._tg is not None
@@ -261,11 +272,15 @@ class Supervisor(anyio.AsyncContextManagerMixin):
                     started = True
                     with anyio.move_on_after(self.config.qmp_timeout_s):
                         await instance.monitor_ready.wait()
-                    return
-                instance.set_state(S.STARTING, "finishing an interrupted start", pid=process.pid)
-                task_status.started()
-                started = True
-                await self._tg.start(self._run, instance, process, record.start_paused)
+                else:
+                    instance.set_state(
+                        S.STARTING, "finishing an interrupted start", pid=process.pid
+                    )
+                    task_status.started()
+                    started = True
+                    await self._tg.start(self._run, instance, process, record.start_paused)
+                # A migration this QEMU was in is picked up (or ended) before anything else.
+                await self.migrations.adopt(instance)
         except SupervisorError as error:
             instance.log.error("interrupted start failed", error=str(error))
         except Exception:  # a bug must not take the other instances down

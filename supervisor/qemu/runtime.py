@@ -35,6 +35,7 @@ from supervisor.qemu.cmdline import CommandLine, DiskPlan, NicPlan
 
 __all__ = [
     "RECORD_VERSION",
+    "OutgoingMigration",
     "RuntimeRecord",
     "RuntimeRecordError",
     "decode_record",
@@ -55,6 +56,16 @@ class RuntimeRecordError(InvalidConfigError):
         super().__init__(f"{source}: {field}" if field else source, reason)
         self.data["file"] = source
         self.data["field"] = field
+
+
+class OutgoingMigration(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A migration this run's QEMU was told to send (``migrate``), until it ends here."""
+
+    #: QEMU's ``tcp:`` URI of the target.
+    uri: str
+    live: bool
+    #: The guest ran when the migration began: one that does not complete resumes it.
+    resume: bool
 
 
 class RuntimeRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -94,6 +105,9 @@ class RuntimeRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     #: guest of its own until the migration completes, and an exit before
     #: ``migration.finalize_target`` is a failed migration, not a crash.
     incoming: bool = False
+    #: Saved before ``migrate`` is sent and removed once the migration has ended here, so
+    #: a daemon restarted in between follows the migration QEMU goes on with.
+    outgoing: OutgoingMigration | None = None
 
     @classmethod
     def for_start(
