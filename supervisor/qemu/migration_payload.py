@@ -26,7 +26,7 @@ import msgspec
 
 from supervisor.model.errors import InvalidConfigError, InvalidParams
 from supervisor.model.hvparams import HvParams
-from supervisor.model.spec import InstanceSpec, assign_macs
+from supervisor.model.spec import Disk, InstanceSpec, assign_macs
 from supervisor.qemu.accel import Accelerator
 from supervisor.qemu.capabilities import VGA_MODELS, QemuCapabilities
 from supervisor.qemu.cmdline import DiskPlan, NicPlan
@@ -146,8 +146,10 @@ def guest_spec(spec: InstanceSpec, payload: MigrationPayload) -> InstanceSpec:
 
     `spec` (``migration.accept``'s) must describe the guest the payload carries: the
     same name, uuid (when it has one), MACs and hardware; only `MANAGEMENT_FIELDS` may
-    differ, and the target takes those from `spec`. Raises `InvalidConfigError` naming
-    the first field that differs otherwise.
+    differ, and the target takes those from `spec`, as it takes its disks' paths (the
+    same disks in the same order and modes, reached by this host's paths: a cluster
+    node's links to shared storage are its own). Raises `InvalidConfigError` naming the
+    first field that differs otherwise.
     """
     guest = payload.spec
     if spec.uuid is not None and spec.uuid != guest.uuid:
@@ -157,12 +159,18 @@ def guest_spec(spec: InstanceSpec, payload: MigrationPayload) -> InstanceSpec:
         if field in MANAGEMENT_FIELDS:
             continue
         mine, theirs = getattr(filled, field), getattr(guest, field)
+        if field == "disks":
+            mine, theirs = _without_paths(mine), _without_paths(theirs)
         if mine != theirs:
             shown = msgspec.json.encode(theirs).decode()
             raise InvalidConfigError(f"spec.{field}", f"differs from the running guest's ({shown})")
     return msgspec.structs.replace(
-        guest, **{field: getattr(spec, field) for field in MANAGEMENT_FIELDS}
+        guest, disks=spec.disks, **{field: getattr(spec, field) for field in MANAGEMENT_FIELDS}
     )
+
+
+def _without_paths(disks: Sequence[Disk]) -> list[tuple[str, str | None]]:
+    return [(disk.mode, disk.format) for disk in disks]
 
 
 def argv_machine(argv: Sequence[str]) -> str | None:

@@ -141,6 +141,22 @@ def test_accept_takes_the_guest_from_the_payload_and_management_from_its_spec() 
         assert error.value.path == path
 
 
+def test_accept_takes_its_own_paths_to_the_same_disks() -> None:
+    payload = payload_for(record())
+    assert payload.spec.disks, "the record under test needs a disk"
+    here = [msgspec.structs.replace(disk, path=f"/node2{disk.path}") for disk in payload.spec.disks]
+    target = guest_spec(msgspec.structs.replace(payload.spec, disks=here), payload)
+    assert target.disks == here
+    first = payload.spec.disks[0]
+    for changed in (
+        [msgspec.structs.replace(first, mode="ro" if first.mode == "rw" else "rw")],
+        [*payload.spec.disks, first],
+    ):
+        with pytest.raises(InvalidConfigError) as error:
+            guest_spec(msgspec.structs.replace(payload.spec, disks=changed), payload)
+        assert error.value.path == "spec.disks"
+
+
 def test_progress_figures_and_the_stall_guard() -> None:
     status, sent = parse_query_migrate(
         {
