@@ -114,6 +114,9 @@ class Launcher:
     def __init__(self, config: Config, state_dir: StateDir, *, group_id: int | None) -> None:
         self.config = config
         self.state_dir = state_dir
+        #: What makes this daemon's tap names its own (`tap_name`): a migration's other
+        #: end may run the same instance on this host.
+        self._tap_scope = os.path.abspath(state_dir.path)
         self.group_id = group_id
         self.capabilities = CapabilityCache()
         self.kvm = probe_kvm()
@@ -205,7 +208,7 @@ class Launcher:
                 self._leased_ports[spec.name] = resources.display_port
             command = build_command_line(spec, hv, caps, paths, accel, resources=resources)
             assert spec.uuid is not None
-            nics = tuple(with_tap_names(command.nics, spec.uuid))
+            nics = tuple(with_tap_names(command.nics, spec.uuid, state_dir=self._tap_scope))
             command = msgspec.structs.replace(command, nics=nics)
             self._leased_macs[spec.name] = frozenset(nic.mac for nic in nics)
             await self.network.check_host(nics)

@@ -2,7 +2,7 @@
 
 The order of a start is::
 
-    plans = with_tap_names(plans, uuid)       # names kept in the runtime record
+    plans = with_tap_names(plans, uuid, state_dir=...)  # kept in the runtime record
     await network.check_host(plans)           # before QEMU: refuse early, change nothing
     taps = open_taps(plans)                   # fds for QEMU's -netdev tap,fd=/fds=
     try:
@@ -48,10 +48,14 @@ _log = get_logger(__name__)
 TEARDOWN_TIMEOUT_S = 10.0
 
 
-def with_tap_names(plans: Sequence[NicPlan], instance_uuid: str) -> list[NicPlan]:
-    """The plans with `tap` set to each NIC's deterministic tap name."""
+def with_tap_names(
+    plans: Sequence[NicPlan], instance_uuid: str, *, state_dir: str
+) -> list[NicPlan]:
+    """The plans with `tap` set to each NIC's deterministic tap name, the daemon's of
+    `state_dir` (`tap_name`)."""
     return [
-        msgspec.structs.replace(plan, tap=tap_name(instance_uuid, plan.index)) for plan in plans
+        msgspec.structs.replace(plan, tap=tap_name(instance_uuid, plan.index, state_dir=state_dir))
+        for plan in plans
     ]
 
 
