@@ -47,7 +47,14 @@ from supervisor.model.hvparams import HvParams, parse_cpu_mask, resolve_hvparams
 from supervisor.model.spec import InstanceSpec, assign_macs, ensure_uuid
 from supervisor.model.states import InstanceState
 from supervisor.model.validation import check_host_basics, check_syntax, raise_first
-from supervisor.net.nics import Networking, close_taps, open_taps, tap_fds, with_tap_names
+from supervisor.net.nics import (
+    SWITCHED_MODES,
+    Networking,
+    close_taps,
+    open_taps,
+    tap_fds,
+    with_tap_names,
+)
 from supervisor.qemu.accel import probe_kvm, resolve_accelerator
 from supervisor.qemu.capabilities import CapabilityCache, check_host_qemu
 from supervisor.qemu.cmdline import (
@@ -349,7 +356,15 @@ class Launcher:
             record = instance.record
             assert record is not None and instance.process is not None
             hv = record.hvparams
-            await self.network.set_up(record.nics, instance=record.name, tags=record.spec.tags)
+            # A migration target routes its NICs once the guest has moved here
+            # (`supervisor.engine.migration`): the routes stay on the source's taps until
+            # then. Switch ports come up now: they must be there at the switch-over.
+            await self.network.set_up(
+                record.nics,
+                instance=record.name,
+                tags=record.spec.tags,
+                modes=SWITCHED_MODES if record.incoming else None,
+            )
             self._share_console(record)
             if hv.vnc_password_file:
                 await client.execute(

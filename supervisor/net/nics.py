@@ -9,7 +9,9 @@ The order of a start is::
         ...spawn QEMU with pass_fds=every tap's fds...
     finally:
         close_taps(taps)                      # QEMU holds its own copies now
-    await network.set_up(plans)               # before `cont`
+    await network.set_up(plans)               # before `cont` (a migration target:
+                                              # SWITCHED_MODES before, ROUTED_MODES at
+                                              # its finalize)
     ...
     await network.tear_down(plans)            # after QEMU exited (stop, crash, cleanup,
                                               # adoption of a gone QEMU, failed start)
@@ -23,9 +25,9 @@ device.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Literal
+from typing import Final, Literal
 
 import anyio
 import msgspec
@@ -40,9 +42,23 @@ from .hook import run_nic_hook
 from .netlink import Device, Link, Netlink, device
 from .tun import TUN_DEVICE, OpenTap, open_tap, tap_name
 
-__all__ = ["Networking", "close_taps", "open_taps", "tap_fds", "with_tap_names"]
+__all__ = [
+    "ROUTED_MODES",
+    "SWITCHED_MODES",
+    "Networking",
+    "close_taps",
+    "open_taps",
+    "tap_fds",
+    "with_tap_names",
+]
 
 _log = get_logger(__name__)
+
+#: NICs that are ports of a switch (a Linux bridge, Open vSwitch), and NICs the host
+#: routes to: a migration target sets up the first before the guest arrives (they must
+#: be up at its switch-over), the second once the migration is finalized.
+SWITCHED_MODES: Final = frozenset({"bridged", "openvswitch"})
+ROUTED_MODES: Final = frozenset({"routed"})
 
 #: Seconds a teardown may take after its caller was cancelled.
 TEARDOWN_TIMEOUT_S = 10.0
@@ -155,12 +171,20 @@ class Networking:
                     await _check_ovs_bridge(db, plan)
 
     async def set_up(
-        self, plans: Sequence[NicPlan], *, instance: str, tags: Sequence[str] = ()
+        self,
+        plans: Sequence[NicPlan],
+        *,
+        instance: str,
+        tags: Sequence[str] = (),
+        modes: Collection[str] | None = None,
     ) -> None:
         """Connect every NIC's (open) tap as its mode says, then run the hook for it; on
         failure or cancellation undo it all (`tear_down`, shielded) and re-raise the
         failure (a teardown failure on the way is logged: the first cause is the one to
-        report)."""
+        report). With `modes`, only the NICs of those modes (`SWITCHED_MODES`,
+        `ROUTED_MODES`)."""
+        if modes is not None:
+            plans = [plan for plan in plans if plan.mode in modes]
         try:
             async with Netlink() as netlink, self._ovsdb(plans) as db:
                 bridges: dict[str, Link] = {}  # each looked up once per batch
