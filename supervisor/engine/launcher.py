@@ -47,7 +47,14 @@ from supervisor.model.hvparams import HvParams, parse_cpu_mask, resolve_hvparams
 from supervisor.model.spec import InstanceSpec, assign_macs, ensure_uuid
 from supervisor.model.states import InstanceState
 from supervisor.model.validation import check_host_basics, check_syntax, raise_first
-from supervisor.net.nics import Networking, close_taps, open_taps, tap_fds, with_tap_names
+from supervisor.net.nics import (
+    SWITCHED_MODES,
+    Networking,
+    close_taps,
+    open_taps,
+    tap_fds,
+    with_tap_names,
+)
 from supervisor.qemu.accel import probe_kvm, resolve_accelerator
 from supervisor.qemu.capabilities import CapabilityCache, check_host_qemu
 from supervisor.qemu.cmdline import (
@@ -114,6 +121,9 @@ class Launcher:
     def __init__(self, config: Config, state_dir: StateDir, *, group_id: int | None) -> None:
         self.config = config
         self.state_dir = state_dir
+        #: What makes this daemon's tap names its own (`tap_name`): a migration's other
+        #: end may run the same instance on this host.
+        self._tap_scope = os.path.abspath(state_dir.path)
         self.group_id = group_id
         self.capabilities = CapabilityCache()
         self.kvm = probe_kvm()
@@ -205,7 +215,7 @@ class Launcher:
                 self._leased_ports[spec.name] = resources.display_port
             command = build_command_line(spec, hv, caps, paths, accel, resources=resources)
             assert spec.uuid is not None
-            nics = tuple(with_tap_names(command.nics, spec.uuid))
+            nics = tuple(with_tap_names(command.nics, spec.uuid, state_dir=self._tap_scope))
             command = msgspec.structs.replace(command, nics=nics)
             self._leased_macs[spec.name] = frozenset(nic.mac for nic in nics)
             await self.network.check_host(nics)
@@ -348,7 +358,15 @@ class Launcher:
             record = instance.record
             assert record is not None and instance.process is not None
             hv = record.hvparams
-            await self.network.set_up(record.nics, instance=record.name, tags=record.spec.tags)
+            # A migration target routes its NICs once the guest has moved here
+            # (`supervisor.engine.migration`): the routes stay on the source's taps until
+            # then. Switch ports come up now: they must be there at the switch-over.
+            await self.network.set_up(
+                record.nics,
+                instance=record.name,
+                tags=record.spec.tags,
+                modes=SWITCHED_MODES if record.incoming else None,
+            )
             self._share_console(record)
             if hv.vnc_password_file:
                 await client.execute(

@@ -30,7 +30,11 @@ to ``finalize_target``; its QEMU exiting before (a cancel, a broken stream: QEMU
 by itself then) stops the instance with reason ``migration-failed`` and its runtime is
 removed, since its guest never ran here.
 
-Instances with NICs are refused for now (the engine does not set NICs up yet).
+NICs: the target builds its own (its tap names, from its own state dir). Bridged and
+Open vSwitch NICs come up at ``accept`` (the guest needs its switch port at the
+switch-over); routed NICs at ``finalize_target`` on success, as Ganeti does: the host
+route moves to the target's tap only once the guest runs there. Each end tears its NICs
+down as any run that ends does (its QEMU exiting).
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ from supervisor.model.errors import (
 from supervisor.model.spec import InstanceSpec
 from supervisor.model.states import InstanceState, state_for_qemu_status
 from supervisor.model.validation import raise_first
+from supervisor.net.nics import ROUTED_MODES
 from supervisor.qemu.accel import resolve_accelerator
 from supervisor.qemu.migration_payload import (
     MigrationPayload,
@@ -113,15 +118,6 @@ def _capability_list(names: Sequence[str]) -> tuple[str, ...]:
 
 def _split_caps(hvparam: str) -> list[str]:
     return [name for name in hvparam.split(":") if name]
-
-
-def _refuse_nics(spec: InstanceSpec, field: str) -> None:
-    if spec.nics:
-        raise InvalidConfigError(
-            field,
-            "migration of instances with NICs is not available yet (the engine does not set"
-            " NICs up): migrate instances without NICs",
-        )
 
 
 class _SocketAddress(msgspec.Struct):
@@ -264,7 +260,6 @@ class Migrations:
         record = instance.record
         if record is None or not instance.alive:
             raise InstanceNotRunning(name, str(instance.state))
-        _refuse_nics(record.spec, "spec.nics")
         return MigrationInfoResult(runtime=encode_payload(payload_for(record)), spec=record.spec)
 
     async def start(
@@ -617,7 +612,6 @@ class Migrations:
         """
         payload = decode_payload(runtime)
         target_spec = guest_spec(spec, payload)
-        _refuse_nics(target_spec, "runtime.spec.nics")
         if capabilities is None:
             names = _split_caps(payload.hvparams.migration_caps)
             field = "runtime.hvparams.migration_caps"
@@ -700,7 +694,10 @@ class Migrations:
         saved as an ordinary one, a paused guest resumed if `resume`), otherwise its QEMU
         is stopped and its runtime removed (nothing to do if that happened already).
 
-        Raises `MigrationError` for a `success` whose migration did not complete here.
+        Raises `MigrationError` for a `success` whose migration did not complete here,
+        `NetworkError` when a routed NIC cannot be set up (the guest runs here then, its
+        routed NICs down and the instance still incoming: finalize again once the host
+        is fixed).
         """
         payload = decode_payload(runtime)
         if payload.spec.name != name:
@@ -734,8 +731,11 @@ class Migrations:
                 name=instance.name,
                 status=migrated,
             )
-        # Routed NICs come up here, once the guest has switched over (Ganeti's order): this
-        # is where NIC set-up goes when migration learns NICs (see `_refuse_nics`).
+        # Routed NICs come up once the guest has switched over (Ganeti's order); a failure
+        # leaves the instance incoming (`set_up` undid its part): finalize again.
+        await self._sup.launcher.network.set_up(
+            record.nics, instance=record.name, tags=record.spec.tags, modes=ROUTED_MODES
+        )
         owned = msgspec.structs.replace(record, incoming=False)
         with host_io_errors(f"finalize of {instance.name!r}", instance.paths.directory):
             await store_record(owned.paths.runtime_record, owned)

@@ -156,6 +156,19 @@ class Netlink:
         """Remove the host route to `ip` through `oif`; OSError ESRCH when there is none."""
         await self._socket.request("route", "del", dst=host_prefix(ip), oif=oif, table=table)
 
+    async def host_route_devices(self, ip: str, table: int = MAIN_TABLE) -> list[int]:
+        """The interfaces of the host routes to `ip` in `table`."""
+        address = ipaddress.ip_address(ip)
+        family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+        routes = await self._socket.request("route", "dump", family=family, table=table)
+        return [
+            int(route.get("RTA_OIF"))
+            for route in routes
+            if route["dst_len"] == address.max_prefixlen
+            and route.get("RTA_OIF") is not None
+            and ipaddress.ip_address(route.get("RTA_DST")) == address
+        ]
+
     async def default_route_device(self, family: int, table: int = MAIN_TABLE) -> int | None:
         """The interface of the default route of `family` in `table`, if there is one."""
         routes = await self._socket.request("route", "dump", family=family, table=table)

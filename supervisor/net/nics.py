@@ -2,14 +2,16 @@
 
 The order of a start is::
 
-    plans = with_tap_names(plans, uuid)       # names kept in the runtime record
+    plans = with_tap_names(plans, uuid, state_dir=...)  # kept in the runtime record
     await network.check_host(plans)           # before QEMU: refuse early, change nothing
     taps = open_taps(plans)                   # fds for QEMU's -netdev tap,fd=/fds=
     try:
         ...spawn QEMU with pass_fds=every tap's fds...
     finally:
         close_taps(taps)                      # QEMU holds its own copies now
-    await network.set_up(plans)               # before `cont`
+    await network.set_up(plans)               # before `cont` (a migration target:
+                                              # SWITCHED_MODES before, ROUTED_MODES at
+                                              # its finalize)
     ...
     await network.tear_down(plans)            # after QEMU exited (stop, crash, cleanup,
                                               # adoption of a gone QEMU, failed start)
@@ -23,9 +25,9 @@ device.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Literal
+from typing import Final, Literal
 
 import anyio
 import msgspec
@@ -40,18 +42,36 @@ from .hook import run_nic_hook
 from .netlink import Device, Link, Netlink, device
 from .tun import TUN_DEVICE, OpenTap, open_tap, tap_name
 
-__all__ = ["Networking", "close_taps", "open_taps", "tap_fds", "with_tap_names"]
+__all__ = [
+    "ROUTED_MODES",
+    "SWITCHED_MODES",
+    "Networking",
+    "close_taps",
+    "open_taps",
+    "tap_fds",
+    "with_tap_names",
+]
 
 _log = get_logger(__name__)
+
+#: NICs that are ports of a switch (a Linux bridge, Open vSwitch), and NICs the host
+#: routes to: a migration target sets up the first before the guest arrives (they must
+#: be up at its switch-over), the second once the migration is finalized.
+SWITCHED_MODES: Final = frozenset({"bridged", "openvswitch"})
+ROUTED_MODES: Final = frozenset({"routed"})
 
 #: Seconds a teardown may take after its caller was cancelled.
 TEARDOWN_TIMEOUT_S = 10.0
 
 
-def with_tap_names(plans: Sequence[NicPlan], instance_uuid: str) -> list[NicPlan]:
-    """The plans with `tap` set to each NIC's deterministic tap name."""
+def with_tap_names(
+    plans: Sequence[NicPlan], instance_uuid: str, *, state_dir: str
+) -> list[NicPlan]:
+    """The plans with `tap` set to each NIC's deterministic tap name, the daemon's of
+    `state_dir` (`tap_name`)."""
     return [
-        msgspec.structs.replace(plan, tap=tap_name(instance_uuid, plan.index)) for plan in plans
+        msgspec.structs.replace(plan, tap=tap_name(instance_uuid, plan.index, state_dir=state_dir))
+        for plan in plans
     ]
 
 
@@ -151,12 +171,20 @@ class Networking:
                     await _check_ovs_bridge(db, plan)
 
     async def set_up(
-        self, plans: Sequence[NicPlan], *, instance: str, tags: Sequence[str] = ()
+        self,
+        plans: Sequence[NicPlan],
+        *,
+        instance: str,
+        tags: Sequence[str] = (),
+        modes: Collection[str] | None = None,
     ) -> None:
         """Connect every NIC's (open) tap as its mode says, then run the hook for it; on
         failure or cancellation undo it all (`tear_down`, shielded) and re-raise the
         failure (a teardown failure on the way is logged: the first cause is the one to
-        report)."""
+        report). With `modes`, only the NICs of those modes (`SWITCHED_MODES`,
+        `ROUTED_MODES`)."""
+        if modes is not None:
+            plans = [plan for plan in plans if plan.mode in modes]
         try:
             async with Netlink() as netlink, self._ovsdb(plans) as db:
                 bridges: dict[str, Link] = {}  # each looked up once per batch

@@ -88,18 +88,23 @@ async def tear_down(netlink: Netlink, plan: NicPlan, tap: Device | None) -> None
 
     The route goes when the tap is still there (the kernel drops it with the tap
     otherwise); the proxy NDP entries for the ip go from every interface (the uplink
-    may have changed since set-up, and no other instance has this ip).
+    may have changed since set-up), unless the ip is routed to another interface: the
+    other end of a migration on this host, whose NIC has the same ip and shares the
+    entry (the target's after the switch-over, the source's when the target gives up).
     """
     if plan.ip is None:
         return
+    table = routing_table(plan.link)
     try:
         if tap is not None:
             try:
-                await netlink.del_route(plan.ip, tap.index, routing_table(plan.link))
+                await netlink.del_route(plan.ip, tap.index, table)
             except OSError as error:
                 if error.errno not in _GONE:
                     raise
-        if ipaddress.ip_address(plan.ip).version == 6:
+        if ipaddress.ip_address(plan.ip).version == 6 and not await netlink.host_route_devices(
+            plan.ip, table
+        ):
             for link in await netlink.links():
                 try:
                     await netlink.del_proxy_neighbour(plan.ip, link.index)

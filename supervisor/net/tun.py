@@ -60,18 +60,22 @@ class OpenTap(msgspec.Struct, frozen=True, kw_only=True):
             os.close(fd)
 
 
-def tap_name(instance_uuid: str, nic_index: int) -> str:
-    """The tap of NIC `nic_index` of the instance: ``kvs`` + 10 base32 chars + index.
+def tap_name(instance_uuid: str, nic_index: int, *, state_dir: str) -> str:
+    """The tap of NIC `nic_index` of the instance run by the daemon of `state_dir` (an
+    absolute path): ``kvs`` + 10 base32 chars + index.
 
-    The 10 characters are 50 bits of the SHA-256 of the uuid (not a prefix of it, so
-    uuids that share their first digits, e.g. sequential ones, still differ): two
-    instances collide with a probability of about n²/2⁵¹ for n instances, and a collision
-    is caught when the tap is opened (`open_tap` refuses an existing name), never shared.
-    The name is at most 15 bytes for index < 100 and stable across daemon restarts.
+    The 10 characters are 50 bits of the SHA-256 of the uuid and the state dir (not a
+    prefix of the uuid, so uuids that share their first digits, e.g. sequential ones,
+    still differ). The state dir makes the name the daemon's own: a migration's source
+    and target daemons on one host run the same instance at once, each with its taps. Two
+    (daemon, instance) pairs collide with a probability of about n²/2⁵¹ for n pairs, and
+    a collision is caught when the tap is opened (`open_tap` refuses an existing name),
+    never shared. The name is at most 15 bytes for index < 100 and stable across daemon
+    restarts (the runtime record keeps it all the same).
     """
     if not 0 <= nic_index < MAX_NICS:
         raise ValueError(f"NIC index {nic_index} is not in 0..{MAX_NICS - 1}")
-    digest = hashlib.sha256(uuid.UUID(instance_uuid).bytes).digest()
+    digest = hashlib.sha256(uuid.UUID(instance_uuid).bytes + os.fsencode(state_dir)).digest()
     code = base64.b32encode(digest).decode("ascii")[:_HASH_CHARS].lower()
     return f"{_PREFIX}{code}{nic_index}"
 

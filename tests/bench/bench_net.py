@@ -87,6 +87,8 @@ CYCLES_PER_ROUND = 5  # ours per round; one script and one kernel-share run per 
 CYCLE_WARMUP = 3
 CYCLE_TARGET_FACTOR = 10.0
 ROUTED_IP = "10.79.0.5"
+#: Tap names are the daemon's own: named after its state dir.
+STATE_DIR = "/var/lib/kvm-supervisor"
 CYCLE_UUID = "3b0f6c7e-2a55-4d1c-8f0e-6a2d9c41b7e3"
 
 START_PAIRS = 31
@@ -170,7 +172,7 @@ Cycle = tuple[float, float]
 async def ours_cycle(network: nics.Networking, instance_plans: list[NicPlan]) -> Cycle:
     """The NICs of one instance set up and torn down the engine's way."""
     started = time.perf_counter()
-    plans = nics.with_tap_names(instance_plans, CYCLE_UUID)
+    plans = nics.with_tap_names(instance_plans, CYCLE_UUID, state_dir=STATE_DIR)
     await network.check_host(plans)
     taps = nics.open_taps(plans)
     try:
@@ -182,11 +184,16 @@ async def ours_cycle(network: nics.Networking, instance_plans: list[NicPlan]) ->
     return set_up - started, time.perf_counter() - set_up
 
 
+def cycle_tap(mode: str) -> str:
+    """The tap name of the cycles' NIC."""
+    return nics.with_tap_names([cycle_plan(mode)], CYCLE_UUID, state_dir=STATE_DIR)[0].tap or ""
+
+
 def script_cycle(scripts: Path, mode: str) -> Cycle:
     """The same NIC set up and torn down by the shell scripts."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-        "INTERFACE": nics.with_tap_names([cycle_plan(mode)], CYCLE_UUID)[0].tap or "",
+        "INTERFACE": cycle_tap(mode),
         "MODE": mode,
         "BRIDGE": BRIDGE,
         "IP": ROUTED_IP,
@@ -210,7 +217,7 @@ def script_cycle(scripts: Path, mode: str) -> Cycle:
 def kernel_cycle() -> Cycle:
     """The kernel's share both ways pay: a tap created (TUNSETIFF) and deleted (its last
     fd closed: the kernel unregisters the device and waits out RCU grace periods)."""
-    name = nics.with_tap_names([cycle_plan("bridged")], CYCLE_UUID)[0].tap or ""
+    name = cycle_tap("bridged")
     started = time.perf_counter()
     tap = open_tap(name, vnet_hdr=True)
     created = time.perf_counter()

@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import await_until, kill_leftover_qemus, start_listening, wait_until
 
 QEMU = os.environ.get("KVM_SUPERVISOR_TEST_QEMU", "/usr/bin/qemu-system-x86_64")
+#: Tap names are the daemon's own: named after its state dir.
+STATE_DIR = "/var/lib/kvm-supervisor"
 UUID = "6f1c0a52-3d2b-4c39-9a8e-0d7f4e2b1a10"
 #: No Open vSwitch NICs here: the socket is never reached.
 NETWORK = nics.Networking(ovsdb_socket="/nonexistent/db.sock")
@@ -63,7 +65,9 @@ def error_of(error: NetworkError) -> dict[str, Any]:
 
 
 async def taps() -> dict[str, Any]:
-    plans = nics.with_tap_names([plan(0, "bridged"), plan(1, "bridged", queues=4)], UUID)
+    plans = nics.with_tap_names(
+        [plan(0, "bridged"), plan(1, "bridged", queues=4)], UUID, state_dir=STATE_DIR
+    )
     opened = nics.open_taps(plans)
     try:
         details = {tap.name: ip("-d", "-o", "link", "show", tap.name) for tap in opened}
@@ -102,7 +106,9 @@ def bridge_ports(bridge: str) -> dict[str, int]:
 
 async def bridged() -> dict[str, Any]:
     plans = nics.with_tap_names(
-        [plan(0, "bridged", link="br0"), plan(1, "bridged", link="br0", mtu=1400)], UUID
+        [plan(0, "bridged", link="br0"), plan(1, "bridged", link="br0", mtu=1400)],
+        UUID,
+        state_dir=STATE_DIR,
     )
 
     async def body() -> dict[str, Any]:
@@ -140,6 +146,7 @@ async def routed() -> dict[str, Any]:
             plan(2, "routed", ip="fd00:77::5", mtu=1400),
         ],
         UUID,
+        state_dir=STATE_DIR,
     )
     tap4, tap4t, tap6 = (p.tap or "" for p in plans)
 
@@ -175,9 +182,13 @@ async def routed_taps_gone() -> dict[str, Any]:
     """Teardown after the taps died with their QEMU (a crash, or an adopted instance whose
     QEMU is gone): the kernel took the routes, teardown takes the proxy entry."""
     plans = nics.with_tap_names(
-        [plan(0, "routed", ip="10.77.0.5"), plan(1, "routed", ip="fd00:77::5")], UUID
+        [plan(0, "routed", ip="10.77.0.5"), plan(1, "routed", ip="fd00:77::5")],
+        UUID,
+        state_dir=STATE_DIR,
     )
-    no_uplink = nics.with_tap_names([plan(2, "routed", ip="fd00:77::6", link="100")], UUID)
+    no_uplink = nics.with_tap_names(
+        [plan(2, "routed", ip="fd00:77::6", link="100")], UUID, state_dir=STATE_DIR
+    )
     refused: dict[str, Any] | None = None
     try:
         await NETWORK.check_host(no_uplink)
@@ -196,9 +207,11 @@ async def routed_taps_gone() -> dict[str, Any]:
 
 async def errors() -> dict[str, Any]:
     missing = nics.with_tap_names(
-        [plan(0, "routed", ip="10.77.0.9"), plan(1, "bridged", link="nobr0")], UUID
+        [plan(0, "routed", ip="10.77.0.9"), plan(1, "bridged", link="nobr0")],
+        UUID,
+        state_dir=STATE_DIR,
     )
-    vlan = nics.with_tap_names([plan(0, "bridged", link="br0", vlan=42)], UUID)
+    vlan = nics.with_tap_names([plan(0, "bridged", link="br0", vlan=42)], UUID, state_dir=STATE_DIR)
     found: dict[str, Any] = {}
     for label, plans in (("missing", missing), ("vlan", vlan)):
         try:
@@ -223,7 +236,9 @@ async def errors() -> dict[str, Any]:
 async def qemu_holds_the_tap() -> dict[str, Any]:
     """A QEMU started -S with a 2-queue tap's fds: the tap lives while QEMU does (the
     daemon's copies closed), is a port of br0, and is gone once QEMU is killed."""
-    plans = nics.with_tap_names([plan(0, "bridged", link="br0", queues=2)], UUID)
+    plans = nics.with_tap_names(
+        [plan(0, "bridged", link="br0", queues=2)], UUID, state_dir=STATE_DIR
+    )
     name = plans[0].tap or ""
     workdir = Path(tempfile.mkdtemp(prefix="kvs-", dir="/tmp"))
     qmp_path = workdir / "qmp.sock"

@@ -20,6 +20,8 @@ from supervisor.qemu.cmdline import LaunchResources, build_command_line
 
 pytestmark = pytest.mark.netns
 
+#: Tap names are the daemon's own: named after its state dir.
+STATE_DIR = "/var/lib/kvm-supervisor"
 UUID = "0b6b7f1e-5d4c-4b3a-9f8e-7d6c5b4a3f2e"
 
 CHECK_HOST = """
@@ -57,7 +59,7 @@ def test_a_bridged_vlan_reaches_the_host_check(netns: str) -> None:
         Accelerator.TCG,
         resources=LaunchResources(),
     )
-    plans = with_tap_names(command.nics, UUID)
+    plans = with_tap_names(command.nics, UUID, state_dir=STATE_DIR)
     assert plans[0].vlan == 42
     result = run_python(
         CHECK_HOST, msgspec.json.encode(plans).decode(), prefix=("ip", "netns", "exec", netns)
