@@ -84,6 +84,12 @@ from supervisor.qemu.migration_payload import (
     payload_problems,
 )
 from supervisor.qemu.migration_progress import FINISHED, MigrationProgress, parse_query_migrate
+from supervisor.qemu.migration_tls import (
+    TLS_CREDS_ID,
+    Endpoint,
+    missing_x509_files,
+    tls_creds_object,
+)
 from supervisor.qemu.runtime import OutgoingMigration, RuntimeRecord, store_record
 
 if TYPE_CHECKING:
@@ -180,6 +186,30 @@ async def _clear_capabilities(client: qmp.QMPClient) -> None:
     states = [{"capability": c.capability, "state": False} for c in known if c.state]
     if states:
         await _execute(client, "migrate-set-capabilities", {"capabilities": states})
+
+
+def _check_x509_dir(directory: str | None, endpoint: Endpoint) -> None:
+    """Refuse, naming the config key, an x509 dir that lacks a file `endpoint` needs."""
+    if directory is None:
+        return
+    missing = missing_x509_files(directory, endpoint)
+    if missing:
+        raise InvalidConfigError(
+            "migration_tls_x509_dir",
+            f"{directory} lacks {', '.join(missing)}, which the migration's TLS {endpoint} needs",
+        )
+
+
+async def _set_tls(client: qmp.QMPClient, directory: str | None, endpoint: Endpoint) -> None:
+    """Have QEMU's migration stream use TLS as `endpoint` with the credentials in
+    `directory`, or no TLS for None (a QEMU may have migrated with TLS before)."""
+    if directory is not None:
+        objects = await _execute(client, "qom-list", {"path": "/objects"})
+        if any(entry.get("name") == TLS_CREDS_ID for entry in objects):
+            await _execute(client, "object-del", {"id": TLS_CREDS_ID})
+        await _execute(client, "object-add", tls_creds_object(directory, endpoint))
+    tls_creds = "" if directory is None else TLS_CREDS_ID
+    await _execute(client, "migrate-set-parameters", {"tls-creds": tls_creds})
 
 
 async def _qemu_status(client: qmp.QMPClient) -> str:
@@ -295,6 +325,7 @@ class Migrations:
                 names, field = list(capabilities), "capabilities"
             bandwidth = hv.migration_bandwidth if bandwidth_mib_s is None else bandwidth_mib_s
             downtime = hv.migration_downtime if downtime_ms is None else downtime_ms
+            _check_x509_dir(self._sup.config.migration_tls_x509_dir, "client")
             progress = MigrationProgress(
                 stall_timeout_s=self._sup.config.migration_stall_timeout_s,
                 now=anyio.current_time(),
@@ -346,6 +377,7 @@ class Migrations:
                     await _enable_capabilities(
                         client, job.capabilities, field=job.capabilities_field
                     )
+                    await _set_tls(client, self._sup.config.migration_tls_x509_dir, "client")
                     await _execute(client, "migrate-set-parameters", job.parameters)
                     if not job.live and await _qemu_status(client) == "running":
                         await _execute(client, "stop")
@@ -612,6 +644,7 @@ class Migrations:
         """
         payload = decode_payload(runtime)
         target_spec = guest_spec(spec, payload)
+        _check_x509_dir(self._sup.config.migration_tls_x509_dir, "server")
         if capabilities is None:
             names = _split_caps(payload.hvparams.migration_caps)
             field = "runtime.hvparams.migration_caps"
@@ -675,6 +708,7 @@ class Migrations:
         try:
             client = instance.require_running()
             await _enable_capabilities(client, capabilities, field=field)
+            await _set_tls(client, self._sup.config.migration_tls_x509_dir, "server")
             await _execute(client, "migrate-incoming", {"uri": uri})
             port = _bound_port(await _execute(client, "query-migrate"))
             # In `inmigrate`, `cont` means "run once the guest has arrived": the guest of a

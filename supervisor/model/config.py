@@ -5,11 +5,11 @@ Every `Config` key has a default, so an empty file, or one holding only
 values of the wrong type (``max_request_bytes: Expected `int`, got `str```).
 
 Relative paths are resolved against the directory of the file that holds them: in the
-config file `state_dir`, `instances_dir`, `image_dirs`, `ovsdb_socket`, `nic_hook` and
-the path parameters of ``[hvparams]``; in an instance file its disks and path
-parameters (kernel, initrd, ISOs, floppy, password files, x509 dir, mem_path). Values
-coming over the control socket have no such base and must be absolute
-(`supervisor.model.validation` says so).
+config file `state_dir`, `instances_dir`, `image_dirs`, `ovsdb_socket`, `nic_hook`,
+`migration_tls_x509_dir` and the path parameters of ``[hvparams]``; in an instance file
+its disks and path parameters (kernel, initrd, ISOs, floppy, password files, x509 dir,
+mem_path). Values coming over the control socket have no such base and must be
+absolute (`supervisor.model.validation` says so).
 """
 
 from __future__ import annotations
@@ -96,6 +96,14 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=Tr
     #: ``migration.progress`` events come at least this often while a migration runs
     #: (and at every change of its status); at most a second, as API.md §4 promises.
     migration_progress_interval_s: Annotated[float, Meta(gt=0, le=1)] = 0.5
+    #: A directory of x509 files (``ca-cert.pem``, ``server-cert.pem``, ``server-key.pem``,
+    #: ``client-cert.pem``, ``client-key.pem``, as QEMU's ``tls-creds-x509`` reads them):
+    #: migrations from and to this daemon go over TLS, each end verifying the other's
+    #: certificate. None: the stream is not encrypted.
+    migration_tls_x509_dir: str | None = None
+    #: With the ``postcopy-ram`` capability, a migration switches to postcopy once QEMU
+    #: has made this many dirty-sync passes over the guest's memory (Ganeti's 2).
+    migration_postcopy_after_passes: Annotated[int, Meta(ge=1, le=1000)] = 2
     #: ovsdb-server's unix socket, for ``mode = "openvswitch"`` NICs.
     ovsdb_socket: Annotated[str, Meta(min_length=1)] = DEFAULT_OVSDB_SOCKET
     #: An executable run for each NIC after its set-up and before its teardown
@@ -142,9 +150,10 @@ def check_config(config: Config) -> None:
     """Check `config` as `load_config` does; raise `InvalidConfigError` on the first problem.
 
     A hand-built `Config` (the embedding API takes one) is decoded again, so its fields
-    get the file's type checks; then image dirs and the NIC hook must be absolute, uid
-    ranges must pass `check_uid_range`, the display port range must run forwards, and
-    the ``[hvparams]`` table must hold known parameters with valid values.
+    get the file's type checks; then image dirs, the NIC hook and the migration x509 dir
+    must be absolute, uid ranges must pass `check_uid_range`, the display port range
+    must run forwards, and the ``[hvparams]`` table must hold known parameters with
+    valid values.
     """
     try:
         msgspec.convert(msgspec.to_builtins(config), Config)
@@ -156,8 +165,10 @@ def check_config(config: Config) -> None:
             raise InvalidConfigError(
                 f"image_dirs[{index}]", f"{directory!r} is not an absolute path"
             )
-    if config.nic_hook is not None and not os.path.isabs(config.nic_hook):
-        raise InvalidConfigError("nic_hook", f"{config.nic_hook!r} is not an absolute path")
+    for key in ("nic_hook", "migration_tls_x509_dir"):
+        value = getattr(config, key)
+        if value is not None and not os.path.isabs(value):
+            raise InvalidConfigError(key, f"{value!r} is not an absolute path")
     low, high = config.display_port_range
     if low > high:
         raise InvalidConfigError("display_port_range", f"range {low}-{high} runs backwards")
@@ -209,6 +220,11 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         image_dirs=[_absolute(base, directory) for directory in config.image_dirs],
         ovsdb_socket=_absolute(base, config.ovsdb_socket),
         nic_hook=None if config.nic_hook is None else _absolute(base, config.nic_hook),
+        migration_tls_x509_dir=(
+            None
+            if config.migration_tls_x509_dir is None
+            else _absolute(base, config.migration_tls_x509_dir)
+        ),
         hvparams=_resolve_hvparam_paths(base, config.hvparams),
     )
     check_config(config)
