@@ -9,7 +9,7 @@ VPY := $(VENV)/bin/python
 # Ganeti 3.0.2, for tests/ganeti (a two-node virtual cluster in a network namespace).
 GANETI_DEBS := ganeti ganeti-3.0 ganeti-haskell-3.0 ganeti-htools-3.0
 DEBS := qemu-system-x86 qemu-utils busybox-static iputils-ping socat iproute2 cpio openvswitch-switch \
-	openssh-server openssh-client $(GANETI_DEBS)
+	openssh-server openssh-client openssl $(GANETI_DEBS)
 GUEST := .cache/guest
 CONFIG ?= config/supervisor.toml
 PYTEST_ARGS ?=
