@@ -74,11 +74,7 @@ class DaemonUnreachable(Exception):
 async def _connect(args: argparse.Namespace) -> AsyncIterator[RPCClient]:
     """A client of the daemon's control socket, or of a remote one (``--connect``);
     `DaemonUnreachable` when none answers."""
-    if args.connect:
-        async with _connect_remote(args.connect, "--connect") as client:
-            yield client
-        return
-    async with _connect_local(_socket_path(args)) as client:
+    async with _connect_to(args.connect or str(_socket_path(args)), "--connect") as client:
         yield client
 
 
