@@ -175,3 +175,36 @@ async def test_qemu_gone_while_the_daemon_was_down_leaves_nothing(
         states = {item["name"]: item["state"] for item in await again.call("instance.list")}
     assert states == {"bystander": "paused", "victim": "stopped"}
     lan.assert_only(baseline, [bystander])
+
+
+async def test_a_start_with_nics_cut_short_by_a_daemon_kill_is_finished_after_restart(
+    lan: Lan, daemon: EngineDaemon
+) -> None:
+    """The daemon dies (SIGKILL, crash_daemon.py) once the NICs are up and before `cont`;
+    the next daemon finishes the start (the set-up runs again: idempotent) and, at stop,
+    leaves nothing."""
+    baseline = lan.state()
+    daemon.kill(signal.SIGKILL)
+    await anyio.to_thread.run_sync(lambda: daemon.start(crash_at="startup-steps"))
+    spec = guest(
+        "cut",
+        None,
+        {"mode": "bridged", "link": BRIDGE},
+        {"mode": "routed", "ip": "10.78.0.30"},
+    )
+    with daemon.connect() as sock:
+        daemon.send(sock, "instance.start", spec=spec, paused=True)
+        with pytest.raises(ConnectionError):
+            daemon.replies(sock, 1)
+    daemon.kill(signal.SIGKILL)
+    (pid,) = qemus_started_in(daemon.state_dir)
+
+    await anyio.to_thread.run_sync(daemon.start)
+    (item,) = await anyio.to_thread.run_sync(daemon.settled)
+    assert (item["name"], item["state"], item["pid"]) == ("cut", "paused", pid)
+    async with jsonrpc.connect_unix(daemon.socket) as again:
+        info = await again.call("instance.info", {"name": "cut"})
+        assert [nic["mode"] for nic in info["nics"]] == ["bridged", "routed"]
+        lan.assert_only(baseline, [info])
+        await again.call("instance.stop", {"name": "cut", "force": True})
+    lan.assert_only(baseline)
