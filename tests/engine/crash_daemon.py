@@ -6,7 +6,11 @@ The daemon dies exactly as under ``kill -9`` (no clean-up code runs), at:
 - ``pid-record``: when the runtime record that first carries QEMU's pid is about to be
   saved, i.e. QEMU is spawned and nothing on disk names its pid yet;
 - ``startup-steps``: when the start-up steps begin (CPU pinning), i.e. QEMU is spawned
-  and still in ``-S``, never continued.
+  and still in ``-S``, never continued;
+- ``migrate-incoming``: when ``migration.accept`` is about to send ``migrate-incoming``,
+  i.e. the incoming QEMU is started (``incoming``) and listens nowhere yet;
+- ``accept-end``: when ``migration.accept`` is about to send its last command (``cont``),
+  i.e. the incoming QEMU listens and nobody got its port.
 """
 
 from __future__ import annotations
@@ -46,7 +50,27 @@ def _crash_at_startup_steps() -> None:
     launcher.pin_vcpus = crashing_pin  # type: ignore[assignment]
 
 
-POINTS = {"pid-record": _crash_at_pid_record, "startup-steps": _crash_at_startup_steps}
+def _crash_at_migration_command(name: str) -> None:
+    """Crash where the migration engine is about to send QMP command `name`."""
+    from supervisor.engine import migration
+
+    execute = migration._execute
+
+    async def crashing_execute(client: Any, command: str, arguments: Any = None) -> Any:
+        if command == name:
+            _die()
+        return await execute(client, command, arguments)
+
+    migration._execute = crashing_execute
+
+
+POINTS = {
+    "pid-record": _crash_at_pid_record,
+    "startup-steps": _crash_at_startup_steps,
+    "migrate-incoming": lambda: _crash_at_migration_command("migrate-incoming"),
+    # The target daemon runs nothing but the accept: its only `cont` is the accept's.
+    "accept-end": lambda: _crash_at_migration_command("cont"),
+}
 
 if __name__ == "__main__":
     POINTS[sys.argv[1]]()
