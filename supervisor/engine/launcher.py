@@ -384,8 +384,8 @@ class Launcher:
                 raise InvalidConfigError("spec.hvparams.cpu_mask", str(error)) from None
             if record.incoming:
                 # The guest, its balloon included, comes with the migration
-                # (`supervisor.engine.migration` tells QEMU where to listen).
-                await self._complete(instance, record)
+                # (`supervisor.engine.migration` tells QEMU where to listen, and marks
+                # the start completed once `migration.accept` has done so).
                 instance.qemu_status = "inmigrate"
                 instance.set_state(InstanceState.INCOMING, "waiting for a migration")
                 return
@@ -395,7 +395,7 @@ class Launcher:
             if not paused:
                 await client.execute("cont")
             # After `cont`: a daemon killed before this save runs the steps again.
-            await self._complete(instance, record)
+            await self.complete(instance, record)
             if paused:
                 instance.qemu_status = "paused"
                 instance.set_state(InstanceState.PAUSED, "started paused")
@@ -405,7 +405,8 @@ class Launcher:
 
         return run
 
-    async def _complete(self, instance: Instance, record: RuntimeRecord) -> None:
+    async def complete(self, instance: Instance, record: RuntimeRecord) -> None:
+        """Save `record` as a start that completed (a restarted daemon adopts it as is)."""
         completed = msgspec.structs.replace(record, start_completed=True)
         await _save(completed)
         instance.record = completed

@@ -110,6 +110,10 @@ EVENT_BUFFER: Final = 64
 #: (socket buffers, a proxy) completes on the source while the target never got the end
 #: of it, and the guest would run nowhere.
 ALWAYS_ON: Final = ("events", "return-path")
+#: How a guest may arrive that ``finalize_target`` resumes: paused (as a non-live
+#: migration leaves it) or never started (``prelaunch``: its source ran it with ``-S``
+#: and never continued it; QEMU carries that state over).
+RESUMABLE: Final = frozenset({"paused", "prelaunch"})
 
 
 def migration_uri(host: str, port: int) -> str:
@@ -570,8 +574,16 @@ class Migrations:
 
         Raises `MigrationError` when QEMU's state contradicts `success`: a guest that
         still runs here is never ended, nor one resumed that runs on the target now.
+        A `success` for an instance this daemon no longer has is done already (a
+        restarted daemon ends the source's part of a migration that completed while it
+        was down).
         """
-        instance = self._sup.instance(name)
+        try:
+            instance = self._sup.instance(name)
+        except InstanceNotFound:
+            if success:
+                return
+            raise
         async with instance.operation("migration.finalize_source", holder=True):
             job = self._outgoing.get(name)
             if job is not None and not job.done.is_set():
@@ -715,6 +727,11 @@ class Migrations:
             # live migration runs on the moment it switches over (one paused on its source
             # stays paused: QEMU migrates the run state too).
             await _execute(client, "cont")
+            # Only now: a daemon killed before this finds the accept interrupted (nobody
+            # got the port) and, restarted, stops this QEMU (`_adopt_incoming`).
+            record = instance.record
+            assert record is not None
+            await self._sup.launcher.complete(instance, record)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await instance.stop(force=True, timeout_s=0, reason=MIGRATION_FAILED)
@@ -725,8 +742,9 @@ class Migrations:
         self, name: str, runtime: str, *, success: bool, resume: bool = True
     ) -> InstanceInfo | None:
         """End the target's part: on `success` the instance is this daemon's (its record
-        saved as an ordinary one, a paused guest resumed if `resume`), otherwise its QEMU
-        is stopped and its runtime removed (nothing to do if that happened already).
+        saved as an ordinary one; if `resume`, a guest that arrived paused or never
+        started runs), otherwise its QEMU is stopped and its runtime removed (nothing
+        to do if that happened already).
 
         Raises `MigrationError` for a `success` whose migration did not complete here,
         `NetworkError` when a routed NIC cannot be set up (the guest runs here then, its
@@ -770,13 +788,15 @@ class Migrations:
         await self._sup.launcher.network.set_up(
             record.nics, instance=record.name, tags=record.spec.tags, modes=ROUTED_MODES
         )
-        owned = msgspec.structs.replace(record, incoming=False)
+        # Completed as a start too: a guest that arrived after an interrupted accept
+        # (see `_adopt_incoming`) is adopted as is after a restart, never started again.
+        owned = msgspec.structs.replace(record, incoming=False, start_completed=True)
         with host_io_errors(f"finalize of {instance.name!r}", instance.paths.directory):
             await store_record(owned.paths.runtime_record, owned)
         instance.record = owned
         await _clear_capabilities(client)
         qemu_status = await _qemu_status(client)
-        if resume and qemu_status == "paused":
+        if resume and qemu_status in RESUMABLE:
             await _execute(client, "cont")
             qemu_status = "running"
         instance.qemu_status = qemu_status
@@ -901,15 +921,19 @@ class Migrations:
             self._publish(instance, job.status)
 
     async def _adopt_incoming(self, instance: Instance) -> None:
-        """An incoming QEMU whose start was interrupted before ``migrate-incoming`` (no
-        socket to send to, and nobody got its port) or whose migration failed is stopped
-        and its runtime removed; one still listening or receiving stays held for
-        ``finalize_target``, and one whose guest arrived runs on, held likewise."""
+        """An incoming QEMU whose ``migration.accept`` was interrupted (its start not
+        completed: nobody got its port, so no source will come) or whose migration
+        failed is stopped and its runtime removed, as libvirt cleans up a half-made
+        incoming domain; one an accept answered for, still listening or receiving, stays
+        held for ``finalize_target``, and one whose guest arrived runs on, held likewise."""
+        record = instance.record
+        interrupted = record is not None and not record.start_completed
         client = instance.require_running()
-        reply = await _execute(client, "query-migrate")
-        status = str(reply.get("status", "none"))
-        if status in {"failed", "cancelled"} or (
-            status == "none" and not reply.get("socket-address")
-        ):
-            instance.log.warning("incoming migration abandoned after a restart", status=status)
+        status = str((await _execute(client, "query-migrate")).get("status", "none"))
+        if interrupted or status in {"failed", "cancelled"}:
+            instance.log.warning(
+                "incoming migration abandoned after a restart",
+                status=status,
+                accept_interrupted=interrupted,
+            )
             await self._abandon_incoming(instance)
