@@ -105,7 +105,8 @@ class FinalizeSourceParams(_Params, frozen=True, kw_only=True, forbid_unknown_fi
 
 class FinalizeTargetParams(_Params, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``resume`` (an extension): run a guest the migration left paused, as a non-live
-    migration does; false keeps it paused (a guest that was paused on its source)."""
+    migration does, or one never started (``-S``) on its source; false keeps it as it
+    arrived (a guest that was paused on its source)."""
 
     name: InstanceName
     runtime: Annotated[str, Meta(min_length=1)]
@@ -227,7 +228,11 @@ class MigrationStatus(msgspec.Struct, kw_only=True, frozen=True):
     ``cancelled``, ...) or ``none``. Sizes in MiB; `percent` is the share of guest
     memory no longer waiting to be sent; `mbps` QEMU's throughput in megabits per
     second. Extensions: `total_time_ms` (QEMU's), and, once a migration failed or was
-    cancelled, `error` saying why and `stalled` when the stall guard cancelled it.
+    cancelled, `error` saying why and `stalled` when the stall guard cancelled it; with
+    ``auto-converge``, `cpu_throttle_percentage` (how much of the guest's CPU time QEMU
+    takes away to slow its writes); with ``xbzrle``, `xbzrle_pages` (pages sent as
+    deltas against the previous copy), `xbzrle_mib` (what those deltas took) and
+    `xbzrle_cache_miss` (pages found nowhere to delta against: sent whole).
     """
 
     status: str
@@ -242,6 +247,10 @@ class MigrationStatus(msgspec.Struct, kw_only=True, frozen=True):
     total_time_ms: int | None = None
     error: str | None = None
     stalled: bool = False
+    cpu_throttle_percentage: int | None = None
+    xbzrle_pages: int | None = None
+    xbzrle_mib: float | None = None
+    xbzrle_cache_miss: int | None = None
 
 
 class MigrationInfoResult(msgspec.Struct, kw_only=True, frozen=True):

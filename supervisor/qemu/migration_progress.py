@@ -46,11 +46,19 @@ class _Ram(msgspec.Struct, rename="kebab"):
     dirty_sync_count: int | None = None
 
 
+class _Xbzrle(msgspec.Struct, rename="kebab"):
+    pages: int = 0
+    bytes: int = 0
+    cache_miss: int = 0
+
+
 class _QueryMigrate(msgspec.Struct, rename="kebab"):
     """The part of QEMU's MigrationInfo we read (QEMU may add fields: they are ignored)."""
 
     status: str = "none"
     ram: _Ram | None = None
+    xbzrle_cache: _Xbzrle | None = None
+    cpu_throttle_percentage: int | None = None
     total_time: int | None = None
     downtime: int | None = None
     expected_downtime: int | None = None
@@ -64,6 +72,7 @@ def parse_query_migrate(reply: Mapping[str, Any]) -> tuple[MigrationStatus, int]
     """
     info = msgspec.convert(reply, _QueryMigrate)
     ram = info.ram or _Ram()
+    xbzrle = info.xbzrle_cache
     if info.status == "completed":
         percent = 100.0
     elif ram.total:
@@ -82,6 +91,10 @@ def parse_query_migrate(reply: Mapping[str, Any]) -> tuple[MigrationStatus, int]
         expected_downtime_ms=info.expected_downtime,
         total_time_ms=info.total_time,
         error=info.error_desc,
+        cpu_throttle_percentage=info.cpu_throttle_percentage,
+        xbzrle_pages=None if xbzrle is None else xbzrle.pages,
+        xbzrle_mib=None if xbzrle is None else round(xbzrle.bytes / MIB, 2),
+        xbzrle_cache_miss=None if xbzrle is None else xbzrle.cache_miss,
     )
     return status, ram.transferred
 
