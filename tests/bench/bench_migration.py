@@ -142,11 +142,51 @@ def log(message: str) -> None:
 
 
 class Sample(msgspec.Struct):
-    """One migration: its total and QEMU's downtime, in ms, and the MiB it sent."""
+    """One migration: its total and QEMU's downtime, in ms, the MiB it sent, QEMU's own
+    time for it (``total-time``: ``migrate`` to completed, on the source) and how long
+    each step took (ms; the steps of ours are its RPC calls, each timed alone)."""
 
     total_ms: float
     downtime_ms: float | None
     sent_mib: float | None
+    qemu_ms: float | None = None
+    steps: dict[str, float] = msgspec.field(default_factory=dict)
+
+
+class Steps:
+    """Times the steps of one migration: `step` between marks, `add` for a timed call."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self.mark = time.perf_counter()
+
+    def step(self, name: str) -> None:
+        now = time.perf_counter()
+        self.add(name, now - self.mark)
+        self.mark = now
+
+    def add(self, name: str, seconds: float) -> None:
+        self.times[name] = round(self.times.get(name, 0.0) + ms(seconds), 2)
+
+
+class TimedClient:
+    """An `RPCClient` whose calls are timed, by method, into `steps`."""
+
+    def __init__(self, client: RPCClient, steps: Steps) -> None:
+        self.client = client
+        self.steps = steps
+
+    async def call(self, method: str, params: Any = None) -> Any:
+        began = time.perf_counter()
+        try:
+            return await self.client.call(method, params)
+        finally:
+            self.steps.add(method, time.perf_counter() - began)
+            if method == "migration.start":
+                self.steps.mark = time.perf_counter()
+
+    def notifications(self) -> Any:
+        return self.client.notifications()
 
 
 class Cadence(msgspec.Struct):
@@ -202,23 +242,33 @@ class Ours:
         bandwidth_mib_s: int = BANDWIDTH_MIB_S,
         on_progress: Callable[[MigrationStatus], None] | None = None,
     ) -> Sample:
+        steps = Steps()
+
+        def progress(status: MigrationStatus) -> None:
+            if status.status == "completed":
+                steps.step("migration")  # from migration.start's reply
+            if on_progress is not None:
+                on_progress(status)
+
         source, target = self.clients[self.at], self.clients[1 - self.at]
         async with asyncio.timeout(MIGRATION_TIMEOUT_S):
             began = time.perf_counter()
             result = await migrate(
-                source,
-                target,
+                TimedClient(source, steps),  # type: ignore[arg-type]
+                TimedClient(target, steps),  # type: ignore[arg-type]
                 self.name,
                 bandwidth_mib_s=bandwidth_mib_s,
                 downtime_ms=DOWNTIME_MS,
-                on_progress=on_progress,
+                on_progress=progress,
             )
             total = time.perf_counter() - began
         self.at = 1 - self.at
         if result.instance.state != "running":
             raise RuntimeError(f"after the migration the guest is {result.instance.state}")
         status = result.status
-        return Sample(ms(total), status.downtime_ms, status.transferred_mib)
+        return Sample(
+            ms(total), status.downtime_ms, status.transferred_mib, status.total_time_ms, steps.times
+        )
 
     async def migrate_cli(self) -> Sample:
         """The same with ``kvm-supervisor migrate --json`` (the whole command)."""
@@ -409,29 +459,39 @@ class Bare:
         source = self.qemu
         assert source is not None
         async with asyncio.timeout(MIGRATION_TIMEOUT_S):
-            began = time.perf_counter()
+            steps = Steps()
+            began = steps.mark
             target = await BareQemu.spawn(
                 self.argvs[1 - self.at], self.scratches[1 - self.at], incoming=True
             )
+            steps.step("target QEMU spawned, QMP connected")
             try:
-                downtime, sent = await self._migrate(source, target)
+                completed = await self._migrate(source, target, steps)
             except BaseException:
                 await target.kill()
                 raise
             total = time.perf_counter() - began
         self.qemu, self.at = target, 1 - self.at
-        return Sample(ms(total), downtime, sent)
+        downtime, qemu_ms = completed.get("downtime"), completed.get("total-time")
+        return Sample(
+            ms(total),
+            None if downtime is None else float(downtime),
+            completed["ram"]["transferred"] / MIB,
+            None if qemu_ms is None else float(qemu_ms),
+            steps.times,
+        )
 
     @staticmethod
-    async def _migrate(source: BareQemu, target: BareQemu) -> tuple[float | None, float]:
-        """The QMP commands of one migration, up to the source's exit; QEMU's downtime and
-        the MiB sent."""
+    async def _migrate(source: BareQemu, target: BareQemu, steps: Steps) -> dict[str, Any]:
+        """The QMP commands of one migration, up to the source's exit; the source's
+        ``query-migrate`` once it completed."""
         caps = [{"capability": name, "state": True} for name in CAPABILITIES]
         await target.qmp.execute("migrate-set-capabilities", {"capabilities": caps})
         await target.qmp.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
         listening = await target.qmp.execute("query-migrate")
         port = int(listening["socket-address"][0]["port"])
         await target.qmp.execute("cont")  # in `inmigrate`: run once the guest has arrived
+        steps.step("target listening")
         await source.qmp.execute("migrate-set-capabilities", {"capabilities": caps})
         await source.qmp.execute(
             "migrate-set-parameters",
@@ -439,15 +499,17 @@ class Bare:
         )
         source.qmp.forget_events()
         await source.qmp.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        steps.step("source set up, migrate")
         expect("the bare migration", await source.qmp.migration_end(), "completed")
+        steps.step("migration")
         completed = await source.qmp.execute("query-migrate")
         expect("the bare incoming migration", await target.qmp.migration_end(), "completed")
         status = (await target.qmp.execute("query-status"))["status"]
         expect("the bare target's guest", status, "running")
+        steps.step("target running")
         await source.quit()
-        downtime = completed.get("downtime")
-        sent = completed["ram"]["transferred"] / MIB
-        return (None if downtime is None else float(downtime)), sent
+        steps.step("source quit, exited")
+        return dict(completed)
 
     async def stop(self) -> None:
         if self.qemu is not None:
@@ -737,9 +799,34 @@ def libvirt_anchor(figures: dict[str, Any], size: str, field: str) -> tuple[floa
     return None, "libvirt"
 
 
+def beyond_qemu(samples: list[Sample]) -> float | None:
+    """The median of the totals less QEMU's own time for the migration."""
+    values = [s.total_ms - s.qemu_ms for s in samples if s.qemu_ms is not None]
+    return float(statistics.median(values)) if values else None
+
+
+def step_medians(samples: list[Sample]) -> str:
+    names = list(dict.fromkeys(name for s in samples for name in s.steps))
+    return ", ".join(
+        f"{name} {statistics.median(s.steps[name] for s in samples if name in s.steps):.1f}"
+        for name in names
+    )
+
+
 def build_rows(figures: dict[str, Any]) -> list[Row]:
     rows = []
     for size, samples in figures["samples"].items():
+        ours, bare = beyond_qemu(samples["ours"]), beyond_qemu(samples["bare"])
+        rows.append(
+            Row(
+                f"(info) total less QEMU's total-time, {size} MiB",
+                figure(ours),
+                f"{figure(bare)} bare QMP",
+                ratio(ours, bare),
+                "-",
+                None,
+            )
+        )
         for field, label, factor in (
             ("total_ms", "total", TOTAL_TARGET_FACTOR),
             ("downtime_ms", "downtime", DOWNTIME_TARGET_FACTOR),
@@ -832,9 +919,12 @@ def format_notes(figures: dict[str, Any], libvirt_problem: str) -> str:
             if samples[way]:
                 lines.append(
                     f"{size} MiB, {way}: total (ms) {spread(samples[way], 'total_ms')}; "
-                    f"downtime (ms) {spread(samples[way], 'downtime_ms')}; MiB sent, median "
+                    f"downtime (ms) {spread(samples[way], 'downtime_ms')}; QEMU's total-time "
+                    f"(ms) {spread(samples[way], 'qemu_ms')}; MiB sent, median "
                     f"{median(samples[way], 'sent_mib') or 0:.1f}"
                 )
+        for way in ("ours", "bare"):
+            lines.append(f"{size} MiB, {way}, steps (medians, ms): {step_medians(samples[way])}")
     lines.append(
         f"kvm-supervisor migrate (ms): {spread(figures['cli_samples'], 'total_ms')}; downtime "
         f"{spread(figures['cli_samples'], 'downtime_ms')}"
