@@ -104,6 +104,9 @@ MIB: Final = 1024 * 1024
 MIGRATION_EVENTS: Final = frozenset({"MIGRATION", "MIGRATION_PASS"})
 #: Events a migration task holds before it reads them (it reads each at once).
 EVENT_BUFFER: Final = 64
+#: How soon ``query-migrate`` is asked again for the figures of a completed migration
+#: (`MigrationProgress.figures_pending`).
+FIGURES_RETRY_S: Final = 0.001
 #: Always on, on both ends. ``events``: without it QEMU sends no MIGRATION events.
 #: ``return-path``: the target confirms it has loaded the guest before the source calls
 #: the migration completed (as libvirt does); without it a stream the network absorbed
@@ -422,17 +425,22 @@ class Migrations:
         events: qmp.EventSubscription,
     ) -> None:
         """Read ``query-migrate`` at each QEMU event and every progress interval until the
-        migration ends; cancel it when the stall guard says so."""
+        migration ends (with its figures); cancel it when the stall guard says so."""
         interval = self._sup.config.migration_progress_interval_s
         progress = job.progress
         asked = anyio.current_time()
         while True:
-            with anyio.move_on_after(max(0.0, asked + interval - anyio.current_time())):
+            wait = asked + interval - anyio.current_time()
+            if progress.figures_pending:
+                wait = FIGURES_RETRY_S
+            with anyio.move_on_after(max(0.0, wait)):
                 await events.__anext__()  # ends with an error when QEMU goes away
             asked = anyio.current_time()
             job.status = progress.update(await client.execute("query-migrate"), asked)
             if progress.finished:
                 return
+            if progress.figures_pending:
+                continue  # the end is published once, with QEMU's figures
             self._publish(instance, job.status)
             if job.stalled_s is None and progress.stalled(asked):
                 job.stalled_s = progress.stalled_for(asked)

@@ -369,6 +369,17 @@ class RawQMP:
                 if event["event"] == "MIGRATION" and status in ("completed", "failed", "cancelled"):
                     return str(status)
 
+    async def completed_figures(self) -> dict[str, Any]:
+        """``query-migrate`` of a completed migration once QEMU has filled in its figures:
+        it sends the event a moment before, and ``total-time`` and ``downtime`` read 0
+        until then (for at most a second here)."""
+        deadline = time.monotonic() + 1.0
+        while True:
+            reply: dict[str, Any] = await self.execute("query-migrate")
+            if reply.get("total-time") or time.monotonic() > deadline:
+                return reply
+            await asyncio.sleep(0.001)
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -502,7 +513,7 @@ class Bare:
         steps.step("source set up, migrate")
         expect("the bare migration", await source.qmp.migration_end(), "completed")
         steps.step("migration")
-        completed = await source.qmp.execute("query-migrate")
+        completed = await source.qmp.completed_figures()
         expect("the bare incoming migration", await target.qmp.migration_end(), "completed")
         status = (await target.qmp.execute("query-status"))["status"]
         expect("the bare target's guest", status, "running")
