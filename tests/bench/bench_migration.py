@@ -10,24 +10,28 @@ live three ways on this machine, once with 96 MiB and once with 256 MiB of memor
 way's guest is started and booted (its ready marker on the serial console) before the
 first migration, then migrated back and forth between two ends: one warm-up migration
 per way, then `ROUNDS` interleaved rounds of one migration per way (the order rotating
-from round to round). All three ways use the same limits: `BANDWIDTH_MIB_S` and a
-`DOWNTIME_MS` downtime limit. Two figures per migration, defined alike for all ways:
+from round to round). All three ways use the same limits: `BANDWIDTH_MIB_S` (0: none;
+QEMU's default would be 128 MiB/s, libvirt lifts it) and a `DOWNTIME_MS` downtime limit.
+Two figures per migration, defined alike for all ways:
 
 - total: from the first step towards the target to the target's guest running and the
   source's QEMU gone (exited and reaped), on this script's clock;
 - downtime: QEMU's own figure for the switch-over (``query-migrate``'s ``downtime`` on
-  the source once the migration completed).
+  the source once the migration completed, and QEMU has filled it in: it reads 0 for a
+  moment after the ``completed`` event).
 
 The ways:
 
 1. ours: two ``kvm-supervisor serve`` daemons, each with its own state dir and socket,
    and one ``supervisor.migrate()`` call over a JSON-RPC connection to each (opened
-   beforehand, as a program that migrates keeps them). Total: the call, from its first
-   request (``migration.info``; ``migration.accept`` starts the target's QEMU with
-   ``-incoming defer``, sets the capabilities and ``migrate-incoming``) to its return
+   beforehand, as a program that migrates keeps them). Total: from the call's
+   ``migration.accept`` request (which starts the target's QEMU with ``-incoming
+   defer``, sets the capabilities and ``migrate-incoming``) to the call's return
    (``migration.finalize_target``: the guest runs there and is the target daemon's;
    ``migration.finalize_source``: the source's QEMU ended and reaped, its runtime
-   removed). Downtime: the final ``MigrationStatus.downtime_ms``.
+   removed); the source's ``migration.info`` and ``instance.info`` before it are left
+   out, as the bare script has its argv at hand (they are in the steps below).
+   Downtime: the final ``MigrationStatus.downtime_ms``.
 2. bare QMP: the instance's argv from the daemon's runtime record (paths moved to two
    scratch dirs, QMP on a unix socket this script listens on before it starts QEMU, as
    the daemon does; ``-S``, and for the target ``-incoming defer``, as the daemon adds),
@@ -36,16 +40,17 @@ The ways:
    ``migrate-incoming``, its port from ``query-migrate``, ``cont`` (the guest runs once
    it arrived); on the source ``migrate-set-capabilities``, ``migrate-set-parameters``
    (bandwidth, downtime limit), ``migrate``; the source's ``MIGRATION`` event
-   ``completed``, ``query-migrate`` (the downtime), the target's ``MIGRATION``
+   ``completed``, ``query-migrate`` (the figures), the target's ``MIGRATION``
    ``completed`` and ``query-status`` ``running``; ``quit`` to the source and its exit.
    Total: from the target QEMU's spawn to the source's exit. Targets: ours' median total
    at most 1.05x, its median downtime at most 1.1x the bare one's.
 3. libvirt: two private libvirtds (bench_libvirt's ``PrivateLibvirtd``, each in its own
    mount namespace with its own config, state, sockets and ``host_uuid``: libvirt
    refuses a migration between daemons with the same host UUID), bench_libvirt's domain
-   XML for the guest (machine ``pc``, no memory balloon), ``virsh migrate-setspeed`` and
-   ``migrate-setmaxdowntime`` before each migration, then ``virsh migrate --live``
-   to the other daemon's socket over ``tcp://127.0.0.1``. Total: the whole ``virsh
+   XML for the guest (machine ``pc``, no memory balloon), ``virsh
+   migrate-setmaxdowntime`` (and ``migrate-setspeed`` for a bandwidth limit) before each
+   migration, then ``virsh migrate --live --unsafe`` to the other daemon's socket over
+   ``tcp://127.0.0.1``. Total: the whole ``virsh
    migrate`` command (client start-up included); downtime: ``virsh domjobinfo
    --completed`` on the destination. When libvirt cannot run, the figures measured
    earlier on this kind of machine (the issue's) stand in, labelled, with the reason.
@@ -159,6 +164,8 @@ class Steps:
     def __init__(self) -> None:
         self.times: dict[str, float] = {}
         self.mark = time.perf_counter()
+        #: When the first ``migration.accept`` request went out: where the total begins.
+        self.accept_sent: float | None = None
 
     def step(self, name: str) -> None:
         now = time.perf_counter()
@@ -178,6 +185,8 @@ class TimedClient:
 
     async def call(self, method: str, params: Any = None) -> Any:
         began = time.perf_counter()
+        if method == "migration.accept" and self.steps.accept_sent is None:
+            self.steps.accept_sent = began
         try:
             return await self.client.call(method, params)
         finally:
@@ -252,7 +261,6 @@ class Ours:
 
         source, target = self.clients[self.at], self.clients[1 - self.at]
         async with asyncio.timeout(MIGRATION_TIMEOUT_S):
-            began = time.perf_counter()
             result = await migrate(
                 TimedClient(source, steps),  # type: ignore[arg-type]
                 TimedClient(target, steps),  # type: ignore[arg-type]
@@ -261,7 +269,9 @@ class Ours:
                 downtime_ms=DOWNTIME_MS,
                 on_progress=progress,
             )
-            total = time.perf_counter() - began
+            ended = time.perf_counter()
+        assert steps.accept_sent is not None
+        total = ended - steps.accept_sent
         self.at = 1 - self.at
         if result.instance.state != "running":
             raise RuntimeError(f"after the migration the guest is {result.instance.state}")
@@ -542,6 +552,8 @@ class Libvirt:
     async def start(self, name: str, memory_mib: int) -> None:
         self.name, self.at = name, 0
         await asyncio.to_thread(self.daemons[0].create, name, memory_mib)
+        speed = await asyncio.to_thread(self.daemons[0].virsh, "migrate-getspeed", name)
+        log(f"libvirt's migration bandwidth limit for {name}: {speed.stdout.strip()} MiB/s")
 
     def serial_log(self) -> Path:
         # The domain XML migrates with the guest: both ends write the same file.
