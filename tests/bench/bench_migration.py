@@ -657,16 +657,15 @@ class Run:
         log(f"{size} MiB guest: starting it three ways")
         await ours.start(name, size)
         await bare.start(bench.bare_argv(name, daemonize=False), bench.scratch)
-        waits = [
-            wait_ready_marker(ours.serial_log, f"ours {size} MiB"),
-            wait_ready_marker(bare.serial_log, f"bare {size} MiB"),
-        ]
+        logs = {"ours": ours.serial_log, "bare": bare.serial_log}
         if self.libvirt is not None:
             libvirt = self.libvirt
             await self.libvirt_step(lambda: libvirt.start(f"kvsbench-{name}", size))
             if self.libvirt is not None:
-                waits.append(wait_ready_marker(libvirt.serial_log, f"libvirt {size} MiB"))
-        await asyncio.gather(*waits)
+                logs["libvirt"] = libvirt.serial_log
+        await asyncio.gather(
+            *(wait_ready_marker(path, f"{way} {size} MiB") for way, path in logs.items())
+        )
         samples: dict[str, list[Sample]] = {way: [] for way in WAYS}
         migrations: dict[str, Callable[[], Awaitable[Sample | None]]] = {
             "ours": lambda: self.ours_migrate(ours, self.round_cadences),
