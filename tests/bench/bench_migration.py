@@ -750,6 +750,8 @@ class Run:
             "samples": self.samples,
             "cli_samples": self.cli_samples,
             "cadences": self.cadences,
+            "cadence_per_s": [round(c.per_s, 3) for c in self.cadences],
+            "cadence_longest_gap_ms": [round(c.longest_gap_s * 1000, 1) for c in self.cadences],
             "round_cadences": self.round_cadences,
             "libvirt_problem": self.libvirt_problem,
             "loadavg_end": os.getloadavg()[0],
