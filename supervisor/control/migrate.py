@@ -18,8 +18,8 @@ is stopped and its runtime removed.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, TypeVar
 
 import anyio
 import msgspec
@@ -34,6 +34,9 @@ __all__ = ["MigrationResult", "migrate"]
 
 #: How long the clean-up after a migration (failed, cancelled or not) may take.
 CLEANUP_TIMEOUT_S: Final = 60.0
+
+T = TypeVar("T")
+U = TypeVar("U")
 
 
 class MigrationResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -78,9 +81,11 @@ async def migrate(
     and finalized as a failure first, so the guest keeps running on the source;
     should it have completed meanwhile, it is finalized as a success instead.
     """
-    info = await source.call("migration.info", {"name": name})
+    info, before = await _both(
+        source.call("migration.info", {"name": name}),
+        source.call("instance.info", {"name": name}),
+    )
     runtime: str = info["runtime"]
-    before = await source.call("instance.info", {"name": name})
     accept: dict[str, Any] = {
         "spec": info["spec"],
         "runtime": runtime,
@@ -92,6 +97,7 @@ async def migrate(
     accepted = await target.call("migration.accept", accept)
     steps = _Steps(source, target, name, runtime, resume=before["state"] == "running")
     subscription = None
+    completed = False
     try:
         subscribed = await source.call(
             "events.subscribe", {"instances": [name], "kinds": ["migration.progress"]}
@@ -113,19 +119,15 @@ async def migrate(
                 watch.start_soon(_watch_target, target)
                 final = await _follow(source, name, subscription, on_progress)
                 watch.cancel_scope.cancel()
+        completed = final.status == "completed"
     except BaseException:
         with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
             await steps.settle()
         raise
     finally:
-        if subscription is not None:
-            with (
-                anyio.CancelScope(shield=True),
-                anyio.move_on_after(CLEANUP_TIMEOUT_S),
-                contextlib.suppress(RPCError, RPCConnectionLostError),
-            ):
-                await source.call("events.unsubscribe", {"subscription": subscription})
-    if final.status != "completed":
+        if not completed:  # else beside the take-over
+            await _unsubscribe(source, subscription)
+    if not completed:
         with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
             await steps.give_back()
         raise RPCError(
@@ -133,7 +135,10 @@ async def migrate(
             f"migration of {name!r} {final.status}: {final.error or 'no reason given'}",
             {"name": name, "status": msgspec.to_builtins(final)},
         )
-    instance = await steps.take_over()
+    with ungrouped():
+        async with anyio.create_task_group() as ending:
+            ending.start_soon(_unsubscribe, source, subscription)
+            instance = await steps.take_over()
     return MigrationResult(
         status=final,
         total_s=round(anyio.current_time() - began, 3),
@@ -141,6 +146,33 @@ async def migrate(
         port=accepted["port"],
         instance=msgspec.convert(instance, InstanceInfo),
     )
+
+
+async def _both(first: Awaitable[T], second: Awaitable[U]) -> tuple[T, U]:
+    """The results of `first` and `second`, awaited at once (the requests go out
+    together); if one fails, the other is cancelled."""
+    results: list[Any] = [None, None]
+
+    async def run(index: int, awaitable: Awaitable[Any]) -> None:
+        results[index] = await awaitable
+
+    with ungrouped():
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, 0, first)
+            tg.start_soon(run, 1, second)
+    return results[0], results[1]
+
+
+async def _unsubscribe(source: RPCClient, subscription: int | None) -> None:
+    """End `subscription` on `source` (if any): shielded, bounded, best effort."""
+    if subscription is None:
+        return
+    with (
+        anyio.CancelScope(shield=True),
+        anyio.move_on_after(CLEANUP_TIMEOUT_S),
+        contextlib.suppress(RPCError, RPCConnectionLostError),
+    ):
+        await source.call("events.unsubscribe", {"subscription": subscription})
 
 
 async def _follow(

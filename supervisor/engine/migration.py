@@ -47,6 +47,7 @@ import msgspec
 from anyio.abc import TaskStatus
 
 from protocols import qmp
+from protocols.groups import ungrouped
 from supervisor.engine.events import make_event
 from supervisor.engine.instance import MIGRATION_FAILED, MONITOR_RETRY_S, Instance
 from supervisor.model.api import (
@@ -104,6 +105,9 @@ MIB: Final = 1024 * 1024
 MIGRATION_EVENTS: Final = frozenset({"MIGRATION", "MIGRATION_PASS"})
 #: Events a migration task holds before it reads them (it reads each at once).
 EVENT_BUFFER: Final = 64
+#: How soon ``query-migrate`` is asked again for the figures of a completed migration
+#: (`MigrationProgress.figures_pending`).
+FIGURES_RETRY_S: Final = 0.001
 #: Always on, on both ends. ``events``: without it QEMU sends no MIGRATION events.
 #: ``return-path``: the target confirms it has loaded the guest before the source calls
 #: the migration completed (as libvirt does); without it a stream the network absorbed
@@ -170,16 +174,20 @@ async def _execute(
 
 async def _enable_capabilities(client: qmp.QMPClient, names: Sequence[str], *, field: str) -> None:
     """Turn `names` on, after checking this QEMU has them (`InvalidConfigError` naming
-    the first it lacks, under `field`)."""
-    known = msgspec.convert(await _execute(client, "query-migrate-capabilities"), list[_Capability])
-    known_names = [capability.capability for capability in known]
-    for name in names:
-        if name not in known_names:
-            raise InvalidConfigError(
-                field,
-                f"{name!r} is not a migration capability of this QEMU"
-                f" (it knows {', '.join(known_names)})",
-            )
+    the first it lacks, under `field`). `ALWAYS_ON` are not checked: every QEMU we run
+    has them (since 2.5), and asking costs a round trip on a migration's path."""
+    if not set(names) <= set(ALWAYS_ON):
+        known = msgspec.convert(
+            await _execute(client, "query-migrate-capabilities"), list[_Capability]
+        )
+        known_names = [capability.capability for capability in known]
+        for name in names:
+            if name not in known_names:
+                raise InvalidConfigError(
+                    field,
+                    f"{name!r} is not a migration capability of this QEMU"
+                    f" (it knows {', '.join(known_names)})",
+                )
     states = [{"capability": name, "state": True} for name in names]
     await _execute(client, "migrate-set-capabilities", {"capabilities": states})
 
@@ -204,16 +212,17 @@ def _check_x509_dir(directory: str | None, endpoint: Endpoint) -> None:
         )
 
 
-async def _set_tls(client: qmp.QMPClient, directory: str | None, endpoint: Endpoint) -> None:
-    """Have QEMU's migration stream use TLS as `endpoint` with the credentials in
-    `directory`, or no TLS for None (a QEMU may have migrated with TLS before)."""
-    if directory is not None:
-        objects = await _execute(client, "qom-list", {"path": "/objects"})
-        if any(entry.get("name") == TLS_CREDS_ID for entry in objects):
-            await _execute(client, "object-del", {"id": TLS_CREDS_ID})
-        await _execute(client, "object-add", tls_creds_object(directory, endpoint))
-    tls_creds = "" if directory is None else TLS_CREDS_ID
-    await _execute(client, "migrate-set-parameters", {"tls-creds": tls_creds})
+async def _tls_creds(client: qmp.QMPClient, directory: str | None, endpoint: Endpoint) -> str:
+    """Give QEMU the credentials in `directory` for TLS as `endpoint` (None: no TLS); the
+    ``tls-creds`` migration parameter that selects them ("" for none: a QEMU may have
+    migrated with TLS before)."""
+    if directory is None:
+        return ""
+    objects = await _execute(client, "qom-list", {"path": "/objects"})
+    if any(entry.get("name") == TLS_CREDS_ID for entry in objects):
+        await _execute(client, "object-del", {"id": TLS_CREDS_ID})
+    await _execute(client, "object-add", tls_creds_object(directory, endpoint))
+    return TLS_CREDS_ID
 
 
 async def _qemu_status(client: qmp.QMPClient) -> str:
@@ -378,17 +387,24 @@ class Migrations:
             stopped = False
             try:
                 if begin:
-                    await _enable_capabilities(
-                        client, job.capabilities, field=job.capabilities_field
-                    )
-                    await _set_tls(client, self._sup.config.migration_tls_x509_dir, "client")
-                    await _execute(client, "migrate-set-parameters", job.parameters)
-                    if not job.live and await _qemu_status(client) == "running":
-                        await _execute(client, "stop")
-                        stopped = True
-                    # Written before it is done: a daemon killed from here on finds it.
                     noted = OutgoingMigration(uri=job.uri, live=job.live, resume=job.resume)
-                    await _note_outgoing(instance, noted)
+                    with ungrouped():
+                        async with anyio.create_task_group() as setting_up:
+                            # Saved (its fsync beside QEMU's set-up) before ``migrate``: a
+                            # daemon killed from then on finds it.
+                            setting_up.start_soon(_note_outgoing, instance, noted)
+                            await _enable_capabilities(
+                                client, job.capabilities, field=job.capabilities_field
+                            )
+                            tls = self._sup.config.migration_tls_x509_dir
+                            parameters = {
+                                **job.parameters,
+                                "tls-creds": await _tls_creds(client, tls, "client"),
+                            }
+                            await _execute(client, "migrate-set-parameters", parameters)
+                            if not job.live and await _qemu_status(client) == "running":
+                                await _execute(client, "stop")
+                                stopped = True
                     await _execute(client, "migrate", {"uri": job.uri})
             except BaseException:
                 with anyio.CancelScope(shield=True):
@@ -426,17 +442,22 @@ class Migrations:
         events: qmp.EventSubscription,
     ) -> None:
         """Read ``query-migrate`` at each QEMU event and every progress interval until the
-        migration ends; cancel it when the stall guard says so."""
+        migration ends (with its figures); cancel it when the stall guard says so."""
         interval = self._sup.config.migration_progress_interval_s
         progress = job.progress
         asked = anyio.current_time()
         while True:
-            with anyio.move_on_after(max(0.0, asked + interval - anyio.current_time())):
+            wait = asked + interval - anyio.current_time()
+            if progress.figures_pending:
+                wait = FIGURES_RETRY_S
+            with anyio.move_on_after(max(0.0, wait)):
                 await events.__anext__()  # ends with an error when QEMU goes away
             asked = anyio.current_time()
             job.status = progress.update(await client.execute("query-migrate"), asked)
             if progress.finished:
                 return
+            if progress.figures_pending:
+                continue  # the end is published once, with QEMU's figures
             self._publish(instance, job.status)
             if job.stalled_s is None and progress.stalled(asked):
                 job.stalled_s = progress.stalled_for(asked)
@@ -720,7 +741,9 @@ class Migrations:
         try:
             client = instance.require_running()
             await _enable_capabilities(client, capabilities, field=field)
-            await _set_tls(client, self._sup.config.migration_tls_x509_dir, "server")
+            tls_creds = await _tls_creds(client, self._sup.config.migration_tls_x509_dir, "server")
+            if tls_creds:  # this QEMU was just started: it has no ``tls-creds`` otherwise
+                await _execute(client, "migrate-set-parameters", {"tls-creds": tls_creds})
             await _execute(client, "migrate-incoming", {"uri": uri})
             port = _bound_port(await _execute(client, "query-migrate"))
             # In `inmigrate`, `cont` means "run once the guest has arrived": the guest of a
@@ -791,10 +814,13 @@ class Migrations:
         # Completed as a start too: a guest that arrived after an interrupted accept
         # (see `_adopt_incoming`) is adopted as is after a restart, never started again.
         owned = msgspec.structs.replace(record, incoming=False, start_completed=True)
-        with host_io_errors(f"finalize of {instance.name!r}", instance.paths.directory):
-            await store_record(owned.paths.runtime_record, owned)
+        with ungrouped():
+            async with anyio.create_task_group() as finishing:
+                # QEMU's part beside the record's save (and its fsync).
+                finishing.start_soon(_clear_capabilities, client)
+                with host_io_errors(f"finalize of {instance.name!r}", instance.paths.directory):
+                    await store_record(owned.paths.runtime_record, owned)
         instance.record = owned
-        await _clear_capabilities(client)
         qemu_status = await _qemu_status(client)
         if resume and qemu_status in RESUMABLE:
             await _execute(client, "cont")

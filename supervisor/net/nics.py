@@ -154,7 +154,9 @@ class Networking:
         NDP entry goes on, and every Open vSwitch NIC's bridge (Open vSwitch running,
         the bridge in its database). Changes nothing.
         """
-        if plans and not await anyio.Path(TUN_DEVICE).exists():
+        if not plans:
+            return
+        if not await anyio.Path(TUN_DEVICE).exists():
             raise NetworkError(TUN_DEVICE, "no tun device: the kernel needs the tun module")
         async with Netlink() as netlink, self._ovsdb(plans) as db:
             checked: set[tuple[str | None, bool]] = set()  # a bridge, with a VLAN or not
@@ -185,6 +187,8 @@ class Networking:
         `ROUTED_MODES`)."""
         if modes is not None:
             plans = [plan for plan in plans if plan.mode in modes]
+        if not plans:
+            return
         try:
             async with Netlink() as netlink, self._ovsdb(plans) as db:
                 bridges: dict[str, Link] = {}  # each looked up once per batch

@@ -17,6 +17,12 @@ QEMU's states, as ``query-migrate`` reports them::
 
 The stream is stalled when the bytes QEMU sent (``ram.transferred``) have not grown for
 ``stall_timeout_s`` while the migration is neither finished nor being cancelled.
+
+QEMU sets a migration ``completed`` (and sends its ``MIGRATION`` event) a moment before
+its migration thread, waiting for the big lock, computes ``total-time`` and ``downtime``:
+an answer in between reads 0 for both. Such an answer is not the end yet
+(`MigrationProgress.figures_pending`): the end is the next one with the figures, or,
+should they never come, the one `FIGURES_WAIT_S` later.
 """
 
 from __future__ import annotations
@@ -28,12 +34,15 @@ import msgspec
 
 from supervisor.model.api import MigrationStatus
 
-__all__ = ["FINISHED", "MigrationProgress", "parse_query_migrate"]
+__all__ = ["FIGURES_WAIT_S", "FINISHED", "MigrationProgress", "parse_query_migrate"]
 
 #: QEMU statuses after which nothing more happens.
 FINISHED: Final = frozenset({"completed", "failed", "cancelled"})
 #: Statuses in which no byte is expected to move.
 _NOT_MOVING: Final = FINISHED | {"none", "cancelling"}
+#: How long a completed migration's figures are awaited at most (they take well under a
+#: millisecond once QEMU's migration thread gets the big lock, longer on a busy host).
+FIGURES_WAIT_S: Final = 1.0
 
 MIB: Final = 1024 * 1024
 
@@ -107,10 +116,14 @@ class MigrationProgress:
         self.status = MigrationStatus(status="setup")
         self._transferred = -1
         self._moved_at = now
+        #: When an answer first said completed without the figures.
+        self._completed_at: float | None = None
+        #: The migration completed and QEMU has not yet filled in its figures: ask again.
+        self.figures_pending = False
 
     @property
     def finished(self) -> bool:
-        return self.status.status in FINISHED
+        return self.status.status in FINISHED and not self.figures_pending
 
     def update(self, reply: Mapping[str, Any], now: float) -> MigrationStatus:
         """Take a ``query-migrate`` reply received at `now` (seconds, any monotonic clock)."""
@@ -118,6 +131,11 @@ class MigrationProgress:
         if transferred != self._transferred or status.status in _NOT_MOVING:
             self._transferred = transferred
             self._moved_at = now
+        self.figures_pending = False
+        if status.status == "completed" and not status.total_time_ms:
+            if self._completed_at is None:
+                self._completed_at = now
+            self.figures_pending = now - self._completed_at < FIGURES_WAIT_S
         self.status = status
         return status
 

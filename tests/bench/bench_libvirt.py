@@ -216,8 +216,11 @@ def rss_mib(pid: int) -> float:
 class PrivateLibvirtd:
     """A libvirtd started by this script in its own mount namespace, and its domains."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, host_uuid: str | None = None) -> None:
         self.workdir = workdir
+        #: libvirtd's own host UUID (None: the machine's): two daemons on one host need
+        #: distinct ones to migrate between them.
+        self.host_uuid = host_uuid
         self.socket = workdir / "sock" / "libvirt-sock"
         self.uri = f"qemu:///system?socket={self.socket}"
         self.created_mount_points: list[Path] = []
@@ -244,6 +247,7 @@ class PrivateLibvirtd:
             'auth_unix_ro = "none"\n'
             'auth_unix_rw = "none"\n'
             'log_outputs = "3:stderr"\n'
+            + ("" if self.host_uuid is None else f'host_uuid = "{self.host_uuid}"\n')
         )
         passwd = Path("/etc/passwd").read_text()
         group = Path("/etc/group").read_text()
@@ -343,12 +347,12 @@ class PrivateLibvirtd:
             )
         return result
 
-    def domain_xml(self, name: str) -> Path:
+    def domain_xml(self, name: str, memory_mib: int = GUEST_MIB) -> Path:
         serial_log = self.serial_log(name)
         xml = f"""\
 <domain type='qemu'>
   <name>{escape(name)}</name>
-  <memory unit='MiB'>{GUEST_MIB}</memory>
+  <memory unit='MiB'>{memory_mib}</memory>
   <vcpu>1</vcpu>
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
@@ -375,9 +379,9 @@ class PrivateLibvirtd:
     def serial_log(self, name: str) -> Path:
         return self.workdir / "guests" / f"{name}.log"
 
-    def create(self, name: str) -> float:
+    def create(self, name: str, memory_mib: int = GUEST_MIB) -> float:
         """``virsh create`` a test guest; return the command's wall time in ms."""
-        xml = self.domain_xml(name)
+        xml = self.domain_xml(name, memory_mib)
         start = time.perf_counter()
         self.started_domains.add(name)
         self.virsh("create", str(xml))
