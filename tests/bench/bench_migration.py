@@ -113,7 +113,7 @@ from supervisor.model.api import MigrationStatus
 SIZES_MIB = (96, 256)
 ROUNDS = 7
 WARMUP = 1
-#: 0: no limit (QEMU's and libvirt's default is a limit of 128 MiB/s and none).
+#: 0: no limit (QEMU's default is a limit of 128 MiB/s; libvirt's, none).
 BANDWIDTH_MIB_S = 0
 DOWNTIME_MS = 30
 CLI_ROUNDS = 3
@@ -566,13 +566,14 @@ class Libvirt:
             limits.append(("migrate-setspeed", str(BANDWIDTH_MIB_S)))
         for command, value in limits:
             await asyncio.to_thread(source.virsh, command, self.name, value)
+        # Both ends' clean-up looks for it while it moves (a QEMU on either end).
+        target.started_domains.add(self.name)
         began = time.perf_counter()
         await asyncio.to_thread(
             source.virsh, "migrate", "--live", "--unsafe", self.name, target.uri, "tcp://127.0.0.1"
         )
         total = time.perf_counter() - began
         source.started_domains.discard(self.name)
-        target.started_domains.add(self.name)
         self.at = 1 - self.at
         job = await asyncio.to_thread(target.virsh, "domjobinfo", "--completed", self.name)
         downtime = re.search(r"^Total downtime:\s+(\d+)\s*ms", job.stdout, re.MULTILINE)
