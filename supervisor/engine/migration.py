@@ -489,7 +489,10 @@ class Migrations:
                 stalled=job.stalled_s is not None,
             )
             instance.log.warning("migration did not complete", error=job.status.error)
-            await self._give_back(instance, client, resume=job.resume, reason="migration failed")
+            # After the switch to postcopy the guest ran on the target: resuming it here
+            # would rewind it (its disk writes since are the target's), so it stays paused.
+            resume = job.resume and not job.postcopy_started
+            await self._give_back(instance, client, resume=resume, reason="migration failed")
         finally:
             job.done.set()
             self._publish(instance, job.status)
