@@ -272,7 +272,7 @@ def migrate(v: Variant, source: Qemu, target: Qemu) -> dict[str, Any]:
     while time.monotonic() < deadline:
         status: dict[str, Any] = source.qmp.execute("query-migrate")
         if status.get("status") in FINISHED:
-            return status
+            return status | {"switched to postcopy": switched}
         passes = status.get("ram", {}).get("dirty-sync-count", 0)
         after = v.postcopy_after
         if after is not None and not switched and status["status"] == "active" and passes >= after:
@@ -307,6 +307,8 @@ def one_run(v: Variant, run_dir: Path) -> Outcome:
         if status["status"] != "completed":
             return Outcome("error", f"migration {status['status']}: {status.get('error-desc')}")
         detail = f"downtime {status.get('downtime')} ms"
+        if v.postcopy_after is not None:
+            detail += f", postcopy: {status['switched to postcopy']}"
         # The target loads the last of the state a moment after the source says completed.
         wait(lambda: target.qmp.execute("query-migrate").get("status") in FINISHED, 60, "target")
         if v.compare:
