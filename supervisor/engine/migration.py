@@ -39,6 +39,7 @@ down as any run that ends does (its QEMU exiting).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -50,6 +51,7 @@ from protocols import qmp
 from protocols.groups import ungrouped
 from supervisor.engine.events import make_event
 from supervisor.engine.instance import MIGRATION_FAILED, MONITOR_RETRY_S, Instance
+from supervisor.host.userfaultfd import userfaultfd_refusal
 from supervisor.model.api import (
     InstanceInfo,
     MigrationAcceptResult,
@@ -118,6 +120,9 @@ ALWAYS_ON: Final = ("events", "return-path")
 #: migration leaves it) or never started (``prelaunch``: its source ran it with ``-S``
 #: and never continued it; QEMU carries that state over).
 RESUMABLE: Final = frozenset({"paused", "prelaunch"})
+#: The capability that has the migration switch to postcopy (after
+#: ``migration_postcopy_after_passes`` dirty-sync passes).
+POSTCOPY: Final = "postcopy-ram"
 
 
 def migration_uri(host: str, port: int) -> str:
@@ -200,6 +205,24 @@ async def _clear_capabilities(client: qmp.QMPClient) -> None:
         await _execute(client, "migrate-set-capabilities", {"capabilities": states})
 
 
+def _postcopy_due(job: _Outgoing) -> bool:
+    """Whether the migration of `job` should switch to postcopy now."""
+    return (
+        job.postcopy_after is not None
+        and not job.postcopy_started
+        and job.status.status == "active"
+        and (job.status.dirty_sync_count or 0) >= job.postcopy_after
+    )
+
+
+def _check_userfaultfd(security_model: str, field: str) -> None:
+    """Refuse, under `field`, postcopy where the kernel refuses userfaultfd to QEMU."""
+    runs_as_root = os.geteuid() == 0 and security_model not in ("user", "pool")
+    refusal = userfaultfd_refusal(runs_as_root=runs_as_root)
+    if refusal is not None:
+        raise InvalidConfigError(field, f"{POSTCOPY} needs userfaultfd on the target: {refusal}")
+
+
 def _check_x509_dir(directory: str | None, endpoint: Endpoint) -> None:
     """Refuse, naming the config key, an x509 dir that lacks a file `endpoint` needs."""
     if directory is None:
@@ -261,6 +284,7 @@ class _Outgoing:
         capabilities_field: str,
         parameters: Mapping[str, int],
         progress: MigrationProgress,
+        postcopy_after: int | None = None,
     ) -> None:
         self.uri = uri
         self.live = live
@@ -272,6 +296,9 @@ class _Outgoing:
         #: The guest ran when the migration began: a failed one resumes it.
         self.resume = resume
         self.progress = progress
+        #: With ``postcopy-ram``: the dirty-sync passes after which it switches to postcopy.
+        self.postcopy_after = postcopy_after
+        self.postcopy_started = False
         self.status = progress.status
         self.done = anyio.Event()
         self.cancel_requested = False
@@ -351,6 +378,9 @@ class Migrations:
                 capabilities_field=field,
                 parameters={"max-bandwidth": bandwidth * MIB, "downtime-limit": downtime},
                 progress=progress,
+                postcopy_after=(
+                    self._sup.config.migration_postcopy_after_passes if POSTCOPY in names else None
+                ),
             )
             previous = instance.state
             self._outgoing[name] = job
@@ -458,6 +488,10 @@ class Migrations:
                 return
             if progress.figures_pending:
                 continue  # the end is published once, with QEMU's figures
+            if _postcopy_due(job):
+                job.postcopy_started = True
+                instance.log.info("switching to postcopy", passes=job.status.dirty_sync_count)
+                await client.execute("migrate-start-postcopy")
             self._publish(instance, job.status)
             if job.stalled_s is None and progress.stalled(asked):
                 job.stalled_s = progress.stalled_for(asked)
@@ -504,7 +538,10 @@ class Migrations:
                 stalled=job.stalled_s is not None,
             )
             instance.log.warning("migration did not complete", error=job.status.error)
-            await self._give_back(instance, client, resume=job.resume, reason="migration failed")
+            # After the switch to postcopy the guest ran on the target: resuming it here
+            # would rewind it (its disk writes since are the target's), so it stays paused.
+            resume = job.resume and not job.postcopy_started
+            await self._give_back(instance, client, resume=resume, reason="migration failed")
         finally:
             job.done.set()
             self._publish(instance, job.status)
@@ -683,6 +720,8 @@ class Migrations:
             field = "runtime.hvparams.migration_caps"
         else:
             names, field = list(capabilities), "capabilities"
+        if POSTCOPY in names:
+            _check_userfaultfd(payload.hvparams.security_model, field)
         sup = self._sup
         name = target_spec.name
         instance = sup._instance(name, create=True)

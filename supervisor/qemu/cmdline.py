@@ -21,6 +21,8 @@ Differences from Ganeti, on purpose:
 - The serial console is a socket chardev with ``logfile=``: every byte the guest
   writes is kept in ``serial.log``, whether or not anyone is attached.
 - ``-name NAME,debug-threads=on`` names the vCPU threads, which CPU pinning uses.
+- Under TCG the guest gets `TCG_RAM_PAD_KIB` more RAM than ``memory_mib``: QEMU before
+  9.0 loses guest stores during a live migration of a RAM block sized in whole 256 KiB.
 - Read-only disks are supported (``readonly=on``); Ganeti refused them.
 - ``kvm_extra`` is split as a shell would split it (`shlex.split`, no shell is run)
   and goes last, where it can add to or override what precedes it.
@@ -69,6 +71,7 @@ from supervisor.qemu.capabilities import (
 
 __all__ = [
     "SPICE_X509_DIR",
+    "TCG_RAM_PAD_KIB",
     "VNC_BASE_PORT",
     "CommandLine",
     "DiskPlan",
@@ -92,6 +95,19 @@ VNC_BASE_PORT: Final = 5900
 #: from unless `LaunchResources.spice_x509_dir` says otherwise; one set per host, as
 #: Ganeti's cluster-wide ``spice.pem``.
 SPICE_X509_DIR: Final = "/etc/kvm-supervisor/spice-tls"
+#: What a guest under TCG gets beyond its ``memory_mib`` (``-m 98312k`` for 96 MiB), so
+#: that a live migration keeps its memory intact. QEMU before 9.0 (fixed there by commit
+#: 03bfc2188f, "physmem: Fix migration dirty bitmap coherency with TCG memory access")
+#: syncs the migration's dirty bitmap of a RAM block whose size is a multiple of 64 pages
+#: (256 KiB) on a fast path that leaves TCG's TLB as it was: a store through a TLB entry
+#: filled before the sync marks nothing dirty, so the page is not sent again and the
+#: target's guest finds stale kernel data (slab corruption, virtio rings "not a head").
+#: A guest with network traffic lost such stores in nearly every migration; any other
+#: size takes the page-by-page path, which resets the TLB, and migrated intact in every
+#: run (tests/bench/repro_migration.py and the README give the counts). 8 KiB is the
+#: smallest step QEMU sizes RAM in. Both ends of a migration run TCG (the accelerators
+#: must match), so both build the same size. KVM tracks dirty pages itself.
+TCG_RAM_PAD_KIB: Final = 8
 
 #: ``boot_order`` -> the ``-boot`` drive letter.
 _BOOT_LETTERS: Final = {"disk": "c", "cdrom": "d", "floppy": "a", "network": "n"}
@@ -432,7 +448,10 @@ class _Builder:
 
     def _memory_and_cpus(self) -> None:
         hv = self.hv
-        self.add("-m", str(self.spec.memory_mib))
+        if self.accel is Accelerator.TCG:
+            self.add("-m", f"{self.spec.memory_mib * 1024 + TCG_RAM_PAD_KIB}k")
+        else:
+            self.add("-m", str(self.spec.memory_mib))
         if hv.mem_path:
             self.add("-mem-path", hv.mem_path, "-mem-prealloc")
         smp = [str(self.spec.vcpus)]

@@ -80,12 +80,6 @@ async def plain_precopy_goes_on(source: Daemon, target: Daemon) -> MigrationStat
 
 @pytest.mark.anyio
 @pytest.mark.guest
-@pytest.mark.xfail(
-    reason="QEMU 7.2 (TCG) corrupts the memory of a guest that writes hard through a"
-    " migration of many dirty-sync passes: its kernel crashes on the target in most runs"
-    " here, with bare QMP as with the daemon (README, Live migration, known problems)",
-    strict=False,
-)
 @pytest.mark.parametrize("capability", ["auto-converge", "xbzrle"])
 async def test_a_guest_dirtying_memory_converges_only_with_the_capability(
     configs: tuple[Config, Config], capability: str
