@@ -1,8 +1,5 @@
-"""Network interfaces of this host's network namespace, asked over netlink.
-
-The netlink socket is a `RouteSocket` (pyroute2 on the caller's asyncio loop, or in a
-worker thread under trio).
-"""
+"""Network interfaces of this host's network namespace, asked over netlink
+(`RouteSocket`)."""
 
 from __future__ import annotations
 
@@ -10,6 +7,9 @@ import errno
 import socket
 from collections.abc import Iterable
 from typing import Any, Final
+
+from pyroute2.netlink.rtnl import RTM_GETADDR  # type: ignore[import-untyped]
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg  # type: ignore[import-untyped]
 
 from .rtnetlink import RouteSocket
 
@@ -27,13 +27,15 @@ async def interface_addresses(name: str) -> tuple[list[str], list[str]]:
     IPv4: the primary address first, then the secondary ones. IPv6: the addresses of
     global (and host) scope; link-local ones need a zone index and are left out. Either
     list may be empty. Raises OSError (``ENODEV``) when there is no such interface.
-    On cancellation under trio the lookup finishes in its thread and is discarded.
     """
+    try:
+        index = socket.if_nametoindex(name)
+    except OSError:
+        raise OSError(errno.ENODEV, f"no network interface {name!r}") from None
+    request = ifaddrmsg()
+    request["index"] = index  # the kernel dumps this interface's addresses only
     async with RouteSocket() as netlink:
-        indexes: list[int] = await netlink.request("link_lookup", ifname=name)
-        if not indexes:
-            raise OSError(errno.ENODEV, f"no network interface {name!r}")
-        return _addresses(await netlink.request("get_addr", index=indexes[0]))
+        return _addresses(await netlink.dump(RTM_GETADDR, request))
 
 
 def _addresses(messages: Iterable[Any]) -> tuple[list[str], list[str]]:

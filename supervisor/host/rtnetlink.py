@@ -1,54 +1,54 @@
-"""One route-netlink socket (pyroute2) usable on asyncio and on trio.
+"""Route netlink (``NETLINK_ROUTE``) for asyncio and trio, with no thread.
 
-pyroute2's `AsyncIPRoute` runs on asyncio only, and its blocking `IPRoute` refuses to
-run inside a running asyncio loop: under asyncio the socket is an `AsyncIPRoute` on the
-caller's loop (no thread); under trio every request opens, uses and closes an `IPRoute`
-in one of anyio's worker threads (``anyio.to_thread``), the only thread the library ever
-uses. One `IPRoute` per request because pyroute2 keeps an asyncio loop and transport per
-thread: an `IPRoute` used from several of anyio's threads leaks one of each per thread.
-It costs about 1 ms a request. This is the one place that chooses; everything speaking
-netlink goes through it.
+The messages are pyroute2's message classes (``ifinfmsg``, ``rtmsg``, ``ndmsg``,
+``ifaddrmsg``): they encode a request and decode a reply when one is wanted; the socket
+and its exchanges are `protocols.netlink`'s (a request is sent and its ack read at once:
+the kernel has answered by the time ``send`` returns). A change asks for its ack only,
+and nothing of a reply is decoded unless it is asked for. Everything speaking netlink
+goes through `RouteSocket`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-from collections.abc import AsyncIterator, Iterator
+import errno
+import socket
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
 
-import anyio
-from pyroute2 import AsyncIPRoute, IPRoute  # type: ignore[import-untyped]
-from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+from pyroute2.netlink import nlmsg  # type: ignore[import-untyped]
+
+from protocols.netlink import NetlinkSocket, ProtocolError
 
 __all__ = ["RouteSocket"]
 
 
-def _on_asyncio() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
+def _encode(msg_type: int, message: nlmsg) -> bytes:
+    message["header"]["type"] = msg_type
+    message.encode()
+    return bytes(message.data)
+
+
+def _decode(message_class: type[nlmsg], data: bytes) -> Any:
+    message = message_class(data)
+    message.decode()
+    return message
 
 
 class RouteSocket:
-    """``async with RouteSocket() as rtnl: await rtnl.request("link_lookup", ifname=n)``.
+    """``async with RouteSocket() as rtnl: await rtnl.change(RTM_NEWLINK, ifinfmsg(...))``.
 
-    `request` calls the pyroute2 `IPRoute` method of that name and returns its result,
-    a dump collected into a list. A kernel refusal is raised as `OSError` with the
-    kernel's errno (pyroute2's `NetlinkError.code`), so callers test ``error.errno``.
-    On cancellation under asyncio the request is abandoned; under trio it finishes in
-    its thread and its result is discarded.
+    A kernel refusal is `protocols.netlink.NetlinkError`, an `OSError` with the
+    kernel's errno, so callers test ``error.errno``. Dumps are filtered by the kernel
+    (``NETLINK_GET_STRICT_CHK``): an address dump by the request's interface, a route
+    dump by its table. On cancellation a request is abandoned (the socket is closed) and
+    may or may not have been carried out.
     """
 
     def __init__(self) -> None:
-        self._async: Any = None
+        self._socket = NetlinkSocket(socket.NETLINK_ROUTE, strict_check=True)
 
     async def __aenter__(self) -> Self:
-        if _on_asyncio():
-            self._async = AsyncIPRoute()
         return self
 
     async def __aexit__(
@@ -57,23 +57,24 @@ class RouteSocket:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self._async is not None:
-            self._async.close()
+        self._socket.close()
 
-    async def request(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """The result of ``IPRoute.<method>(*args, **kwargs)``; dumps come as lists."""
-        try:
-            if self._async is not None:
-                result = await getattr(self._async, method)(*args, **kwargs)
-                if isinstance(result, AsyncIterator):
-                    return [message async for message in result]
-                return result
-            return await anyio.to_thread.run_sync(self._blocking, method, args, kwargs)
-        except NetlinkError as error:
-            raise OSError(error.code, os.strerror(error.code)) from error
+    async def change(self, msg_type: int, message: nlmsg, flags: int = 0) -> None:
+        """Send a request that changes something (``RTM_NEWLINK``...), with `flags`
+        (``NLM_F_CREATE | NLM_F_REPLACE``...); return at its ack."""
+        await self._socket.request(_encode(msg_type, message), flags=flags)
 
-    @staticmethod
-    def _blocking(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        with IPRoute() as netlink:
-            result = getattr(netlink, method)(*args, **kwargs)
-            return list(result) if isinstance(result, Iterator) else result
+    async def get(self, msg_type: int, message: nlmsg) -> Any:
+        """The one reply to a ``get`` request, decoded by the request's message class."""
+        replies = await self._socket.request(_encode(msg_type, message))
+        if len(replies) != 1:
+            raise ProtocolError(errno.EPROTO, f"{len(replies)} replies to a netlink get")
+        return _decode(type(message), replies[0])
+
+    async def dump(
+        self, msg_type: int, message: nlmsg, *, keep: Callable[[bytes], bool] | None = None
+    ) -> list[Any]:
+        """The replies to a dump request, decoded by the request's message class; only
+        those `keep` accepts (asked of each undecoded message) when it is given."""
+        replies = await self._socket.request(_encode(msg_type, message), dump=True, keep=keep)
+        return [_decode(type(message), reply) for reply in replies]
