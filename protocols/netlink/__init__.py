@@ -1,11 +1,15 @@
 """Netlink for asyncio and trio, over a sans-IO core; no thread.
 
-The messages themselves (``ifinfmsg``, ``rtmsg``...) are encoded and decoded by the
-caller (pyroute2's message classes do it well); this package moves them::
+`NetlinkSocket` moves whole messages; :mod:`protocols.netlink.route` encodes the
+route-netlink requests NIC set-up sends and decodes the few fields it reads of the
+replies::
 
-    async with NetlinkSocket(socket.NETLINK_ROUTE) as netlink:
-        await netlink.request(message)                 # -> [] once acked
-        links = await netlink.request(message, dump=True)
+    from protocols.netlink import route
+
+    async with route.route_socket() as netlink:
+        await netlink.request(route.link_request(route.RTM_NEWLINK, index, up=True))
+        (reply,) = await netlink.request(route.link_get(name="br0"))
+        bridge = route.parse_link(reply)
 
 A refusal is :class:`NetlinkError` (an `OSError` with the kernel's errno and its
 extended-ack message); a reply breaking the framing, or more replies than the bound,

@@ -1,17 +1,13 @@
-"""Network interfaces of this host's network namespace, asked over netlink
-(`RouteSocket`)."""
+"""Network interfaces of this host's network namespace, asked over netlink."""
 
 from __future__ import annotations
 
 import errno
 import socket
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import Final
 
-from pyroute2.netlink.rtnl import RTM_GETADDR  # type: ignore[import-untyped]
-from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg  # type: ignore[import-untyped]
-
-from .rtnetlink import RouteSocket
+from protocols.netlink import route
 
 __all__ = ["interface_addresses"]
 
@@ -32,25 +28,23 @@ async def interface_addresses(name: str) -> tuple[list[str], list[str]]:
         index = socket.if_nametoindex(name)
     except OSError:
         raise OSError(errno.ENODEV, f"no network interface {name!r}") from None
-    request = ifaddrmsg()
-    request["index"] = index  # the kernel dumps this interface's addresses only
-    async with RouteSocket() as netlink:
-        return _addresses(await netlink.dump(RTM_GETADDR, request))
+    async with route.route_socket() as netlink:
+        replies = await netlink.request(route.address_dump(index), dump=True)
+    return _addresses(route.parse_address(reply) for reply in replies)
 
 
-def _addresses(messages: Iterable[Any]) -> tuple[list[str], list[str]]:
+def _addresses(messages: Iterable[route.AddressReply]) -> tuple[list[str], list[str]]:
     primary: list[str] = []
     secondary: list[str] = []
     ipv6: list[str] = []
     for message in messages:
         # IFA_LOCAL is the interface's own address; on a point-to-point link IFA_ADDRESS
         # is the peer's.
-        address = message.get("IFA_LOCAL") or message.get("IFA_ADDRESS")
+        address = message.local or message.address
         if address is None:
             continue
-        if message["family"] == socket.AF_INET:
-            secondary_flag = message["flags"] & _IFA_F_SECONDARY
-            (secondary if secondary_flag else primary).append(str(address))
-        elif message["family"] == socket.AF_INET6 and message["scope"] != _RT_SCOPE_LINK:
-            ipv6.append(str(address))
+        if message.family == socket.AF_INET:
+            (secondary if message.flags & _IFA_F_SECONDARY else primary).append(address)
+        elif message.family == socket.AF_INET6 and message.scope != _RT_SCOPE_LINK:
+            ipv6.append(address)
     return primary + secondary, ipv6
