@@ -31,8 +31,7 @@ _ATTR: Final = struct.Struct("=HH")
 _U8: Final = struct.Struct("=B")
 _U32: Final = struct.Struct("=I")
 _PADDING: Final = b"\0\0\0"
-#: Flags in an attribute's type: a nested attribute, a payload in network byte order.
-NLA_F_NESTED: Final = 0x8000
+#: An attribute's type without its flags (``NLA_F_NESTED``, ``NLA_F_NET_BYTEORDER``).
 _TYPE_MASK: Final = 0x3FFF
 
 
@@ -56,7 +55,9 @@ def string(attr_type: int, value: str) -> bytes:
 
 
 def nested(attr_type: int, *attrs: bytes) -> bytes:
-    return attr(attr_type | NLA_F_NESTED, b"".join(attrs))
+    """Attributes inside one: without ``NLA_F_NESTED``, as iproute2 sends them (the
+    kernel takes either for the attributes used here)."""
+    return attr(attr_type, b"".join(attrs))
 
 
 def message(msg_type: int, header: bytes, *attrs: bytes) -> bytes:
