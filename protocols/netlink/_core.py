@@ -134,7 +134,7 @@ class Exchange:
 
     def request(self, message: bytes, flags: int = 0) -> bytes:
         """`message` (a whole netlink message, its header's length and type set, as an
-        encoder such as pyroute2's writes it) with this exchange's flags, the request's
+        encoder writes it) with this exchange's flags, the request's
         own `flags` (``NLM_F_CREATE``...) and its sequence number; the port id is left to
         the kernel (0)."""
         length, msg_type, _flags, _seq, _pid = HEADER.unpack_from(message)
@@ -209,8 +209,7 @@ class Exchange:
         self._error = NetlinkError(-error, detail)
 
     def result(self) -> list[bytes]:
-        """The replies kept (whole messages, header included: what pyroute2's message
-        classes decode), once `done`.
+        """The replies kept (whole messages, header included), once `done`.
 
         :raises NetlinkError: the kernel refused the request.
         """

@@ -1,7 +1,8 @@
-"""The few netlink operations NIC set-up needs, over one `RouteSocket`.
+"""The few netlink operations NIC set-up needs, over one route-netlink socket.
 
-Each request is built with pyroute2's message classes and sent on the caller's task
-(no thread, asyncio and trio alike); a change reads its ack only. Every method raises
+Requests are encoded by `protocols.netlink.route` and sent on the caller's task (no
+thread, asyncio and trio alike): the kernel does the work inside ``send`` and a change
+reads its ack only; of a reply only the fields used are decoded. Every method raises
 `OSError` with the kernel's errno when the kernel refuses (its extended-ack message in
 the text); the mode modules turn that into a `NetworkError` naming the interface.
 Per-interface sysctls are file writes under ``/proc/sys/net`` of the caller's network
