@@ -1,8 +1,8 @@
 """Netlink for asyncio and trio, over a sans-IO core; no thread.
 
-`NetlinkSocket` moves whole messages; :mod:`protocols.netlink.route` encodes the
-route-netlink requests NIC set-up sends and decodes the few fields it reads of the
-replies::
+`NetlinkSocket` moves whole messages (our own socket I/O); :mod:`protocols.netlink.route`
+builds the route-netlink requests NIC set-up sends with pyroute2's message classes, and
+reads the few fields it needs of the replies as pyroute2 decodes them::
 
     from protocols.netlink import route
 

@@ -1,8 +1,9 @@
 """The few netlink operations NIC set-up needs, over one route-netlink socket.
 
-Requests are encoded by `protocols.netlink.route` and sent on the caller's task (no
-thread, asyncio and trio alike): the kernel does the work inside ``send`` and a change
-reads its ack only; of a reply only the fields used are decoded. Every method raises
+Requests are encoded by pyroute2's message classes (through `protocols.netlink.route`)
+and sent on the caller's task by our own socket (no thread, asyncio and trio alike): the
+kernel does the work inside ``send`` and a change reads its ack only; of a reply only
+the fields used are read. Every method raises
 `OSError` with the kernel's errno when the kernel refuses (its extended-ack message in
 the text); the mode modules turn that into a `NetworkError` naming the interface.
 Per-interface sysctls are file writes under ``/proc/sys/net`` of the caller's network
@@ -21,8 +22,15 @@ from typing import Final, Literal, Self
 import msgspec
 
 from protocols.netlink import NLM_F_CREATE, NLM_F_REPLACE, route
+from protocols.netlink.route import (
+    RTM_DELNEIGH,
+    RTM_DELROUTE,
+    RTM_NEWLINK,
+    RTM_NEWNEIGH,
+    RTM_NEWROUTE,
+    RouteReply,
+)
 from protocols.netlink.route import LinkReply as Link
-from protocols.netlink.route import RouteReply
 
 __all__ = ["Device", "Link", "Netlink", "device", "devices", "set_interface_sysctl"]
 
@@ -87,8 +95,8 @@ class Netlink:
         self._socket.close()
 
     async def link(self, name: str) -> Link | None:
-        """Interface `name` (a `Link`: index, name, MTU, kind, master, a bridge's
-        ``vlan_filtering``), or None when there is none."""
+        """Interface `name` (a `Link`: index, name, MTU, kind, master), or None when
+        there is none."""
         try:
             (reply,) = await self._socket.request(route.link_get(name=name))
         except OSError as error:
@@ -99,27 +107,18 @@ class Netlink:
 
     async def set_master(self, index: int, master: int | None) -> None:
         """Make interface `index` a port of `master`, or of nothing (None)."""
-        attrs = route.u32(route.IFLA_MASTER, master or 0)
-        await self._socket.request(route.link_request(route.RTM_NEWLINK, index, attrs))
+        await self._socket.request(route.link_request(RTM_NEWLINK, index, master=master or 0))
 
     async def set_mtu(self, index: int, mtu: int) -> None:
-        attrs = route.u32(route.IFLA_MTU, mtu)
-        await self._socket.request(route.link_request(route.RTM_NEWLINK, index, attrs))
+        await self._socket.request(route.link_request(RTM_NEWLINK, index, mtu=mtu))
 
     async def set_up(self, index: int, *, mtu: int | None = None) -> None:
         """Bring interface `index` up, with MTU `mtu` if given (one request)."""
-        attrs = () if mtu is None else (route.u32(route.IFLA_MTU, mtu),)
-        await self._socket.request(route.link_request(route.RTM_NEWLINK, index, *attrs, up=True))
+        await self._socket.request(route.link_request(RTM_NEWLINK, index, mtu=mtu, up=True))
 
     async def join_up(self, index: int, master: int, mtu: int) -> None:
         """Make interface `index` a port of `master` with MTU `mtu`, and up (one request)."""
-        request = route.link_request(
-            route.RTM_NEWLINK,
-            index,
-            route.u32(route.IFLA_MTU, mtu),
-            route.u32(route.IFLA_MASTER, master),
-            up=True,
-        )
+        request = route.link_request(RTM_NEWLINK, index, mtu=mtu, master=master, up=True)
         await self._socket.request(request)
 
     async def probe_vlan_filtering(self, bridge: Link) -> None:
@@ -134,7 +133,7 @@ class Netlink:
     async def vlan_filtering(self, bridge: Link) -> int:
         """The bridge's ``vlan_filtering`` now (1 when on)."""
         (reply,) = await self._socket.request(route.link_get(index=bridge.index))
-        return route.parse_link(reply).vlan_filtering or 0
+        return route.vlan_filtering(reply) or 0
 
     async def add_port_vlan(self, port: int, vlan: int) -> None:
         """Make `vlan` the native (PVID, untagged) VLAN of bridge port `port`."""
@@ -143,10 +142,10 @@ class Netlink:
     async def add_route(self, ip: str, oif: int, table: int = MAIN_TABLE) -> None:
         """A host route to `ip` through interface `oif` (replacing one to the same ip)."""
         request = route.host_route_request(
-            route.RTM_NEWROUTE,
+            RTM_NEWROUTE,
             ipaddress.ip_address(ip),
             table,
-            route.u32(route.RTA_OIF, oif),
+            oif,
             protocol=_RTPROT_STATIC,
             scope=_RT_SCOPE_LINK,
             route_type=_RTN_UNICAST,
@@ -156,10 +155,10 @@ class Netlink:
     async def del_route(self, ip: str, oif: int, table: int = MAIN_TABLE) -> None:
         """Remove the host route to `ip` through `oif`; OSError ESRCH when there is none."""
         request = route.host_route_request(
-            route.RTM_DELROUTE,
+            RTM_DELROUTE,
             ipaddress.ip_address(ip),
             table,
-            route.u32(route.RTA_OIF, oif),
+            oif,
             scope=_RT_SCOPE_NOWHERE,  # whatever its scope
         )
         await self._socket.request(request)
@@ -201,7 +200,7 @@ class Netlink:
     async def add_proxy_neighbour(self, ip: str, index: int) -> None:
         """Answer neighbour solicitations for `ip` arriving on interface `index`."""
         request = route.neighbour_request(
-            route.RTM_NEWNEIGH,
+            RTM_NEWNEIGH,
             ipaddress.ip_address(ip),
             index,
             flags=_NTF_PROXY,
@@ -212,7 +211,7 @@ class Netlink:
     async def del_proxy_neighbour(self, ip: str, index: int) -> None:
         """Remove that proxy entry; OSError ENOENT when there is none."""
         request = route.neighbour_request(
-            route.RTM_DELNEIGH, ipaddress.ip_address(ip), index, flags=_NTF_PROXY, state=0
+            RTM_DELNEIGH, ipaddress.ip_address(ip), index, flags=_NTF_PROXY, state=0
         )
         await self._socket.request(request)
 

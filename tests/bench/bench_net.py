@@ -256,13 +256,8 @@ class KernelFloor:
         #: The requests naming the tap, its index patched in at the offset given.
         self.get_bridge = bytearray(route.link_get(name=BRIDGE))
         if mode == "bridged":
-            self.link = route.link_request(
-                route.RTM_NEWLINK,
-                0,
-                route.u32(route.IFLA_MTU, 1500),
-                route.u32(route.IFLA_MASTER, socket.if_nametoindex(BRIDGE)),
-                up=True,
-            )
+            bridge = socket.if_nametoindex(BRIDGE)
+            self.link = route.link_request(route.RTM_NEWLINK, 0, mtu=1500, master=bridge, up=True)
         else:
             self.link = route.link_request(route.RTM_NEWLINK, 0, up=True)
             self.route = bytearray(
@@ -270,7 +265,7 @@ class KernelFloor:
                     route.RTM_NEWROUTE,
                     ipaddress.ip_address(ROUTED_IP),
                     254,
-                    route.u32(route.RTA_OIF, 0),
+                    0,
                     protocol=4,
                     scope=253,
                     route_type=1,

@@ -37,7 +37,7 @@ async def operations() -> dict[str, Any]:
             port = await netlink.link(TAP)
             assert bridge is not None and port is not None
             found["bridge"] = [bridge.index, bridge.name, bridge.mtu, bridge.kind, bridge.master]
-            found["bridge_vlan_filtering"] = bridge.vlan_filtering
+            found["bridge_vlan_filtering"] = await netlink.vlan_filtering(bridge)
             found["missing"] = await netlink.link("no-such-if0")
             await netlink.join_up(port.index, bridge.index, 1400)
             joined = await netlink.link(TAP)
