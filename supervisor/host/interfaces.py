@@ -1,17 +1,13 @@
-"""Network interfaces of this host's network namespace, asked over netlink.
-
-The netlink socket is a `RouteSocket` (pyroute2 on the caller's asyncio loop, or in a
-worker thread under trio).
-"""
+"""Network interfaces of this host's network namespace, asked over netlink."""
 
 from __future__ import annotations
 
 import errno
 import socket
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import Final
 
-from .rtnetlink import RouteSocket
+from protocols.netlink import route
 
 __all__ = ["interface_addresses"]
 
@@ -27,28 +23,28 @@ async def interface_addresses(name: str) -> tuple[list[str], list[str]]:
     IPv4: the primary address first, then the secondary ones. IPv6: the addresses of
     global (and host) scope; link-local ones need a zone index and are left out. Either
     list may be empty. Raises OSError (``ENODEV``) when there is no such interface.
-    On cancellation under trio the lookup finishes in its thread and is discarded.
     """
-    async with RouteSocket() as netlink:
-        indexes: list[int] = await netlink.request("link_lookup", ifname=name)
-        if not indexes:
-            raise OSError(errno.ENODEV, f"no network interface {name!r}")
-        return _addresses(await netlink.request("get_addr", index=indexes[0]))
+    try:
+        index = socket.if_nametoindex(name)
+    except OSError:
+        raise OSError(errno.ENODEV, f"no network interface {name!r}") from None
+    async with route.route_socket() as netlink:
+        replies = await netlink.request(route.address_dump(index), dump=True)
+    return _addresses(route.parse_address(reply) for reply in replies)
 
 
-def _addresses(messages: Iterable[Any]) -> tuple[list[str], list[str]]:
+def _addresses(messages: Iterable[route.AddressReply]) -> tuple[list[str], list[str]]:
     primary: list[str] = []
     secondary: list[str] = []
     ipv6: list[str] = []
     for message in messages:
         # IFA_LOCAL is the interface's own address; on a point-to-point link IFA_ADDRESS
         # is the peer's.
-        address = message.get("IFA_LOCAL") or message.get("IFA_ADDRESS")
+        address = message.local or message.address
         if address is None:
             continue
-        if message["family"] == socket.AF_INET:
-            secondary_flag = message["flags"] & _IFA_F_SECONDARY
-            (secondary if secondary_flag else primary).append(str(address))
-        elif message["family"] == socket.AF_INET6 and message["scope"] != _RT_SCOPE_LINK:
-            ipv6.append(str(address))
+        if message.family == socket.AF_INET:
+            (secondary if message.flags & _IFA_F_SECONDARY else primary).append(address)
+        elif message.family == socket.AF_INET6 and message.scope != _RT_SCOPE_LINK:
+            ipv6.append(address)
     return primary + secondary, ipv6

@@ -1,31 +1,51 @@
-"""The few netlink operations NIC set-up needs, over one `RouteSocket`.
+"""The few netlink operations NIC set-up needs, over one route-netlink socket.
 
-Every method raises `OSError` with the kernel's errno when the kernel refuses; the mode
-modules turn that into a `NetworkError` naming the interface. Per-interface sysctls are
-file writes under ``/proc/sys/net`` of the caller's network namespace.
+Requests are encoded by pyroute2's message classes (through `protocols.netlink.route`)
+and sent on the caller's task by our own socket (no thread, asyncio and trio alike): the
+kernel does the work inside ``send`` and a change reads its ack only; of a reply only
+the fields used are read. Every method raises
+`OSError` with the kernel's errno when the kernel refuses (its extended-ack message in
+the text); the mode modules turn that into a `NetworkError` naming the interface.
+Per-interface sysctls are file writes under ``/proc/sys/net`` of the caller's network
+namespace.
 """
 
 from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
 from types import TracebackType
-from typing import Any, Final, Literal, Self
+from typing import Final, Literal, Self
 
-import anyio
 import msgspec
-from pyroute2.netlink.rtnl.ndmsg import NTF_PROXY  # type: ignore[import-untyped]
 
-from supervisor.host.rtnetlink import RouteSocket
+from protocols.netlink import NLM_F_CREATE, NLM_F_REPLACE, route
+from protocols.netlink.route import (
+    RTM_DELNEIGH,
+    RTM_DELROUTE,
+    RTM_NEWLINK,
+    RTM_NEWNEIGH,
+    RTM_NEWROUTE,
+    RouteReply,
+)
+from protocols.netlink.route import LinkReply as Link
 
-__all__ = ["Device", "Link", "Netlink", "device"]
+__all__ = ["Device", "Link", "Netlink", "device", "devices", "set_interface_sysctl"]
 
 #: ``RT_TABLE_MAIN``.
 MAIN_TABLE: Final = 254
 #: ``BRIDGE_VLAN_INFO_PVID | BRIDGE_VLAN_INFO_UNTAGGED``: the port's native VLAN.
 _VLAN_NATIVE: Final = 0x2 | 0x4
-_SYSCTL: Final = anyio.Path("/proc/sys/net")
+_SYSCTL: Final = "/proc/sys/net"
+#: From <linux/rtnetlink.h> and <linux/neighbour.h>.
+_RTPROT_STATIC: Final = 4
+_RT_SCOPE_LINK: Final = 253
+_RT_SCOPE_NOWHERE: Final = 255
+_RTN_UNICAST: Final = 1
+_NTF_PROXY: Final = 0x08
+_NUD_PERMANENT: Final = 0x80
 
 
 class Device(msgspec.Struct, frozen=True, kw_only=True):
@@ -46,24 +66,9 @@ def device(name: str) -> Device | None:
         return None
 
 
-class Link(Device, frozen=True, kw_only=True):
-    """A network interface as NIC set-up sees it."""
-
-    mtu: int
-    #: ``bridge``, ``tun``, ``veth``...; None for a device without a kind (``lo``).
-    kind: str | None
-    #: Index of the bridge (or other master) it is a port of.
-    master: int | None
-
-
-def _link(message: Any) -> Link:
-    return Link(
-        index=message["index"],
-        name=message.get("IFLA_IFNAME"),
-        mtu=message.get("IFLA_MTU"),
-        kind=message.get(("IFLA_LINKINFO", "IFLA_INFO_KIND")),
-        master=message.get("IFLA_MASTER") or None,
-    )
+def devices() -> list[Device]:
+    """Every interface of the caller's network namespace (``if_nameindex``)."""
+    return [Device(index=index, name=name) for index, name in socket.if_nameindex()]
 
 
 def host_prefix(ip: str) -> str:
@@ -76,10 +81,9 @@ class Netlink:
     """``async with Netlink() as netlink``: one netlink socket for a batch of operations."""
 
     def __init__(self) -> None:
-        self._socket = RouteSocket()
+        self._socket = route.route_socket()
 
     async def __aenter__(self) -> Self:
-        await self._socket.__aenter__()
         return self
 
     async def __aexit__(
@@ -88,37 +92,34 @@ class Netlink:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        await self._socket.__aexit__(exc_type, exc, traceback)
+        self._socket.close()
 
     async def link(self, name: str) -> Link | None:
-        """Interface `name`, or None when there is none."""
+        """Interface `name` (a `Link`: index, name, MTU, kind, master), or None when
+        there is none."""
         try:
-            (message,) = await self._socket.request("link", "get", ifname=name)
+            (reply,) = await self._socket.request(route.link_get(name=name))
         except OSError as error:
             if error.errno == errno.ENODEV:
                 return None
             raise
-        return _link(message)
-
-    async def links(self) -> list[Link]:
-        """Every interface of the namespace."""
-        return [_link(message) for message in await self._socket.request("get_links")]
+        return route.parse_link(reply)
 
     async def set_master(self, index: int, master: int | None) -> None:
         """Make interface `index` a port of `master`, or of nothing (None)."""
-        await self._socket.request("link", "set", index=index, master=master or 0)
+        await self._socket.request(route.link_request(RTM_NEWLINK, index, master=master or 0))
 
     async def set_mtu(self, index: int, mtu: int) -> None:
-        await self._socket.request("link", "set", index=index, mtu=mtu)
+        await self._socket.request(route.link_request(RTM_NEWLINK, index, mtu=mtu))
 
     async def set_up(self, index: int, *, mtu: int | None = None) -> None:
         """Bring interface `index` up, with MTU `mtu` if given (one request)."""
-        extra = {} if mtu is None else {"mtu": mtu}
-        await self._socket.request("link", "set", index=index, state="up", **extra)
+        await self._socket.request(route.link_request(RTM_NEWLINK, index, mtu=mtu, up=True))
 
     async def join_up(self, index: int, master: int, mtu: int) -> None:
         """Make interface `index` a port of `master` with MTU `mtu`, and up (one request)."""
-        await self._socket.request("link", "set", index=index, master=master, mtu=mtu, state="up")
+        request = route.link_request(RTM_NEWLINK, index, mtu=mtu, master=master, up=True)
+        await self._socket.request(request)
 
     async def probe_vlan_filtering(self, bridge: Link) -> None:
         """Raise OSError (EOPNOTSUPP) when the kernel has no bridge VLAN filtering.
@@ -126,68 +127,105 @@ class Netlink:
         Sets the bridge's ``vlan_filtering`` to the value it has: a no-op where the
         feature exists, refused where it does not; the bridge is left as it was.
         """
-        await self._socket.request(
-            "link",
-            "set",
-            index=bridge.index,
-            kind="bridge",
-            br_vlan_filtering=await self.vlan_filtering(bridge),
-        )
+        value = await self.vlan_filtering(bridge)
+        await self._socket.request(route.bridge_vlan_filtering(bridge.index, value))
 
     async def vlan_filtering(self, bridge: Link) -> int:
-        """The bridge's ``vlan_filtering`` (1 when on)."""
-        (message,) = await self._socket.request("link", "get", index=bridge.index)
-        data = message.get(("IFLA_LINKINFO", "IFLA_INFO_DATA"))
-        return int(data.get("IFLA_BR_VLAN_FILTERING") or 0) if data is not None else 0
+        """The bridge's ``vlan_filtering`` now (1 when on)."""
+        (reply,) = await self._socket.request(route.link_get(index=bridge.index))
+        return route.vlan_filtering(reply) or 0
 
     async def add_port_vlan(self, port: int, vlan: int) -> None:
         """Make `vlan` the native (PVID, untagged) VLAN of bridge port `port`."""
-        await self._socket.request(
-            "vlan_filter", "add", index=port, vlan_info={"vid": vlan, "flags": _VLAN_NATIVE}
-        )
+        await self._socket.request(route.bridge_port_vlan(port, vlan, _VLAN_NATIVE))
 
     async def add_route(self, ip: str, oif: int, table: int = MAIN_TABLE) -> None:
         """A host route to `ip` through interface `oif` (replacing one to the same ip)."""
-        await self._socket.request(
-            "route", "replace", dst=host_prefix(ip), oif=oif, table=table, proto="static"
+        request = route.host_route_request(
+            RTM_NEWROUTE,
+            ipaddress.ip_address(ip),
+            table,
+            oif,
+            protocol=_RTPROT_STATIC,
+            scope=_RT_SCOPE_LINK,
+            route_type=_RTN_UNICAST,
         )
+        await self._socket.request(request, flags=NLM_F_CREATE | NLM_F_REPLACE)
 
     async def del_route(self, ip: str, oif: int, table: int = MAIN_TABLE) -> None:
         """Remove the host route to `ip` through `oif`; OSError ESRCH when there is none."""
-        await self._socket.request("route", "del", dst=host_prefix(ip), oif=oif, table=table)
+        request = route.host_route_request(
+            RTM_DELROUTE,
+            ipaddress.ip_address(ip),
+            table,
+            oif,
+            scope=_RT_SCOPE_NOWHERE,  # whatever its scope
+        )
+        await self._socket.request(request)
 
     async def host_route_devices(self, ip: str, table: int = MAIN_TABLE) -> list[int]:
         """The interfaces of the host routes to `ip` in `table`."""
         address = ipaddress.ip_address(ip)
         family = socket.AF_INET if address.version == 4 else socket.AF_INET6
-        routes = await self._socket.request("route", "dump", family=family, table=table)
         return [
-            int(route.get("RTA_OIF"))
-            for route in routes
-            if route["dst_len"] == address.max_prefixlen
-            and route.get("RTA_OIF") is not None
-            and ipaddress.ip_address(route.get("RTA_DST")) == address
+            found.oif
+            for found in await self._routes(family, table, address.max_prefixlen)
+            if found.oif is not None and found.dst == str(address)
         ]
 
     async def default_route_device(self, family: int, table: int = MAIN_TABLE) -> int | None:
         """The interface of the default route of `family` in `table`, if there is one."""
-        routes = await self._socket.request("route", "dump", family=family, table=table)
-        for route in routes:
-            if route["dst_len"] == 0 and route.get("RTA_OIF") is not None:
-                return int(route.get("RTA_OIF"))
+        for found in await self._routes(family, table, 0):
+            if found.oif is not None:
+                return found.oif
         return None
+
+    async def _routes(self, family: int, table: int, dst_len: int) -> list[RouteReply]:
+        """The routes of `family` and prefix length `dst_len` in `table` (none when the
+        kernel has no such table)."""
+
+        def keep(reply: bytes) -> bool:  # before decoding: a big table stays cheap
+            return route.route_dst_len(reply) == dst_len
+
+        try:
+            replies = await self._socket.request(
+                route.route_dump(family, table), dump=True, keep=keep
+            )
+        except OSError as error:
+            if error.errno == errno.ENOENT:
+                return []
+            raise
+        return [route.parse_route(reply) for reply in replies]
 
     async def add_proxy_neighbour(self, ip: str, index: int) -> None:
         """Answer neighbour solicitations for `ip` arriving on interface `index`."""
-        await self._socket.request("neigh", "replace", dst=ip, ifindex=index, flags=NTF_PROXY)
+        request = route.neighbour_request(
+            RTM_NEWNEIGH,
+            ipaddress.ip_address(ip),
+            index,
+            flags=_NTF_PROXY,
+            state=_NUD_PERMANENT,
+        )
+        await self._socket.request(request, flags=NLM_F_CREATE | NLM_F_REPLACE)
 
     async def del_proxy_neighbour(self, ip: str, index: int) -> None:
         """Remove that proxy entry; OSError ENOENT when there is none."""
-        await self._socket.request("neigh", "del", dst=ip, ifindex=index, flags=NTF_PROXY)
+        request = route.neighbour_request(
+            RTM_DELNEIGH, ipaddress.ip_address(ip), index, flags=_NTF_PROXY, state=0
+        )
+        await self._socket.request(request)
 
 
-async def set_interface_sysctl(
+def set_interface_sysctl(
     family: Literal["ipv4", "ipv6"], interface: str, key: str, value: int
 ) -> None:
-    """Write ``/proc/sys/net/<family>/conf/<interface>/<key>`` (gone with the interface)."""
-    await (_SYSCTL / family / "conf" / interface / key).write_text(f"{value}\n")
+    """Write ``/proc/sys/net/<family>/conf/<interface>/<key>`` (gone with the interface).
+
+    On the caller's thread: a sysctl is kernel memory, its write a few microseconds that
+    never wait for a disk.
+    """
+    fd = os.open(f"{_SYSCTL}/{family}/conf/{interface}/{key}", os.O_WRONLY)
+    try:
+        os.write(fd, f"{value}\n".encode())
+    finally:
+        os.close(fd)

@@ -20,7 +20,7 @@ from typing import Final
 from supervisor.model.errors import NetworkError
 from supervisor.qemu.cmdline import NicPlan
 
-from .netlink import MAIN_TABLE, Device, Netlink, set_interface_sysctl
+from .netlink import MAIN_TABLE, Device, Netlink, devices, set_interface_sysctl
 
 __all__ = ["check", "routing_table", "set_up", "tear_down"]
 
@@ -70,10 +70,10 @@ async def set_up(netlink: Netlink, plan: NicPlan, tap: Device) -> None:
         address = ipaddress.ip_address(plan.ip)
         await netlink.add_route(plan.ip, tap.index, table)
         if address.version == 4:
-            await set_interface_sysctl("ipv4", tap.name, "proxy_arp", 1)
-            await set_interface_sysctl("ipv4", tap.name, "forwarding", 1)
+            set_interface_sysctl("ipv4", tap.name, "proxy_arp", 1)
+            set_interface_sysctl("ipv4", tap.name, "forwarding", 1)
             return
-        await set_interface_sysctl("ipv6", tap.name, "forwarding", 1)
+        set_interface_sysctl("ipv6", tap.name, "forwarding", 1)
     except OSError as error:
         raise NetworkError(tap.name, f"cannot route {plan.ip}: {error.strerror}") from error
     try:
@@ -105,7 +105,7 @@ async def tear_down(netlink: Netlink, plan: NicPlan, tap: Device | None) -> None
         if ipaddress.ip_address(plan.ip).version == 6 and not await netlink.host_route_devices(
             plan.ip, table
         ):
-            for link in await netlink.links():
+            for link in devices():
                 try:
                     await netlink.del_proxy_neighbour(plan.ip, link.index)
                 except OSError as error:
