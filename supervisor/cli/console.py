@@ -28,7 +28,8 @@ def raw_terminal(fd: int) -> Iterator[None]:
         return
     saved = termios.tcgetattr(fd)
     try:
-        tty.setraw(fd)
+        # Not tty's default TCSAFLUSH: that would drop what was typed in the meantime.
+        tty.setraw(fd, termios.TCSADRAIN)
         yield
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
@@ -67,11 +68,12 @@ async def attach(
     """Copy between the terminal and the console socket until Ctrl-] or the socket closes."""
     input_fd = sys.stdin.fileno() if input_fd is None else input_fd
     output_fd = sys.stdout.fileno() if output_fd is None else output_fd
-    if os.isatty(input_fd):
-        sys.stderr.write(f"attached to {socket_path}; Ctrl-] detaches\r\n")
     stream = await anyio.connect_unix(socket_path)
     async with stream, anyio.create_task_group() as tg:
         with raw_terminal(input_fd):
+            # Said once typing reaches the guest: connected, the terminal already raw.
+            if os.isatty(input_fd):
+                sys.stderr.write(f"attached to {socket_path}; Ctrl-] detaches\r\n")
 
             async def copy_output_then_stop() -> None:
                 await _copy_output(stream, output_fd)

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .test_daemon import CLI, Daemon, daemon, write_instance
+from .test_daemon import CLI, Daemon, daemon, wait_for_guest_ready, write_instance
 
 __all__ = ["daemon"]  # the fixture, used by name
 
@@ -91,3 +91,34 @@ def test_a_stop_awaiting_the_guest_shows_on_a_terminal(daemon: Daemon) -> None:
     )
     assert "(--force kills at once)" in text
     assert text.endswith("\r\x1b[K")  # the line is cleared before the result is printed
+
+
+def test_a_line_typed_before_the_console_attaches_reaches_the_guest(daemon: Daemon) -> None:
+    """Typed ahead on a terminal (a user quick on the keys, or one ssh hop late), a line
+    must not be lost when the console switches the terminal to raw mode."""
+    write_instance(daemon, "alpha")
+    daemon.start()
+    shown = daemon.cli_json("start", "alpha")
+    wait_for_guest_ready(Path(shown["serial_log"]))
+    controller, terminal = pty.openpty()
+    try:
+        os.write(controller, b"echo typed-$((6*7))\n")
+        with subprocess.Popen(
+            [*CLI, "console", "alpha", "--config", str(daemon.config)],
+            stdin=terminal,
+            stdout=terminal,
+            stderr=terminal,
+        ) as console:
+            os.close(terminal)
+            seen = b""
+            deadline = time.monotonic() + 60
+            while b"typed-42" not in seen and time.monotonic() < deadline:
+                if select.select([controller], [], [], 1)[0]:
+                    seen += os.read(controller, 4096)
+            os.write(controller, b"\x1d")
+            assert console.wait(timeout=30) == 0
+        assert b"typed-42" in seen, seen[-2000:]
+        assert b"attached to" in seen
+    finally:
+        os.close(controller)
+        daemon.cli("stop", "alpha", "--force")
