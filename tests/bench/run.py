@@ -35,6 +35,7 @@ ORDER = (
     "bench_libvirt.py",
     "bench_supervisor.py",
     "bench_net.py",
+    "bench_ganeti.py",
 )
 LIBVIRT = "bench_libvirt.py"
 LIBVIRT_ENV = "KVS_BENCH_LIBVIRT_JSON"
