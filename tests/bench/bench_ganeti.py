@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -75,7 +76,7 @@ from pathlib import Path
 from typing import Literal
 
 import msgspec
-from bench_supervisor import QEMU, Client, cpu_seconds, ms, percentile
+from bench_supervisor import QEMU, Client, ms, percentile
 from benchtable import Row, format_table
 from ganeti.vcluster import (
     COMMAND_TIMEOUT_S,
@@ -131,9 +132,10 @@ TICK_TIMEOUT_S = 60.0
 
 DRIVER_CALLS = 200
 #: Run by Ganeti's Python on a node, as noded runs the driver: a fresh object per call,
-#: after one call not timed; prints this process's CPU time and the wall time per call.
+#: after one call not timed; prints the medians of the wall and CPU time (this process's)
+#: per call (medians: a burst of the machine's load hits a few calls only).
 DRIVER_PROBE = f"""
-import json, sys, time
+import json, statistics, sys, time
 sys.path.insert(0, {GANETI_LIB!r})
 from ganeti import hypervisor
 kvm = hypervisor.GetHypervisorClass("kvm")
@@ -142,14 +144,19 @@ def call():
     if query == "all":
         return kvm().GetAllInstancesInfo()
     return kvm().GetInstanceInfo(name)
-call()
-cpu, wall = time.process_time(), time.perf_counter()
+found = call()
+walls, cpus = [], []
 for _ in range(calls):
+    cpu, wall = time.process_time(), time.perf_counter()
     call()
-print(json.dumps({{"driver": kvm.__module__, "cpu": (time.process_time() - cpu) / calls,
-                  "wall": (time.perf_counter() - wall) / calls, "found": len(call() or ())}}))
+    walls.append(time.perf_counter() - wall)
+    cpus.append(time.process_time() - cpu)
+print(json.dumps({{"driver": kvm.__module__, "wall": statistics.median(walls),
+                  "cpu": statistics.median(cpus),
+                  "found": len(found) if query == "all" else int(found is not None)}}))
 """
 
+QUERY_NAMES = {"all": "GetAllInstancesInfo", "one": "GetInstanceInfo"}
 DRIVER_PROBE_TEXT = (
     "the hypervisor query run by Ganeti's Python on node1 as noded runs it (a fresh driver "
     "object per call), without Ganeti's RPC, with node1's five idle guests running"
@@ -164,6 +171,15 @@ NODE_DAEMONS: dict[Driver, tuple[str, ...]] = {
 
 def log(message: str) -> None:
     print(f"bench_ganeti: {message}", file=sys.stderr, flush=True)
+
+
+def add_argv(name: str, node: str, mib: int) -> list[str]:
+    """``gnt-instance add`` of a diskless test guest without NICs, not started."""
+    return [
+        "gnt-instance", "add", "-t", "diskless", "-o", OS_NAME, "--no-name-check",
+        "--no-ip-check", "--no-start", "--no-nics", "-B", f"maxmem={mib},minmem={mib},vcpus=1",
+        "-n", node, name,
+    ]  # fmt: skip
 
 
 def other_node(node: str) -> str:
@@ -217,11 +233,11 @@ class SerialPort:
         await self._writer.drain()
 
     async def wait_for(
-        self, pattern: re.Pattern[bytes], timeout_s: float, start: int = 0
+        self, pattern: re.Pattern[bytes], timeout_s: float
     ) -> tuple[float, re.Match[bytes]]:
-        """The arrival time and match of the first line from index `start` on that
-        matches `pattern`."""
-        checked = start
+        """The arrival time and match of the first line (come or to come) that matches
+        `pattern`."""
+        checked = 0
         async with asyncio.timeout(timeout_s):
             while True:
                 for arrived, line in self.lines[checked:]:
@@ -265,15 +281,27 @@ def process_group(cmdline: list[str]) -> str:
     return "other"
 
 
+def cpu_time(pid: int) -> float:
+    """Seconds `pid` has run: its live threads' on-CPU time to the nanosecond
+    (/proc/<pid>/task/*/schedstat; /proc/<pid>/stat counts 10 ms ticks, too coarse for an
+    idle daemon), plus the children it reaped (cutime + cstime, in ticks: noded forks for
+    every request). Raises OSError when `pid` is gone."""
+    nanoseconds = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            nanoseconds += int((task / "schedstat").read_text().split()[0])
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return nanoseconds / 1e9 + (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_snapshot(cluster: VirtualCluster) -> dict[int, ProcessCpu]:
-    """Every process of the cluster's namespace: what it is, its node, its CPU time
-    (with its reaped children's: noded forks for every request)."""
+    """Every process of the cluster's namespace: what it is, its node, its `cpu_time`."""
     found = {}
     for pid in cluster.processes():
         try:
             raw = Path(f"/proc/{pid}/cmdline").read_bytes()
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            seconds = cpu_seconds(pid, children=True)
+            seconds = cpu_time(pid)
         except OSError:  # gone meanwhile
             continue
         node = next(
@@ -306,7 +334,6 @@ def cpu_used(before: dict[int, ProcessCpu], after: dict[int, ProcessCpu]) -> dic
 class CommandFailed(Exception):
     def __init__(self, argv: Sequence[str], code: int, output: str) -> None:
         super().__init__(f"{' '.join(argv)} exited {code}:\n{output}")
-        self.output = output
 
 
 @dataclass
@@ -327,7 +354,8 @@ class Figures:
     list_latency: list[float] = field(default_factory=list)
     list_cpu: dict[str, float] = field(default_factory=dict)
     boot_all_seconds: float = 0.0
-    #: The driver alone, per query ("all", "one"): {"cpu", "wall", "daemon_cpu"} seconds.
+    #: The driver alone, per query ("all", "one"): seconds per call of "wall", "cpu" (the
+    #: calling process), "daemon_cpu" and "qemu_cpu" (beyond their idle use).
     driver_calls: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -385,28 +413,7 @@ class GanetiBench:
         await self.gnt("gnt-cluster", "modify", "-H", f"kvm:kvm_path={QEMU}")
         adds = [(BENCH_GUEST, NODES[0], GUEST_MIB)]
         adds += [(name, NODES[i % 2], IDLE_GUEST_MIB) for i, name in enumerate(IDLE_GUESTS)]
-        await asyncio.gather(
-            *(
-                self.gnt(
-                    "gnt-instance",
-                    "add",
-                    "-t",
-                    "diskless",
-                    "-o",
-                    OS_NAME,
-                    "--no-name-check",
-                    "--no-ip-check",
-                    "--no-start",
-                    "--no-nics",
-                    "-B",
-                    f"maxmem={mib},minmem={mib},vcpus=1",
-                    "-n",
-                    node,
-                    name,
-                )
-                for name, node, mib in adds
-            )
-        )
+        await asyncio.gather(*(self.gnt(*add_argv(*add)) for add in adds))
 
     async def switch(self, driver: Driver) -> None:
         if driver == self.driver:
@@ -633,14 +640,30 @@ class GanetiBench:
 
     async def driver_call(self, query: str, name: str) -> dict[str, float]:
         """`DRIVER_PROBE` on `name`'s node (node1, with its five guests): the hypervisor
-        query alone, without Ganeti's RPC; for ours, the node daemon's CPU per call too."""
+        query alone, without Ganeti's RPC. Also the CPU it costs the node's other
+        processes, per call: ours' daemon, and the QEMUs (stock's driver opens a QMP
+        connection per instance and query), less what they use idle (measured just
+        before, as long as the probe runs)."""
         node = NODES[0]
         env = self.cluster.ganeti_env(node)
         if self.driver == "ours":  # as Ganeti's daemons get it from etc/default/ganeti
             env["PYTHONUSERBASE"] = str(user_base(str(self.cluster.root(node))))
-        daemon = self.cluster.daemons[node].pid
-        daemon_before = cpu_seconds(daemon)
+        snapshot = cpu_snapshot(self.cluster)
+        watched = {
+            pid: process.group
+            for pid, process in snapshot.items()
+            if process.node == node and process.group in ("qemu", "kvm-supervisor")
+        }
+
+        def used() -> dict[str, float]:
+            totals = {"qemu": 0.0, "kvm-supervisor": 0.0}
+            for pid, group in watched.items():
+                with contextlib.suppress(OSError):
+                    totals[group] += cpu_time(pid)
+            return totals
+
         argv = [GANETI_PYTHON, "-c", DRIVER_PROBE, query, str(self.args.driver_calls), name]
+        began, before = time.perf_counter(), used()
         proc = await asyncio.create_subprocess_exec(
             *self.cluster.inside(argv),
             env=env,
@@ -649,23 +672,26 @@ class GanetiBench:
             stderr=asyncio.subprocess.PIPE,
         )
         out, err = await proc.communicate()
+        probe_s, during = time.perf_counter() - began, used()
+        await asyncio.sleep(probe_s)
+        idle = used()
         if proc.returncode != 0:
             raise RuntimeError(f"the driver probe failed: {err.decode(errors='replace')}")
         found = json.loads(out)
         expected = "supervisor.ganeti.hypervisor" if self.driver == "ours" else "ganeti.hypervisor"
         if not found["driver"].startswith(expected):
             raise RuntimeError(f"the probe ran {found['driver']}, not {self.driver}'s driver")
-        # The probe's untimed calls are on the daemon's side too.
-        calls = self.args.driver_calls + 2
-        found["daemon_cpu"] = (
-            (cpu_seconds(daemon) - daemon_before) / calls if self.driver == "ours" else 0.0
-        )
+        calls = self.args.driver_calls + 1  # and its call not timed
+        for group, key in (("kvm-supervisor", "daemon_cpu"), ("qemu", "qemu_cpu")):
+            extra = (during[group] - before[group]) - (idle[group] - during[group])
+            found[key] = max(0.0, extra) / calls
         log(
-            f"{self.driver}: {query} instances' info from the driver alone: "
+            f"{self.driver}: {QUERY_NAMES[query]} from the driver alone: "
             f"{found['wall'] * 1000:.2f} ms, CPU {found['cpu'] * 1000:.2f} ms + daemon "
-            f"{found['daemon_cpu'] * 1000:.2f} ms per call ({found['found']} found)"
+            f"{found['daemon_cpu'] * 1000:.2f} ms + QEMU {found['qemu_cpu'] * 1000:.2f} ms "
+            f"per call ({found['found']} found)"
         )
-        return {key: float(found[key]) for key in ("cpu", "wall", "daemon_cpu")}
+        return {key: float(found[key]) for key in ("cpu", "wall", "daemon_cpu", "qemu_cpu")}
 
     # -- the whole ---------------------------------------------------------------------
 
@@ -736,6 +762,11 @@ def compare(
         "<= stock",
         ours <= stock,
     )
+
+
+def node_side_cpu(call: dict[str, float]) -> float:
+    """What one driver call costs the node: the caller, the daemon, the QEMUs."""
+    return call["cpu"] + call["daemon_cpu"] + call["qemu_cpu"]
 
 
 def build_rows(ours: Figures, stock: Figures) -> list[Row]:
@@ -812,7 +843,7 @@ def build_rows(ours: Figures, stock: Figures) -> list[Row]:
         )
     )
     per_node = len(IDLE_GUESTS) // len(NODES)
-    queries = (("all", f"GetAllInstancesInfo, {per_node} guests"), ("one", "GetInstanceInfo"))
+    queries = (("all", f"{QUERY_NAMES['all']}, {per_node} guests"), ("one", QUERY_NAMES["one"]))
     for query, label in queries:
         mine, theirs = ours.driver_calls.get(query), stock.driver_calls.get(query)
         if not mine or not theirs:
@@ -822,9 +853,9 @@ def build_rows(ours: Figures, stock: Figures) -> list[Row]:
         )
         rows.append(
             compare(
-                f"(driver alone) {label}, CPU",
-                mine["cpu"] + mine["daemon_cpu"],
-                theirs["cpu"],
+                f"(driver alone) {label}, CPU on the node",
+                node_side_cpu(mine),
+                node_side_cpu(theirs),
                 "ms",
                 1000,
                 2,
@@ -835,7 +866,7 @@ def build_rows(ours: Figures, stock: Figures) -> list[Row]:
 
 def format_cpu(cpu: dict[str, float], window_s: float) -> str:
     return ", ".join(
-        f"{group} {seconds * 1000:.0f} ms ({seconds / window_s * 100:.2f} %)"
+        f"{group} {seconds * 1000:.1f} ms ({seconds / window_s * 100:.3f} %)"
         for group, seconds in sorted(cpu.items())
     )
 
@@ -873,7 +904,7 @@ def format_notes(ours: Figures, stock: Figures, elapsed_s: float) -> str:
             f"{format_cpu(figures.idle_cpu, figures.idle_seconds)}",
             f"{driver}: node daemons counted: {counted}; per daemon and node: "
             + ", ".join(
-                f"{key} {seconds * 1000:.0f} ms"
+                f"{key} {seconds * 1000:.1f} ms"
                 for key, seconds in sorted(figures.idle_by_node.items())
             ),
             f"{driver}: gnt-instance list (s): {spread(figures.list_latency)}; CPU per list: "
@@ -883,9 +914,15 @@ def format_notes(ours: Figures, stock: Figures, elapsed_s: float) -> str:
             ),
         ]
     lines.append(
-        f"driver alone: {DRIVER_PROBE_TEXT}; ours' CPU is the calling process's plus the "
-        "node daemon's, stock's the calling process's only (QEMU's side of its QMP "
-        "connections is not counted)"
+        f"driver alone: {DRIVER_PROBE_TEXT}; its CPU on the node is the calling process's "
+        "plus what the daemon (ours) and the node's QEMUs used beyond their idle use "
+        "(measured right after, as long): "
+        + "; ".join(
+            f"{driver} {QUERY_NAMES[query]} {call['cpu'] * 1000:.2f} + "
+            f"{call['daemon_cpu'] * 1000:.2f} + {call['qemu_cpu'] * 1000:.2f} ms"
+            for driver, figures in (("ours", ours), ("stock", stock))
+            for query, call in figures.driver_calls.items()
+        )
     )
     lines.append(
         "stock's figures leave the kvm-supervisor daemons out: they run (the switch back "

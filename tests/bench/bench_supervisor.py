@@ -214,12 +214,10 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def cpu_seconds(pid: int, *, children: bool = False) -> float:
-    """utime + stime of `pid` (all its threads), from /proc/<pid>/stat; with `children`,
-    also cutime + cstime: the children it has reaped (a daemon forking per request)."""
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` (all its threads), from /proc/<pid>/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = sum(int(field) for field in fields[11 : 15 if children else 13])
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def kill_leftovers(workdir: Path) -> None:
