@@ -24,9 +24,10 @@ from supervisor.qemu.process import reap_orphans, set_child_subreaper
 
 _log = get_logger(__name__)
 
-#: How often orphans reparented to the daemon are reaped; they are rare (QEMU's own
-#: helpers), and SIGCHLD wakes the reaper at once anyway.
-ORPHAN_SWEEP_S = 5.0
+#: How often orphans reparented to the daemon are reaped without a SIGCHLD; they are rare
+#: (QEMU's own helpers), and SIGCHLD wakes the reaper at once anyway. Each sweep wakes
+#: an idle daemon: at 5 s they were all the CPU it used (tests/bench/bench_ganeti.py).
+ORPHAN_SWEEP_S = 60.0
 
 
 async def _reap_orphans_on_sigchld() -> None:

@@ -36,6 +36,7 @@ ORDER = (
     "bench_supervisor.py",
     "bench_net.py",
     "bench_migration.py",
+    "bench_ganeti.py",
 )
 LIBVIRT = "bench_libvirt.py"
 LIBVIRT_ENV = "KVS_BENCH_LIBVIRT_JSON"

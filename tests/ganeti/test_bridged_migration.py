@@ -19,7 +19,7 @@ import anyio
 import pytest
 from ping_loop import KERNEL_TROUBLE, MAX_LOST, REPLIES_AFTER, REPLIES_BEFORE, ping_loop
 
-from .conftest import BOOT_TIMEOUT_S, BRIDGE, KERNEL_ARGS, VirtualCluster
+from .vcluster import BOOT_TIMEOUT_S, BRIDGE, KERNEL_ARGS, VirtualCluster
 from .test_migration import migrate
 
 pytestmark = pytest.mark.anyio

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .conftest import NODES, VirtualCluster
+from .vcluster import NODES, VirtualCluster
 
 #: This host's kernel has no magic SysRq, which Ganeti's node check wants: an error of
 #: the machine, not of the driver.

@@ -24,7 +24,7 @@ from helpers import kill_leftover_qemus, wait_until
 from supervisor.ganeti.rpc import DaemonClient, DaemonUnreachable
 from supervisor.ganeti.settings import user_base
 
-from .conftest import KERNEL_ARGS
+from .vcluster import KERNEL_ARGS
 
 SCENARIO = Path(__file__).with_name("driver_scenario.py")
 GANETI_PYTHON = "/usr/bin/python3"

@@ -7,7 +7,7 @@ import time
 
 from helpers import wait_gone
 
-from .conftest import KERNEL_ARGS, VirtualCluster
+from .vcluster import KERNEL_ARGS, VirtualCluster
 
 #: `gnt-instance stop --timeout`: the ACPI wait before the kill.
 STOP_TIMEOUT_S = 5

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 from helpers import wait_gone
 
-from .conftest import BOOT_TIMEOUT_S, BRIDGE, GUEST_MIB, VirtualCluster
+from .vcluster import BOOT_TIMEOUT_S, BRIDGE, GUEST_MIB, VirtualCluster
 
 
 @pytest.fixture(scope="module")

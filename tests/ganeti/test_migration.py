@@ -11,7 +11,7 @@ from pathlib import Path
 
 from helpers import wait_gone, wait_until
 
-from .conftest import BOOT_TIMEOUT_S, GUEST_MIB, VirtualCluster
+from .vcluster import BOOT_TIMEOUT_S, GUEST_MIB, VirtualCluster
 
 _HEARTBEAT = re.compile(rb"KVS-HEARTBEAT (\d+)")
 

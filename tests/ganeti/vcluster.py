@@ -1,4 +1,4 @@
-"""A real two-node Ganeti 3.0 cluster on kvm-supervisor, for the whole session.
+"""A real two-node Ganeti 3.0 cluster on kvm-supervisor (the tests' fixture, the benchmark).
 
 Ganeti's virtual-cluster mode (vcluster: every node's files under a root directory of
 its own, ``GANETI_ROOTDIR``/``GANETI_HOSTNAME``) runs two nodes on this host, inside a
@@ -17,7 +17,9 @@ kernel as default) and the driver through `kvm-supervisor ganeti-install`, befor
 ``gnt-cluster init`` and ``gnt-node add`` start Ganeti's daemons. At the end every
 process in the namespace is killed by pid (all of them are ours: the namespace is), the
 holder ends, the namespaces go with it, the temp dir is removed; the host's Ganeti
-directories must come out as they went in.
+directories must come out as they went in. ``tests/bench/bench_ganeti.py`` also runs the
+cluster on Ganeti's own KVM driver: `VirtualCluster.uninstall_drivers` and
+`VirtualCluster.restart_ganeti` switch it over.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 from conftest import GUEST_DIR, REPO
 from helpers import wait_gone, wait_until
 
@@ -51,6 +52,7 @@ OS_NAME = "noop"
 #: Boots the test guest quickly under TCG (tests/core/conftest.py's FAST_KERNEL_ARGS).
 KERNEL_ARGS = "quiet tsc=reliable no_timer_check mitigations=off"
 GANETI_TOOLS = Path("/usr/lib/ganeti/tools")
+DAEMON_UTIL = Path("/usr/lib/ganeti/daemon-util")
 #: Host paths of Ganeti's own that a virtual cluster must leave as they were.
 HOST_GANETI_PATHS = (
     "/etc/ganeti",
@@ -214,6 +216,62 @@ class VirtualCluster:
         proc = self.daemons.pop(node)
         proc.kill()
         proc.wait(timeout=30)
+
+    # -- the driver -------------------------------------------------------------------
+
+    def _supervisor_cli(self, node: str, verb: str) -> subprocess.Popen[bytes]:
+        command = [sys.executable, "-m", "supervisor", "--config", str(self.daemon_config(node))]
+        return subprocess.Popen(
+            [*command, verb],
+            env={**self.ganeti_env(node), "PYTHONPATH": str(REPO)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+
+    def _on_every_node(self, verb: str) -> None:
+        """``kvm-supervisor <verb>`` on every node, at once, as its documentation says."""
+        runs = [self._supervisor_cli(node, verb) for node in NODES]
+        for run in runs:
+            _, err = run.communicate(timeout=120)
+            if run.returncode != 0:
+                raise RuntimeError(f"kvm-supervisor {verb} exited {run.returncode}: {err.decode()}")
+
+    def install_drivers(self) -> None:
+        """`kvm-supervisor ganeti-install` on every node (Ganeti's daemons started after
+        it, or restarted, use the driver)."""
+        self._on_every_node("ganeti-install")
+
+    def uninstall_drivers(self) -> None:
+        """`kvm-supervisor ganeti-uninstall` on every node: Ganeti's own KVM driver again,
+        once Ganeti's daemons are restarted."""
+        self._on_every_node("ganeti-uninstall")
+
+    def restart_ganeti(self) -> None:
+        """Restart every Ganeti daemon of both nodes through daemon-util, which reads the
+        node's ``etc/default/ganeti`` (where the driver's installation exports the hook);
+        returns once each is ready. They all stop at once (each takes seconds to); the
+        master starts last, as it asks the other nodes to vote for it."""
+        daemon_util = str(DAEMON_UTIL)
+        stops = [
+            (
+                node,
+                daemon,
+                subprocess.Popen(
+                    self.inside([daemon_util, "stop", daemon]),
+                    env=self.ganeti_env(node),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                ),
+            )
+            for node in NODES
+            for daemon in self.run([daemon_util, "list-stop-daemons"], node=node).stdout.split()
+        ]
+        for node, daemon, stop in stops:
+            _, err = stop.communicate(timeout=COMMAND_TIMEOUT_S)
+            if stop.returncode != 0:
+                raise RuntimeError(f"stopping {daemon} on {node} failed: {err.decode()}")
+        for node in reversed(NODES):
+            self.run([daemon_util, "start-all"], node=node)
 
     # -- instances --------------------------------------------------------------------
 
@@ -397,24 +455,6 @@ def _start_sshd(cluster: VirtualCluster) -> None:
         )
 
 
-def _install_drivers(cluster: VirtualCluster) -> None:
-    """`kvm-supervisor ganeti-install` on every node, at once, as its documentation says."""
-    installs = []
-    for node in NODES:
-        command = [sys.executable, "-m", "supervisor", "--config", str(cluster.daemon_config(node))]
-        installs.append(
-            subprocess.Popen(
-                [*command, "ganeti-install"],
-                env={**cluster.ganeti_env(node), "PYTHONPATH": str(REPO)},
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-        )
-    for install in installs:
-        _, err = install.communicate(timeout=120)
-        assert install.returncode == 0, err.decode()
-
-
 def _init_cluster(cluster: VirtualCluster) -> None:
     hvparams = (
         f"kvm:kernel_path={GUEST_DIR / 'vmlinuz'},initrd_path={GUEST_DIR / 'initrd.img'},"
@@ -435,19 +475,25 @@ def _init_cluster(cluster: VirtualCluster) -> None:
         cluster.gnt("gnt-node", "add", "--no-ssh-key-check", node)
 
 
-@pytest.fixture(scope="session")
-def vcluster() -> Iterator[VirtualCluster]:
-    """The two-node cluster, master node1, both nodes vm-capable, the driver installed."""
+def missing_requirements() -> str | None:
+    """What the cluster needs and this host lacks, as a sentence; None when nothing."""
     for tool in ("/usr/sbin/gnt-cluster", "/usr/sbin/sshd", str(GANETI_TOOLS / "vcluster-setup")):
         if not Path(tool).exists():
-            pytest.fail(f"{tool} is missing: run `make deps` (Ganeti 3.0 and openssh-server)")
+            return f"{tool} is missing: run `make deps` (Ganeti 3.0 and openssh-server)"
     if not (GUEST_DIR / "vmlinuz").exists():
-        pytest.fail("the test guest is missing: run `make guest`")
+        return "the test guest is missing: run `make guest`"
+    return None
+
+
+@contextlib.contextmanager
+def virtual_cluster() -> Iterator[VirtualCluster]:
+    """The two-node cluster, master node1, both nodes vm-capable, the driver installed;
+    everything of it gone at the end (AssertionError if the host's Ganeti files changed)."""
     host_before = _host_state()
     started = time.monotonic()
     base = Path(tempfile.mkdtemp(prefix="kvsg-", dir="/tmp"))
     base.chmod(0o755)  # Ganeti's daemons run as its own users
-    # The holder: `cat` ends when its stdin closes, also when pytest dies.
+    # The holder: `cat` ends when its stdin closes, also when its parent dies.
     holder = subprocess.Popen(
         ["unshare", "--net", "--mount", "--propagation", "private", "--", "cat"],
         stdin=subprocess.PIPE,
@@ -468,7 +514,7 @@ def vcluster() -> Iterator[VirtualCluster]:
         for node in NODES:
             _write(cluster.daemon_config(node), _daemon_config(cluster, node))
             cluster.start_daemon(node)
-        _install_drivers(cluster)
+        cluster.install_drivers()
         for node in NODES:
             cluster.wait_daemon(node)
         sshd = cluster.sshd
@@ -476,7 +522,6 @@ def vcluster() -> Iterator[VirtualCluster]:
         wait_until(lambda: _sshd_listens(sshd), what="sshd listens", timeout_s=30)
         _init_cluster(cluster)
         cluster.setup_seconds = time.monotonic() - started
-        print(f"\nvirtual Ganeti cluster up in {cluster.setup_seconds:.1f} s", file=sys.stderr)
         yield cluster
     finally:
         _end_everything(cluster)
