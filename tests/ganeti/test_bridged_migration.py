@@ -19,8 +19,8 @@ import anyio
 import pytest
 from ping_loop import KERNEL_TROUBLE, MAX_LOST, REPLIES_AFTER, REPLIES_BEFORE, ping_loop
 
-from .vcluster import BOOT_TIMEOUT_S, BRIDGE, KERNEL_ARGS, VirtualCluster
 from .test_migration import migrate
+from .vcluster import BOOT_TIMEOUT_S, BRIDGE, KERNEL_ARGS, VirtualCluster
 
 pytestmark = pytest.mark.anyio
 
