@@ -10,6 +10,7 @@ hypervisor parameter at least once; the two this host cannot honour (``vhost_net
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import random
@@ -19,7 +20,7 @@ import struct
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ _IFF_TAP = 0x0002
 _IFF_NO_PI = 0x1000
 _IFF_VNET_HDR = 0x4000
 _IFF_MULTI_QUEUE = 0x0100
+_CLONE_NEWNET = 0x40000000
 
 
 class Files(msgspec.Struct, frozen=True, kw_only=True):
@@ -179,6 +181,27 @@ def _free_port(low: int, high: int) -> int:
                 continue
             return port
     raise AssertionError(f"no free port in {low}-{high}")
+
+
+@contextmanager
+def _throwaway_netns() -> Iterator[int]:
+    """This thread in a new, nameless network namespace while the block runs; yields an
+    fd that keeps the namespace (and the taps made in it) alive until it is closed.
+
+    The taps QEMU gets here never appear in the host's namespace, where another test
+    run may be checking that its link list is unchanged."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.unshare(_CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+        try:
+            yield os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            if libc.setns(home, _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back to this thread's namespace")
+    finally:
+        os.close(home)
 
 
 def _open_tap(queues: int, vnet_hdr: bool) -> list[int]:
@@ -452,11 +475,14 @@ def test_qemu_accepts(index: int, files: Files, caps: QemuCapabilities) -> None:
     command = build_command_line(spec, hv, caps, paths, accel, resources=resources)
     with ExitStack() as stack:
         fd_numbers: dict[str, int] = {}
-        for nic in command.nics:
-            fds = _open_tap(nic.queues, nic.vnet_hdr)
-            for fd in fds:
-                stack.callback(os.close, fd)
-            fd_numbers.update(zip(nic.fd_names, fds, strict=True))
+        if command.nics:
+            with _throwaway_netns() as netns:
+                stack.callback(os.close, netns)  # closed last: after the taps
+                for nic in command.nics:
+                    fds = _open_tap(nic.queues, nic.vnet_hdr)
+                    for fd in fds:
+                        stack.callback(os.close, fd)
+                    fd_numbers.update(zip(nic.fd_names, fds, strict=True))
         argv = argv_with_fds(command.argv, command.nics, fd_numbers)
         stderr = run_paused(argv, paths.qmp_socket, list(fd_numbers.values()))
     assert "deprecated" not in stderr, f"{name}: {stderr}"
