@@ -100,6 +100,9 @@ class VirtualCluster:
 
     base: Path
     holder: subprocess.Popen[bytes]
+    #: The network namespace (``net:[inode]``), noted once the holder runs: it identifies
+    #: the cluster's processes even after the holder is gone.
+    namespace: str | None = None
     daemons: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     sshd: subprocess.Popen[bytes] | None = None
     setup_seconds: float = 0.0
@@ -318,14 +321,13 @@ class VirtualCluster:
 
     def processes(self) -> list[int]:
         """Every process in the cluster's network namespace but the holder."""
-        namespace = _net_namespace(self.holder.pid)
         found = []
         for entry in Path("/proc").iterdir():
             if (
                 entry.name.isdigit()
                 and int(entry.name) != self.holder.pid
-                and namespace is not None
-                and _net_namespace(int(entry.name)) == namespace
+                and self.namespace is not None
+                and _net_namespace(int(entry.name)) == self.namespace
             ):
                 found.append(int(entry.name))
         return found
@@ -493,16 +495,19 @@ def virtual_cluster() -> Iterator[VirtualCluster]:
     started = time.monotonic()
     base = Path(tempfile.mkdtemp(prefix="kvsg-", dir="/tmp"))
     base.chmod(0o755)  # Ganeti's daemons run as its own users
-    # The holder: `cat` ends when its stdin closes, also when its parent dies.
+    # The holder: `cat` ends when its stdin closes, also when its parent dies; in a
+    # session of its own, so that a Ctrl-C ends the run, which cleans up, not the holder.
     holder = subprocess.Popen(
         ["unshare", "--net", "--mount", "--propagation", "private", "--", "cat"],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
+        start_new_session=True,
     )
     cluster = VirtualCluster(base=base, holder=holder)
     try:
-        wait_until(
-            lambda: _net_namespace(holder.pid) != _net_namespace(os.getpid()),
+        own = _net_namespace(os.getpid())
+        cluster.namespace = wait_until(
+            lambda: (namespace := _net_namespace(holder.pid)) != own and namespace,
             what="the namespace holder runs",
             timeout_s=30,
         )
