@@ -29,6 +29,7 @@ import anyio
 import msgspec
 
 from protocols import qmp
+from protocols.groups import ungrouped
 from supervisor.engine.instance import KILL_WAIT_S, Instance, StartupSteps
 from supervisor.host.chroot import create_chroot, remove_chroot
 from supervisor.host.pinning import CpuPinningError, pin_vcpus
@@ -334,14 +335,35 @@ class Launcher:
         instance.set_state(InstanceState.STARTING, "start requested", pid=process.pid)
         instance.log.info("launched", pid=process.pid, accel=record.accel)
         try:
-            await _save(started)
-        except HypervisorError:
-            process.kill()
-            with anyio.move_on_after(KILL_WAIT_S):
-                await process.wait_exit()
-            instance.set_state(InstanceState.STOPPED, "start-failed")
+            with ungrouped():
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_save, started)
+                    # While QEMU initializes (on another CPU), not after its QMP
+                    # handshake: the NICs' set-up is off the start's critical path.
+                    await self._set_up_nics(started)
+        except (HypervisorError, NetworkError) as error:
+            # A QEMU that failed by itself took its taps along: say why it failed.
+            exited = not process.is_alive()
+            await _kill_failed_start(instance, process)
+            await self._tear_down_nics(instance, started)
+            if isinstance(error, NetworkError) and exited:
+                raise _qemu_exit_error(instance.name, process) from error
             raise
         return process
+
+    async def _set_up_nics(self, record: RuntimeRecord) -> None:
+        """Connect the NICs of `record`'s QEMU (spawned, holding its taps).
+
+        A migration target routes its NICs once the guest has moved here
+        (`supervisor.engine.migration`): the routes stay on the source's taps until then.
+        Switch ports come up now: they must be there at the switch-over.
+        """
+        await self.network.set_up(
+            record.nics,
+            instance=record.name,
+            tags=record.spec.tags,
+            modes=SWITCHED_MODES if record.incoming else None,
+        )
 
     def release_record(self, record: RuntimeRecord) -> None:
         """Give back what `prepare` leased for `record` when it never ran."""
@@ -351,22 +373,21 @@ class Launcher:
                 record.paths.chroot, quarantine_dir=self.state_dir.quarantine_dir, name=record.name
             )
 
-    def startup_steps(self, instance: Instance, *, paused: bool) -> StartupSteps:
-        """What runs over QMP between spawn and ``cont`` (Ganeti's post-start steps)."""
+    def startup_steps(
+        self, instance: Instance, *, paused: bool, nics_connected: bool
+    ) -> StartupSteps:
+        """What runs over QMP between spawn and ``cont`` (Ganeti's post-start steps).
+
+        The NICs are connected first unless `nics_connected` (`launch` does it for a
+        QEMU it spawns; a start a restarted daemon finishes does it again: idempotent).
+        """
 
         async def run(client: qmp.QMPClient) -> None:
             record = instance.record
             assert record is not None and instance.process is not None
             hv = record.hvparams
-            # A migration target routes its NICs once the guest has moved here
-            # (`supervisor.engine.migration`): the routes stay on the source's taps until
-            # then. Switch ports come up now: they must be there at the switch-over.
-            await self.network.set_up(
-                record.nics,
-                instance=record.name,
-                tags=record.spec.tags,
-                modes=SWITCHED_MODES if record.incoming else None,
-            )
+            if not nics_connected:
+                await self._set_up_nics(record)
             self._share_console(record)
             if hv.vnc_password_file:
                 await client.execute(
@@ -431,17 +452,8 @@ class Launcher:
         it); `forget` removes it.
         """
         record = instance.record
-        if record is not None and record.nics:
-            try:
-                await self.network.tear_down(
-                    record.nics, instance=record.name, tags=record.spec.tags
-                )
-            except NetworkError as error:
-                instance.log.error(
-                    "NIC teardown failed", interface=error.interface, reason=error.reason
-                )
-            except TimeoutError:
-                instance.log.error("NIC teardown timed out")
+        if record is not None:
+            await self._tear_down_nics(instance, record)
         self._release_leases(instance.name, record.uid if record else None)
         paths = instance.paths
         for leftover in (*paths.sockets, paths.pid_file):
@@ -454,6 +466,19 @@ class Launcher:
             if quarantined is not None:
                 instance.log.warning("chroot not empty: quarantined", path=str(quarantined))
 
+    async def _tear_down_nics(self, instance: Instance, record: RuntimeRecord) -> None:
+        """Remove what outlives the taps of `record`'s NICs; a failure is logged."""
+        if not record.nics:
+            return
+        try:
+            await self.network.tear_down(record.nics, instance=record.name, tags=record.spec.tags)
+        except NetworkError as error:
+            instance.log.error(
+                "NIC teardown failed", interface=error.interface, reason=error.reason
+            )
+        except TimeoutError:
+            instance.log.error("NIC teardown timed out")
+
     def _release_leases(self, name: str, uid: int | None) -> None:
         self._leased_ports.pop(name, None)
         self._leased_macs.pop(name, None)
@@ -463,6 +488,26 @@ class Launcher:
     def forget(self, instance: Instance) -> None:
         """Remove the instance's runtime dir, record and serial log included."""
         self.state_dir.remove_instance_dir(instance.name)
+
+
+async def _kill_failed_start(instance: Instance, process: QemuProcess) -> None:
+    """Kill and reap the QEMU of a start that failed before its monitor was reached."""
+    with anyio.CancelScope(shield=True):
+        process.kill()
+        with anyio.move_on_after(KILL_WAIT_S):
+            await process.wait_exit()
+    instance.set_state(InstanceState.STOPPED, "start-failed")
+
+
+def _qemu_exit_error(name: str, process: QemuProcess) -> HypervisorError:
+    """The error of a QEMU that exited by itself while its start was under way (its taps
+    went with it, which is how the NICs' set-up noticed)."""
+    status = process.exit_status
+    return HypervisorError(
+        f"QEMU of {name!r} failed to start: {status.describe() if status else 'it exited'}",
+        stderr=process.stderr_tail(),
+        exit_status=None if status is None else status.code,
+    )
 
 
 def _refuse_second_qemu(instance: Instance) -> None:

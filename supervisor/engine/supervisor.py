@@ -33,6 +33,7 @@ from supervisor.engine.events import EventBus, Subscription
 from supervisor.engine.instance import (
     MIGRATION_FAILED,
     Instance,
+    StartupSteps,
     backoff_delay,
     recent_crashes,
 )
@@ -278,7 +279,10 @@ class Supervisor(anyio.AsyncContextManagerMixin):
                     )
                     task_status.started()
                     started = True
-                    await self._tg.start(self._run, instance, process, record.start_paused)
+                    startup = self.launcher.startup_steps(
+                        instance, paused=record.start_paused, nics_connected=False
+                    )
+                    await self._tg.start(self._run, instance, process, startup)
                 # A migration this QEMU was in is picked up (or ended) before anything else.
                 await self.migrations.adopt(instance)
         except SupervisorError as error:
@@ -339,11 +343,10 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         self,
         instance: Instance,
         process: QemuProcess,
-        paused: bool | None,
+        startup: StartupSteps | None,
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        startup = None if paused is None else self.launcher.startup_steps(instance, paused=paused)
         await instance.supervise(process, startup=startup, task_status=task_status)
         if instance.reason == MIGRATION_FAILED:
             await self.migrations.forget_failed_incoming(instance)
@@ -392,9 +395,10 @@ class Supervisor(anyio.AsyncContextManagerMixin):
             except BaseException:
                 self.launcher.release_record(record)
                 raise
+            startup = self.launcher.startup_steps(instance, paused=paused, nics_connected=True)
             try:
                 with ungrouped():
-                    await self._tg.start(self._run, instance, process, paused)
+                    await self._tg.start(self._run, instance, process, startup)
             except SupervisorError:
                 raise
             except Exception as error:  # a bug must not take the daemon down

@@ -98,7 +98,7 @@ ROUTED_IP = "10.79.0.5"
 STATE_DIR = "/var/lib/kvm-supervisor"
 CYCLE_UUID = "3b0f6c7e-2a55-4d1c-8f0e-6a2d9c41b7e3"
 
-START_PAIRS = 31
+START_PAIRS = 61
 START_NICS = 4
 START_TARGET_EXTRA_MS = 10.0
 

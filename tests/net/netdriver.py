@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 
 from protocols import qmp
-from supervisor.model.errors import NetworkError
+from supervisor.model.errors import HypervisorError, NetworkError
 from supervisor.net import nics
 from supervisor.net.tun import OpenTap
 from supervisor.qemu.cmdline import NicPlan
@@ -291,6 +291,8 @@ async def embedded() -> dict[str, Any]:
         "#!/bin/sh\n"
         f'echo "$ACTION $INSTANCE $INTERFACE_INDEX $MODE ${{BRIDGE:--}} ${{IP:--}}" >> {hook_log}\n'
         'if [ "$INSTANCE" = refused ]; then echo "no uplink for $INTERFACE" >&2; exit 3; fi\n'
+        # Holds the set-up of "doomed"'s first NIC until its QEMU has failed.
+        'if [ "$INSTANCE" = doomed ] && [ "$ACTION" = up ]; then sleep 2; fi\n'
     )
     hook.chmod(0o755)
     config = check_config_dict(
@@ -335,6 +337,18 @@ async def embedded() -> dict[str, Any]:
                 found["refused"] = error_of(error)
             found["refused_hook_runs"] = hook_log.read_text().splitlines()
             found["after_refused"] = snapshot()
+            # The NICs are set up while QEMU initializes: a QEMU that fails meanwhile
+            # (an unknown device) takes its taps along, and the start says why QEMU failed.
+            doomed = guest_spec(
+                "doomed",
+                nics=[{"link": "br0"}, {"link": "br0"}],
+                hvparams={"kvm_extra": "-device no-such-device"},
+            )
+            try:
+                await sup.start(doomed, paused=True)
+            except HypervisorError as error:
+                found["doomed"] = {"code": error.code, "message": str(error), "stderr": error.stderr}
+            found["after_doomed"] = snapshot()
     finally:
         kill_leftover_qemus(workdir)
         shutil.rmtree(workdir, ignore_errors=True)

@@ -127,6 +127,13 @@ def test_an_embedded_supervisor_sets_up_and_tears_down_nics(netns: str) -> None:
             "down refused 0 bridged br0 -",
         ]
         assert found["after_refused"]["links"] == ["br0", "lo"]
+        # QEMU failed while its NICs were set up (the hook held the first one): the
+        # error is QEMU's, not the second NIC's tap gone with it.
+        doomed = found["doomed"]
+        assert doomed["code"] == 4, doomed
+        assert "'doomed' failed to start: exited with code 1" in doomed["message"]
+        assert "no-such-device" in doomed["stderr"]
+        assert found["after_doomed"]["links"] == ["br0", "lo"]
         for gone in (found["after_kill"], found["after_stop"]):
             assert gone["ports"] == {}
             assert not any("10.77.9.9" in route for route in gone["routes"])
