@@ -6,20 +6,22 @@ manager can run itself over two JSON-RPC connections (`protocols.jsonrpc`)::
     async with connect_unix(source_socket) as source, connect_unix(target_socket) as target:
         result = await migrate(source, target, "web1", address="10.0.0.2")
 
-The order is Ganeti's: ``migration.info`` on the source, ``migration.accept`` on the
+The steps are Ganeti's: ``migration.info`` on the source, ``migration.accept`` on the
 target, ``migration.start`` on the source, then, following the source's
 ``migration.progress`` events to the migration's end, ``migration.finalize_target``
-and ``migration.finalize_source`` (the target first: the source's QEMU is ended only
-once the target owns the guest). A migration that fails or is cancelled is finalized
-as a failure on both ends: the guest keeps running on the source, the target's QEMU
-is stopped and its runtime removed.
+and ``migration.finalize_source``. The two finalizes of a completed migration run at
+once (Ganeti ends the source first): the source completes only once the target has
+loaded the whole guest (the ``return-path`` capability), and its QEMU, in
+``postmigrate``, never runs the guest again. A migration that fails or is cancelled is
+finalized as a failure on both ends: the guest keeps running on the source, the
+target's QEMU is stopped and its runtime removed.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import anyio
 import msgspec
@@ -34,9 +36,6 @@ __all__ = ["MigrationResult", "migrate"]
 
 #: How long the clean-up after a migration (failed, cancelled or not) may take.
 CLEANUP_TIMEOUT_S: Final = 60.0
-
-T = TypeVar("T")
-U = TypeVar("U")
 
 
 class MigrationResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -81,28 +80,40 @@ async def migrate(
     and finalized as a failure first, so the guest keeps running on the source;
     should it have completed meanwhile, it is finalized as a success instead.
     """
-    info, before = await _both(
-        source.call("migration.info", {"name": name}),
-        source.call("instance.info", {"name": name}),
-    )
-    runtime: str = info["runtime"]
-    accept: dict[str, Any] = {
-        "spec": info["spec"],
-        "runtime": runtime,
-        "address": address,
-        "port": port,
-    }
-    if capabilities is not None:
-        accept["capabilities"] = list(capabilities)
-    accepted = await target.call("migration.accept", accept)
-    steps = _Steps(source, target, name, runtime, resume=before["state"] == "running")
-    subscription = None
-    completed = False
-    try:
+    subscription: int | None = None
+
+    async def subscribe() -> None:
+        nonlocal subscription
         subscribed = await source.call(
             "events.subscribe", {"instances": [name], "kinds": ["migration.progress"]}
         )
         subscription = subscribed["subscription"]
+
+    try:
+        # The subscription now, beside the first requests: its round trip is off the
+        # migration's path (nothing is published before ``migration.start``).
+        info, before, _ = await _gather(
+            source.call("migration.info", {"name": name}),
+            source.call("instance.info", {"name": name}),
+            subscribe(),
+        )
+        runtime: str = info["runtime"]
+        accept: dict[str, Any] = {
+            "spec": info["spec"],
+            "runtime": runtime,
+            "address": address,
+            "port": port,
+        }
+        if capabilities is not None:
+            accept["capabilities"] = list(capabilities)
+        accepted = await target.call("migration.accept", accept)
+    except BaseException:
+        await _unsubscribe(source, subscription)
+        raise
+    assert subscription is not None
+    steps = _Steps(source, target, name, runtime, resume=before["state"] == "running")
+    completed = False
+    try:
         start: dict[str, Any] = {"name": name, "target": address, "port": accepted["port"]}
         for key, value in (
             ("live", live),
@@ -148,19 +159,28 @@ async def migrate(
     )
 
 
-async def _both(first: Awaitable[T], second: Awaitable[U]) -> tuple[T, U]:
-    """The results of `first` and `second`, awaited at once (the requests go out
-    together); if one fails, the other is cancelled."""
-    results: list[Any] = [None, None]
+async def _gather(*calls: Awaitable[Any]) -> list[Any]:
+    """The results of `calls`, awaited at once (the requests go out together).
 
-    async def run(index: int, awaitable: Awaitable[Any]) -> None:
-        results[index] = await awaitable
+    Each runs to its end even when another fails (so that what one did is known, and
+    can be undone); then the first failure, in the order of `calls`, is raised.
+    """
+    results: list[Any] = [None] * len(calls)
+    failures: list[Exception | None] = [None] * len(calls)
 
-    with ungrouped():
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(run, 0, first)
-            tg.start_soon(run, 1, second)
-    return results[0], results[1]
+    async def run(index: int, call: Awaitable[Any]) -> None:
+        try:
+            results[index] = await call
+        except Exception as error:
+            failures[index] = error
+
+    async with anyio.create_task_group() as tg:
+        for index, call in enumerate(calls):
+            tg.start_soon(run, index, call)
+    for failure in failures:
+        if failure is not None:
+            raise failure
+    return results
 
 
 async def _unsubscribe(source: RPCClient, subscription: int | None) -> None:
@@ -222,15 +242,21 @@ class _Steps:
         self.resume = resume
 
     async def take_over(self) -> Any:
-        """Finalize a completed migration; the instance as the target runs it.
-
-        The target first: the source's QEMU ends only once the target owns the guest.
-        """
-        instance = await self.target.call(
-            "migration.finalize_target",
-            {"name": self.name, "runtime": self.runtime, "success": True, "resume": self.resume},
+        """Finalize a completed migration, both ends at once; the instance as the target
+        runs it. Each end is finalized even if the other fails (the target's failure is
+        raised first: its guest runs there, to be finalized again)."""
+        instance, _ = await _gather(
+            self.target.call(
+                "migration.finalize_target",
+                {
+                    "name": self.name,
+                    "runtime": self.runtime,
+                    "success": True,
+                    "resume": self.resume,
+                },
+            ),
+            self.source.call("migration.finalize_source", {"name": self.name, "success": True}),
         )
-        await self.source.call("migration.finalize_source", {"name": self.name, "success": True})
         return instance
 
     async def give_back(self) -> None:

@@ -24,8 +24,9 @@ from core.conftest import guest_spec
 from engine.conftest import EngineDaemon
 from helpers import POLL_INTERVAL_S
 
-from protocols.jsonrpc import RPCClient, RPCConnectionLostError
+from protocols.jsonrpc import RPCClient, RPCConnectionLostError, RPCError
 from supervisor.control.migrate import migrate
+from supervisor.model.api import MigrationStatus
 from supervisor.model.config import Config
 
 from .conftest import heartbeats, two_daemons, wait_heartbeat
@@ -139,6 +140,43 @@ async def test_a_target_daemon_killed_after_completed_adopts_the_guest_after_res
         assert owned["pid"] == info["pid"]
         await assert_carried_on(started, owned, last, source_node, target_node)
         assert await source.call("instance.list") == []
+
+
+async def test_migrate_ends_the_source_even_when_the_target_daemon_dies_at_completion(
+    daemons: tuple[EngineDaemon, EngineDaemon],
+) -> None:
+    """`migrate()` finalizes both ends at once: a target daemon killed the moment the
+    migration completed fails the call, yet the source's QEMU (``postmigrate``: it never
+    runs the guest again) is ended and its runtime removed. The guest runs at the target,
+    whose restarted daemon adopts it for the ``finalize_target`` the caller retries."""
+    source_node, target_node = daemons
+    async with client(source_node) as source, client(target_node) as target:
+        started = await start_guest(source)
+        # What migrate() passes on; the caller's retry of finalize_target needs it.
+        runtime = (await source.call("migration.info", {"name": "vm"}))["runtime"]
+
+        last_seen: list[int] = []
+
+        def kill_target_at_completion(status: MigrationStatus) -> None:
+            if status.status == "completed":
+                # The source's guest has stopped: its last heartbeat is final.
+                last_seen.extend(heartbeats(Path(started["serial_log"]))[-1:])
+                target_node.kill()
+
+        with pytest.raises((RPCConnectionLostError, RPCError)):
+            await migrate(source, target, "vm", on_progress=kill_target_at_completion)
+        (last,) = last_seen
+        assert await source.call("instance.list") == []
+        assert copies(started["uuid"], source_node) == []
+        assert not (source_node.state_dir / "instances" / "vm").exists()
+    async with client(target_node) as target:
+        adopted = await answer_when(target, "instance.info", lambda i: i["state"] != "starting")
+        assert (adopted["state"], adopted["qemu_status"]) == ("running", "running")
+        owned = await target.call(
+            "migration.finalize_target", {"name": "vm", "runtime": runtime, "success": True}
+        )
+        assert owned["pid"] == adopted["pid"]
+        await assert_carried_on(started, owned, last, source_node, target_node)
 
 
 @pytest.mark.parametrize("point", ["pid-record", "startup-steps", "migrate-incoming", "accept-end"])
