@@ -337,7 +337,9 @@ class Instance:
                         await startup(client)
                     else:
                         await self.refresh_status()
-                    await self._read_sizes(client)
+                    if self.state != S.INCOMING:
+                        # An incoming guest's sizes come with it (`read_sizes` then).
+                        await self.read_sizes(client)
                     if start_scope is not None:
                         start_scope.deadline = math.inf
                     started = True
@@ -442,7 +444,7 @@ class Instance:
         elif event.name == "GUEST_PANICKED":
             self.log.error("guest panicked", **event.data)
 
-    async def _read_sizes(self, client: qmp.QMPClient) -> None:
+    async def read_sizes(self, client: qmp.QMPClient) -> None:
         """Memory and vCPUs as QEMU reports them; BALLOON_CHANGE events keep memory current."""
         self.vcpus_seen = len(await client.execute("query-cpus-fast"))
         try:

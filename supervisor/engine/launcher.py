@@ -7,8 +7,8 @@ its own session; the `Launcher.startup_steps` then run over QMP (passwords, CPU
 pinning, balloon, ``cont``) and mark the record complete. `Launcher.release` gives
 everything back after QEMU exits.
 
-Blocking work runs in anyio's worker threads: record saves (fsync) and uid-pool
-requests (a scan of ``/proc``).
+Blocking work runs in anyio's worker threads: record saves (a write may wait for a
+busy disk) and uid-pool requests (a scan of ``/proc``).
 
 The daemon binds QEMU's QMP socket itself and hands QEMU the listening descriptor,
 so the QMP connection is made the moment QEMU is spawned: no waiting for the
@@ -328,8 +328,8 @@ class Launcher:
         finally:
             close_taps(taps)
         started = msgspec.structs.replace(intent, pid=process.pid)
-        # `starting` from the spawn on, not from the save below (a worker thread's fsync,
-        # slow on a busy disk): whoever sees this QEMU sees its instance alive.
+        # `starting` from the spawn on, not from the save below (in a worker thread, slow
+        # on a busy disk): whoever sees this QEMU sees its instance alive.
         instance.record = started
         instance.started_at = started.started_at
         instance.set_state(InstanceState.STARTING, "start requested", pid=process.pid)

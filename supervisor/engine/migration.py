@@ -307,6 +307,11 @@ class _Outgoing:
         #: Why the task following the migration ended early (its monitor lost).
         self.error: str | None = None
 
+    @property
+    def completed(self) -> bool:
+        """Whether the migration ended completed (the guest runs on the target)."""
+        return self.done.is_set() and self.status.status == "completed"
+
 
 class Migrations:
     """The ``migration.*`` operations of one `Supervisor` (``sup.migrations``).
@@ -420,8 +425,8 @@ class Migrations:
                     noted = OutgoingMigration(uri=job.uri, live=job.live, resume=job.resume)
                     with ungrouped():
                         async with anyio.create_task_group() as setting_up:
-                            # Saved (its fsync beside QEMU's set-up) before ``migrate``: a
-                            # daemon killed from then on finds it.
+                            # Saved (beside QEMU's set-up) before ``migrate``: a daemon
+                            # killed from then on finds it.
                             setting_up.start_soon(_note_outgoing, instance, noted)
                             await _enable_capabilities(
                                 client, job.capabilities, field=job.capabilities_field
@@ -650,15 +655,22 @@ class Migrations:
                     name=name,
                 )
             if success:
-                await self._end_migrated(instance)
+                await self._end_migrated(instance, completed=job is not None and job.completed)
             elif instance.alive:
                 await self._end_failed(instance, resume=job.resume if job else live)
             self._outgoing.pop(name, None)
 
-    async def _end_migrated(self, instance: Instance) -> None:
+    async def _end_migrated(self, instance: Instance, *, completed: bool = False) -> None:
+        """End the QEMU whose guest went to the target, and remove its runtime.
+
+        Unless the migration this daemon followed `completed` (QEMU, once it has given
+        its final figures, is ``postmigrate``), QEMU is asked first.
+        """
         name = instance.name
         if instance.alive:
-            qemu_status = await _qemu_status(instance.require_running())
+            qemu_status = (
+                "postmigrate" if completed else await _qemu_status(instance.require_running())
+            )
             if qemu_status != "postmigrate":
                 raise MigrationError(
                     f"QEMU of {name!r} is {qemu_status}, not postmigrate: the migration did not"
@@ -785,15 +797,18 @@ class Migrations:
                 await _execute(client, "migrate-set-parameters", {"tls-creds": tls_creds})
             await _execute(client, "migrate-incoming", {"uri": uri})
             port = _bound_port(await _execute(client, "query-migrate"))
-            # In `inmigrate`, `cont` means "run once the guest has arrived": the guest of a
-            # live migration runs on the moment it switches over (one paused on its source
-            # stays paused: QEMU migrates the run state too).
-            await _execute(client, "cont")
-            # Only now: a daemon killed before this finds the accept interrupted (nobody
-            # got the port) and, restarted, stops this QEMU (`_adopt_incoming`).
             record = instance.record
             assert record is not None
-            await self._sup.launcher.complete(instance, record)
+            with ungrouped():
+                async with anyio.create_task_group() as finishing:
+                    # In `inmigrate`, `cont` means "run once the guest has arrived": the
+                    # guest of a live migration runs on the moment it switches over (one
+                    # paused on its source stays paused: QEMU migrates the run state too).
+                    finishing.start_soon(_execute, client, "cont")
+                    # Only now: a daemon killed before this finds the accept interrupted
+                    # (nobody got the port) and, restarted, stops this QEMU
+                    # (`_adopt_incoming`).
+                    await self._sup.launcher.complete(instance, record)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await instance.stop(force=True, timeout_s=0, reason=MIGRATION_FAILED)
@@ -855,8 +870,9 @@ class Migrations:
         owned = msgspec.structs.replace(record, incoming=False, start_completed=True)
         with ungrouped():
             async with anyio.create_task_group() as finishing:
-                # QEMU's part beside the record's save (and its fsync).
+                # QEMU's part beside the record's save.
                 finishing.start_soon(_clear_capabilities, client)
+                finishing.start_soon(instance.read_sizes, client)
                 with host_io_errors(f"finalize of {instance.name!r}", instance.paths.directory):
                     await store_record(owned.paths.runtime_record, owned)
         instance.record = owned

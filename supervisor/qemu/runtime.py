@@ -5,9 +5,16 @@ starts it again unchanged on reboot, or hands it to the migration target. The
 `RuntimeRecord` is ours: versioned, typed, with the NIC and disk plans of the command
 line, the capability fingerprint of the QEMU that ran it, and what the host leased for
 it (display port, uid). It is JSON: `save_record` writes it atomically (temporary file,
-fsync, rename, fsync of the directory; `store_record` does it in a worker thread),
-`load_record` reads it, and `encode_record` /
-`decode_record` give the string sent to a migration target.
+rename; `store_record` does it in a worker thread), `load_record` reads it, and
+`encode_record` / `decode_record` give the string sent to a migration target.
+
+A record must outlive the daemon (killed at any point), not the host: it describes a
+running QEMU, which a host crash ends too. So it is not fsynced (libvirt's domain
+status files and Ganeti's runtime files live on ``/run``, a tmpfs, for the same
+reason): once renamed, it is what every process reads; after a host crash a record
+that lost its last save names a QEMU that is gone, or cannot be read (the daemon logs
+that and goes on). An fsync would cost every start and migration disk flushes (tens of
+ms on a busy disk) for nothing a restart needs.
 
 Bad input never crashes: a corrupt or truncated record, one from a future version, or
 Ganeti's own runtime file each raise `RuntimeRecordError`, naming the file (or source)
@@ -236,13 +243,13 @@ def _ganeti_refusal(value: list[Any]) -> str:
 
 
 def save_record(path: Path, record: RuntimeRecord) -> None:
-    """Write `record` to `path` atomically: a crash leaves the old file or the new one.
+    """Write `record` to `path` atomically: a reader, or a daemon killed meanwhile,
+    sees the old file or the new one (not fsynced: see the module's docstring).
 
-    The data goes to a temporary file in the same directory, is fsynced, renamed over
-    `path`, and the directory is fsynced so the rename itself survives a crash. Nothing
-    is written through a symlink: the temporary file is created new (``O_EXCL``, never a
-    file planted there) and changed through its descriptor only, and the rename replaces
-    a symlink at `path` rather than following it.
+    The data goes to a temporary file in the same directory, renamed over `path`.
+    Nothing is written through a symlink: the temporary file is created new
+    (``O_EXCL``, never a file planted there) and changed through its descriptor only,
+    and the rename replaces a symlink at `path` rather than following it.
     """
     directory = path.parent
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
@@ -252,21 +259,16 @@ def save_record(path: Path, record: RuntimeRecord) -> None:
             file.write(b"\n")
             file.flush()
             os.fchmod(file.fileno(), 0o640)
-            os.fsync(file.fileno())
         os.rename(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
-    directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(directory_fd)
-    finally:
-        os.close(directory_fd)
 
 
 async def store_record(path: Path, record: RuntimeRecord) -> None:
-    """`save_record` in one of anyio's worker threads: its fsyncs may block for long.
+    """`save_record` in one of anyio's worker threads: a write may block on a busy disk
+    (the kernel throttles writers when too much is waiting to be written back).
 
     Not interrupted by cancellation: when it returns or raises, the record is saved or
     the old file is in place, as with `save_record`.

@@ -1,4 +1,4 @@
-"""Blocking file-system work (record fsyncs, uid-pool scans of /proc) runs off the event loop."""
+"""Blocking file-system work (record saves, uid-pool scans of /proc) runs off the event loop."""
 
 from __future__ import annotations
 
@@ -27,20 +27,20 @@ async def test_record_saves_and_uid_pool_scans_run_in_worker_threads(
     bare_config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: Counter[tuple[str, bool]] = Counter()
-    fsync, uids_in_use = os.fsync, uidpool.uids_in_use
+    rename, uids_in_use = os.rename, uidpool.uids_in_use
 
     def on_loop() -> bool:
         return threading.current_thread() is threading.main_thread()
 
-    def watched_fsync(fd: int) -> None:
-        calls["fsync", on_loop()] += 1
-        fsync(fd)
+    def watched_rename(source: str, destination: str) -> None:
+        calls["rename", on_loop()] += 1
+        rename(source, destination)
 
     def watched_scan() -> set[int]:
         calls["uids_in_use", on_loop()] += 1
         return uids_in_use()
 
-    monkeypatch.setattr(os, "fsync", watched_fsync)
+    monkeypatch.setattr(os, "rename", watched_rename)
     monkeypatch.setattr(uidpool, "uids_in_use", watched_scan)
     config = msgspec.structs.replace(bare_config, uid_pool=["64010-64011"])
     spec = {"name": "w1", "memory_mib": 64, "hvparams": {"security_model": "pool"}}
@@ -53,5 +53,5 @@ async def test_record_saves_and_uid_pool_scans_run_in_worker_threads(
         with pytest.raises(SupervisorError):
             await sup.start(decode_spec(bad))
         await sup.cleanup("w1")
-    assert calls["fsync", False] and calls["uids_in_use", False], calls
-    assert not calls["fsync", True] and not calls["uids_in_use", True], calls
+    assert calls["rename", False] and calls["uids_in_use", False], calls
+    assert not calls["rename", True] and not calls["uids_in_use", True], calls

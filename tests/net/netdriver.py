@@ -347,7 +347,11 @@ async def embedded() -> dict[str, Any]:
             try:
                 await sup.start(doomed, paused=True)
             except HypervisorError as error:
-                found["doomed"] = {"code": error.code, "message": str(error), "stderr": error.stderr}
+                found["doomed"] = {
+                    "code": error.code,
+                    "message": str(error),
+                    "stderr": error.stderr,
+                }
             found["after_doomed"] = snapshot()
     finally:
         kill_leftover_qemus(workdir)
