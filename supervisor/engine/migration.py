@@ -165,22 +165,34 @@ async def _execute(
     client: qmp.QMPClient, command: str, arguments: Mapping[str, Any] | None = None
 ) -> Any:
     """A QMP command of a migration; QEMU's refusal is a `MigrationError` quoting it."""
+    (result,) = await _execute_in_order(client, (command, arguments))
+    return result
+
+
+async def _execute_in_order(
+    client: qmp.QMPClient, *commands: tuple[str, Mapping[str, Any] | None]
+) -> list[Any]:
+    """QMP commands of a migration sent at once (`QMPClient.execute_in_order`): their
+    results; the first refusal is a `MigrationError` quoting it."""
     try:
-        return await client.execute(command, arguments)
+        return await client.execute_in_order(commands)
     except qmp.ExecuteError as error:
         raise MigrationError(
-            f"{command}: {error.desc}", command=command, **{"class": error.error_class}
+            f"{error.command}: {error.desc}",
+            command=error.command,
+            **{"class": error.error_class},
         ) from None
     except qmp.QMPTimeoutError as error:
-        raise OperationTimeout(f"{command} during a migration", error.timeout) from None
+        raise OperationTimeout(f"{error.command} during a migration", error.timeout) from None
     except qmp.QMPError as error:
-        raise MigrationError(f"{command}: QEMU's monitor failed: {error}") from None
+        names = ", ".join(command for command, _ in commands)
+        raise MigrationError(f"{names}: QEMU's monitor failed: {error}") from None
 
 
-async def _enable_capabilities(client: qmp.QMPClient, names: Sequence[str], *, field: str) -> None:
-    """Turn `names` on, after checking this QEMU has them (`InvalidConfigError` naming
-    the first it lacks, under `field`). `ALWAYS_ON` are not checked: every QEMU we run
-    has them (since 2.5), and asking costs a round trip on a migration's path."""
+async def _check_capabilities(client: qmp.QMPClient, names: Sequence[str], *, field: str) -> None:
+    """`InvalidConfigError`, naming `field`, for the first of `names` this QEMU lacks.
+    `ALWAYS_ON` are not checked: every QEMU we run has them (since 2.5), and asking
+    costs a round trip on a migration's path."""
     if not set(names) <= set(ALWAYS_ON):
         known = msgspec.convert(
             await _execute(client, "query-migrate-capabilities"), list[_Capability]
@@ -193,8 +205,12 @@ async def _enable_capabilities(client: qmp.QMPClient, names: Sequence[str], *, f
                     f"{name!r} is not a migration capability of this QEMU"
                     f" (it knows {', '.join(known_names)})",
                 )
+
+
+def _set_capabilities(names: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """The command that turns `names` on."""
     states = [{"capability": name, "state": True} for name in names]
-    await _execute(client, "migrate-set-capabilities", {"capabilities": states})
+    return "migrate-set-capabilities", {"capabilities": states}
 
 
 async def _clear_capabilities(client: qmp.QMPClient) -> None:
@@ -428,7 +444,7 @@ class Migrations:
                             # Saved (beside QEMU's set-up) before ``migrate``: a daemon
                             # killed from then on finds it.
                             setting_up.start_soon(_note_outgoing, instance, noted)
-                            await _enable_capabilities(
+                            await _check_capabilities(
                                 client, job.capabilities, field=job.capabilities_field
                             )
                             tls = self._sup.config.migration_tls_x509_dir
@@ -436,7 +452,12 @@ class Migrations:
                                 **job.parameters,
                                 "tls-creds": await _tls_creds(client, tls, "client"),
                             }
-                            await _execute(client, "migrate-set-parameters", parameters)
+                            # Both settings at once (a failure is undone either way).
+                            await _execute_in_order(
+                                client,
+                                _set_capabilities(job.capabilities),
+                                ("migrate-set-parameters", parameters),
+                            )
                             if not job.live and await _qemu_status(client) == "running":
                                 await _execute(client, "stop")
                                 stopped = True
@@ -791,24 +812,27 @@ class Migrations:
         this fails."""
         try:
             client = instance.require_running()
-            await _enable_capabilities(client, capabilities, field=field)
+            await _check_capabilities(client, capabilities, field=field)
             tls_creds = await _tls_creds(client, self._sup.config.migration_tls_x509_dir, "server")
-            if tls_creds:  # this QEMU was just started: it has no ``tls-creds`` otherwise
-                await _execute(client, "migrate-set-parameters", {"tls-creds": tls_creds})
-            await _execute(client, "migrate-incoming", {"uri": uri})
-            port = _bound_port(await _execute(client, "query-migrate"))
+            # Sent at once: should one fail, this QEMU is stopped whatever the others did.
+            *_, listening, _ = await _execute_in_order(
+                client,
+                _set_capabilities(capabilities),
+                # This QEMU was just started: it has no ``tls-creds`` unless given here.
+                *([("migrate-set-parameters", {"tls-creds": tls_creds})] if tls_creds else []),
+                ("migrate-incoming", {"uri": uri}),
+                ("query-migrate", None),
+                # In `inmigrate`, `cont` means "run once the guest has arrived": the guest
+                # of a live migration runs on the moment it switches over (one paused on
+                # its source stays paused: QEMU migrates the run state too).
+                ("cont", None),
+            )
+            port = _bound_port(listening)
             record = instance.record
             assert record is not None
-            with ungrouped():
-                async with anyio.create_task_group() as finishing:
-                    # In `inmigrate`, `cont` means "run once the guest has arrived": the
-                    # guest of a live migration runs on the moment it switches over (one
-                    # paused on its source stays paused: QEMU migrates the run state too).
-                    finishing.start_soon(_execute, client, "cont")
-                    # Only now: a daemon killed before this finds the accept interrupted
-                    # (nobody got the port) and, restarted, stops this QEMU
-                    # (`_adopt_incoming`).
-                    await self._sup.launcher.complete(instance, record)
+            # Only now: a daemon killed before this finds the accept interrupted (nobody
+            # got the port) and, restarted, stops this QEMU (`_adopt_incoming`).
+            await self._sup.launcher.complete(instance, record)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await instance.stop(force=True, timeout_s=0, reason=MIGRATION_FAILED)

@@ -80,6 +80,41 @@ async def test_100_concurrent_calls_each_get_their_own_reply(paused_qemu: Paused
             assert outcome["qemu"]["major"] == 7
 
 
+async def test_commands_sent_at_once_run_in_their_order(paused_qemu: PausedQemu) -> None:
+    """``execute_in_order``: QEMU runs them as sent, so each query sees the command
+    before it; the replies come back to their commands."""
+    async with connect(paused_qemu.qmp_path) as qmp:
+        replies = await qmp.execute_in_order(
+            [
+                ("cont", None),
+                ("query-status", None),
+                ("stop", None),
+                ("query-status", None),
+                ("query-version", None),
+            ]
+        )
+    assert [reply.get("status") for reply in replies[:4]] == [None, "running", None, "paused"]
+    assert replies[4]["qemu"]["major"] == 7
+
+
+async def test_a_failing_command_sent_at_once_stops_nothing_after_it(
+    paused_qemu: PausedQemu,
+) -> None:
+    """Each command runs whatever became of the ones before it; the first failure is
+    raised once every reply is in, and the connection serves on."""
+    async with connect(paused_qemu.qmp_path) as qmp:
+        with pytest.raises(ExecuteError) as failed:
+            await qmp.execute_in_order(
+                [("stop", {"bogus": 1}), ("no-such-command", None), ("cont", None)]
+            )
+        assert (failed.value.command, failed.value.error_class) == ("stop", "GenericError")
+        assert (await qmp.execute("query-status"))["status"] == "running"
+        with sigstopped(paused_qemu), pytest.raises(QMPTimeoutError) as late:
+            await qmp.execute_in_order([("query-status", None)] * 3, timeout=0.2)
+        assert late.value.command == "query-status"
+        assert (await qmp.execute("query-status"))["running"] is True
+
+
 async def test_errors_carry_qemus_class_and_description(paused_qemu: PausedQemu) -> None:
     async with connect(paused_qemu.qmp_path) as qmp:
         with pytest.raises(ExecuteError) as not_found:

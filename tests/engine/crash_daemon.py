@@ -9,8 +9,9 @@ The daemon dies exactly as under ``kill -9`` (no clean-up code runs), at:
   and still in ``-S``, never continued;
 - ``migrate-incoming``: when ``migration.accept`` is about to send ``migrate-incoming``,
   i.e. the incoming QEMU is started (``incoming``) and listens nowhere yet;
-- ``accept-end``: when ``migration.accept`` is about to send its last command (``cont``),
-  i.e. the incoming QEMU listens and nobody got its port.
+- ``accept-end``: once QEMU has answered ``migrate-incoming`` and the commands sent with
+  it, before ``migration.accept`` saves the record that completes it, i.e. the incoming
+  QEMU listens and nobody got its port.
 """
 
 from __future__ import annotations
@@ -50,26 +51,30 @@ def _crash_at_startup_steps() -> None:
     launcher.pin_vcpus = crashing_pin  # type: ignore[assignment]
 
 
-def _crash_at_migration_command(name: str) -> None:
-    """Crash where the migration engine is about to send QMP command `name`."""
+def _crash_around_migration_command(name: str, *, after: bool) -> None:
+    """Crash where the migration engine is about to send QMP command `name` (with the
+    commands sent at once with it), or, `after`, once QEMU has answered them."""
     from supervisor.engine import migration
 
-    execute = migration._execute
+    execute_in_order = migration._execute_in_order
 
-    async def crashing_execute(client: Any, command: str, arguments: Any = None) -> Any:
-        if command == name:
+    async def crashing_execute_in_order(client: Any, *commands: Any) -> Any:
+        named = any(command == name for command, _ in commands)
+        if named and not after:
             _die()
-        return await execute(client, command, arguments)
+        results = await execute_in_order(client, *commands)
+        if named:
+            _die()
+        return results
 
-    migration._execute = crashing_execute
+    migration._execute_in_order = crashing_execute_in_order
 
 
 POINTS = {
     "pid-record": _crash_at_pid_record,
     "startup-steps": _crash_at_startup_steps,
-    "migrate-incoming": lambda: _crash_at_migration_command("migrate-incoming"),
-    # The target daemon runs nothing but the accept: its only `cont` is the accept's.
-    "accept-end": lambda: _crash_at_migration_command("cont"),
+    "migrate-incoming": lambda: _crash_around_migration_command("migrate-incoming", after=False),
+    "accept-end": lambda: _crash_around_migration_command("migrate-incoming", after=True),
 }
 
 if __name__ == "__main__":
