@@ -111,7 +111,7 @@ from supervisor.engine.launcher import launch_argv
 from supervisor.model.api import MigrationStatus
 
 SIZES_MIB = (96, 256)
-ROUNDS = 7
+ROUNDS = 21
 WARMUP = 1
 #: 0: no limit (QEMU's default is a limit of 128 MiB/s; libvirt's, none).
 BANDWIDTH_MIB_S = 0
