@@ -79,10 +79,10 @@ def test_a_failed_save_keeps_the_old_record(
     path = tmp_path / "runtime.json"
     save_record(path, record)
 
-    def broken_fsync(fd: int) -> None:
+    def broken_fchmod(fd: int, mode: int) -> None:  # fails once the new data is written
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(os, "fsync", broken_fsync)
+    monkeypatch.setattr(os, "fchmod", broken_fchmod)
     with pytest.raises(OSError, match="Input/output error"):
         save_record(path, msgspec.structs.replace(record, pid=1))
     monkeypatch.undo()
