@@ -48,6 +48,7 @@ from supervisor.model.hvparams import HvParams, parse_cpu_mask, resolve_hvparams
 from supervisor.model.spec import InstanceSpec, assign_macs, ensure_uuid
 from supervisor.model.states import InstanceState
 from supervisor.model.validation import check_host_basics, check_syntax, raise_first
+from supervisor.net.netlink import Link
 from supervisor.net.nics import (
     SWITCHED_MODES,
     Networking,
@@ -134,6 +135,9 @@ class Launcher:
         self._leased_ports: dict[str, int] = {}
         #: The MACs of the starts under way (prepared, not yet alive), by instance.
         self._leased_macs: dict[str, frozenset[str]] = {}
+        #: The Linux bridges the host check of a start under way found, by instance,
+        #: for its NICs' set-up (one start per instance at a time: the operation lock).
+        self._checked_bridges: dict[str, dict[str, Link]] = {}
         self.network = Networking(
             ovsdb_socket=config.ovsdb_socket,
             hook=config.nic_hook,
@@ -219,7 +223,7 @@ class Launcher:
             nics = tuple(with_tap_names(command.nics, spec.uuid, state_dir=self._tap_scope))
             command = msgspec.structs.replace(command, nics=nics)
             self._leased_macs[spec.name] = frozenset(nic.mac for nic in nics)
-            await self.network.check_host(nics)
+            self._checked_bridges[spec.name] = await self.network.check_host(nics)
             if hv.use_chroot:
                 create_chroot(paths.chroot)
         except BaseException:
@@ -363,6 +367,7 @@ class Launcher:
             instance=record.name,
             tags=record.spec.tags,
             modes=SWITCHED_MODES if record.incoming else None,
+            bridges=self._checked_bridges.pop(record.name, None),
         )
 
     def release_record(self, record: RuntimeRecord) -> None:
@@ -482,6 +487,7 @@ class Launcher:
     def _release_leases(self, name: str, uid: int | None) -> None:
         self._leased_ports.pop(name, None)
         self._leased_macs.pop(name, None)
+        self._checked_bridges.pop(name, None)
         if uid is not None and self.uid_pool is not None:
             self.uid_pool.release(uid, owner=name)
 

@@ -3,13 +3,13 @@
 The order of a start is::
 
     plans = with_tap_names(plans, uuid, state_dir=...)  # kept in the runtime record
-    await network.check_host(plans)           # before QEMU: refuse early, change nothing
+    bridges = await network.check_host(plans) # before QEMU: refuse early, change nothing
     taps = open_taps(plans)                   # fds for QEMU's -netdev tap,fd=/fds=
     try:
         ...spawn QEMU with pass_fds=every tap's fds...
     finally:
         close_taps(taps)                      # QEMU holds its own copies now
-    await network.set_up(plans)               # before `cont` (a migration target:
+    await network.set_up(plans, bridges=bridges)  # before `cont` (a migration target:
                                               # SWITCHED_MODES before, ROUTED_MODES at
                                               # its finalize)
     ...
@@ -26,7 +26,7 @@ device.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Final, Literal
 
@@ -147,16 +147,18 @@ class Networking:
         async with ovs.connect_ovsdb(self.ovsdb_socket, timeout_s=self.ovsdb_timeout_s) as db:
             yield db
 
-    async def check_host(self, plans: Sequence[NicPlan]) -> None:
-        """Refuse, before anything is created, NICs this host cannot set up.
+    async def check_host(self, plans: Sequence[NicPlan]) -> dict[str, Link]:
+        """Refuse, before anything is created, NICs this host cannot set up; the Linux
+        bridges of the bridged NICs, by name (`set_up` need not look them up again).
 
         Checks ``/dev/net/tun``, every bridged NIC's bridge (exists, is a bridge,
         carries its VLAN), every routed NIC's table and, for IPv6, the uplink its proxy
         NDP entry goes on, and every Open vSwitch NIC's bridge (Open vSwitch running,
         the bridge in its database). Changes nothing.
         """
+        bridges: dict[str, Link] = {}
         if not plans:
-            return
+            return bridges
         # A stat in devtmpfs never waits for a disk: no worker thread needed.
         if not os.path.exists(TUN_DEVICE):  # noqa: ASYNC240
             raise NetworkError(TUN_DEVICE, "no tun device: the kernel needs the tun module")
@@ -166,13 +168,14 @@ class Networking:
                 if plan.mode == "bridged":
                     bridge = (plan.link, plan.vlan is not None)
                     if bridge not in checked:
-                        await bridged.check(netlink, plan)
+                        bridges[plan.link or ""] = await bridged.check(netlink, plan)
                         checked.add(bridge)
                 elif plan.mode == "routed":
                     await routed.check(netlink, plan)
                 else:
                     assert db is not None
                     await _check_ovs_bridge(db, plan)
+        return bridges
 
     async def set_up(
         self,
@@ -181,21 +184,24 @@ class Networking:
         instance: str,
         tags: Sequence[str] = (),
         modes: Collection[str] | None = None,
+        bridges: Mapping[str, Link] | None = None,
     ) -> None:
         """Connect every NIC's (open) tap as its mode says, then run the hook for it; on
         failure or cancellation undo it all (`tear_down`, shielded) and re-raise the
         failure (a teardown failure on the way is logged: the first cause is the one to
         report). With `modes`, only the NICs of those modes (`SWITCHED_MODES`,
-        `ROUTED_MODES`)."""
+        `ROUTED_MODES`). `bridges` are those `check_host` just found (others are looked
+        up): a bridge deleted since fails the join, as one deleted after a lookup here
+        would."""
         if modes is not None:
             plans = [plan for plan in plans if plan.mode in modes]
         if not plans:
             return
         try:
             async with Netlink() as netlink, self._ovsdb(plans) as db:
-                bridges: dict[str, Link] = {}  # each looked up once per batch
+                found = dict(bridges or {})  # each looked up once per batch
                 for plan in plans:
-                    await _set_up_one(netlink, db, plan, bridges)
+                    await _set_up_one(netlink, db, plan, found)
                     await self._run_hook("up", plan, instance, tags)
         except BaseException:
             try:

@@ -182,10 +182,10 @@ async def ours_cycle(network: nics.Networking, instance_plans: list[NicPlan]) ->
     """The NICs of one instance set up and torn down the engine's way."""
     started = time.perf_counter()
     plans = nics.with_tap_names(instance_plans, CYCLE_UUID, state_dir=STATE_DIR)
-    await network.check_host(plans)
+    bridges = await network.check_host(plans)
     taps = nics.open_taps(plans)
     try:
-        await network.set_up(plans, instance="bench")
+        await network.set_up(plans, instance="bench", bridges=bridges)
     finally:
         set_up = time.perf_counter()
         nics.close_taps(taps)  # in the engine, QEMU's exit: the kernel deletes the tap

@@ -112,15 +112,40 @@ async def bridged() -> dict[str, Any]:
     )
 
     async def body() -> dict[str, Any]:
-        await NETWORK.check_host(plans)
-        await NETWORK.set_up(plans, instance="vm1")
+        bridges = await NETWORK.check_host(plans)
+        await NETWORK.set_up(plans, instance="vm1", bridges=bridges)
         ports = bridge_ports("br0")
         up = ["UP" in ip("-o", "link", "show", p.tap or "").split(">")[0] for p in plans]
         await NETWORK.tear_down(plans, instance="vm1")
-        return {"ports": ports, "up": up, "ports_after_teardown": bridge_ports("br0")}
+        checked = {name: [link.index, link.mtu] for name, link in bridges.items()}
+        return {
+            "ports": ports,
+            "up": up,
+            "ports_after_teardown": bridge_ports("br0"),
+            "checked": checked,
+        }
 
     found = await with_open(plans, body)
-    return {**found, "names": [p.tap for p in plans], "links_after": links()}
+    # A bridge the check found, deleted (and made again: a new device) before the set-up.
+    bridges = await NETWORK.check_host(plans)
+    ip("link", "del", "br0")
+    ip("link", "add", "br0", "type", "bridge")
+    ip("link", "set", "br0", "mtu", "1450", "up")
+
+    async def stale() -> None:
+        try:
+            await NETWORK.set_up(plans, instance="vm1", bridges=bridges)
+        except NetworkError as error:
+            found["stale"] = error_of(error)
+        found["stale_ports"] = bridge_ports("br0")
+
+    await with_open(plans, stale)
+    return {
+        **found,
+        "names": [p.tap for p in plans],
+        "br0_index": int(ip("-o", "link", "show", "br0").split(":")[0]),
+        "links_after": links(),
+    }
 
 
 def routes(*table: str) -> list[str]:

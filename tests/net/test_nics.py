@@ -39,6 +39,14 @@ def test_bridged_ports_follow_the_bridge_mtu(netns: str) -> None:
         plain, with_mtu = found["names"]
         assert found["ports"] == {plain: 1450, with_mtu: 1400}
         assert found["up"] == [True, True]
+        # The bridge the host check found is the one the set-up joins.
+        (checked_index, checked_mtu) = found["checked"]["br0"]
+        assert checked_mtu == 1450 and checked_index != found["br0_index"]
+        # ... so a bridge deleted in between fails the join (the one made again since is
+        # another device), naming the tap, and nothing is left on the new one.
+        assert found["stale"]["code"] == 10 and found["stale"]["interface"] == plain
+        assert "cannot join bridge br0" in found["stale"]["message"]
+        assert found["stale_ports"] == {}
         # Teardown leaves the ports to the kernel: they go with the taps.
         assert found["links_after"] == ["br0", "lo"]
     assert "vlan_filtering 0" in ip("-n", netns, "-d", "link", "show", "br0")
