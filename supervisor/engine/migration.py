@@ -506,8 +506,20 @@ class Migrations:
             wait = asked + interval - anyio.current_time()
             if progress.figures_pending:
                 wait = FIGURES_RETRY_S
+            event = None
             with anyio.move_on_after(max(0.0, wait)):
-                await events.__anext__()  # ends with an error when QEMU goes away
+                event = await events.__anext__()  # ends with an error when QEMU goes away
+            if (
+                isinstance(event, qmp.QMPEvent)
+                and event.name == "MIGRATION_PASS"
+                and not progress.figures_pending
+            ):
+                # Not a change of status, and maybe the last pass, inside the switch-over:
+                # QEMU is not asked (`supervisor.qemu.migration_progress`), unless the
+                # interval's reading is due (passes may come faster than it).
+                job.status = progress.passed(int(event.data["pass"]))
+                if not _postcopy_due(job) and anyio.current_time() < asked + interval:
+                    continue
             asked = anyio.current_time()
             job.status = progress.update(await client.execute("query-migrate"), asked)
             if progress.finished:

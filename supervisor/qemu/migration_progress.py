@@ -18,6 +18,13 @@ QEMU's states, as ``query-migrate`` reports them::
 The stream is stalled when the bytes QEMU sent (``ram.transferred``) have not grown for
 ``stall_timeout_s`` while the migration is neither finished nor being cancelled.
 
+A dirty-sync pass (QEMU's ``MIGRATION_PASS`` event) is taken from the event itself
+(`MigrationProgress.passed`), without asking QEMU: QEMU sends one for its last pass too,
+after it has stopped the guest for the switch-over, while its migration thread holds
+the big lock; a ``query-migrate`` then, and the CPU the daemon spends on it and on the
+progress event it makes, would lengthen the guest's downtime. The figures of a pass wait
+for the next reading (each status change, each progress interval).
+
 QEMU sets a migration ``completed`` (and sends its ``MIGRATION`` event) a moment before
 its migration thread, waiting for the big lock, computes ``total-time`` and ``downtime``:
 an answer in between reads 0 for both. Such an answer is not the end yet
@@ -138,6 +145,11 @@ class MigrationProgress:
             self.figures_pending = now - self._completed_at < FIGURES_WAIT_S
         self.status = status
         return status
+
+    def passed(self, count: int) -> MigrationStatus:
+        """Take QEMU's ``MIGRATION_PASS`` event: `count` dirty-sync passes so far."""
+        self.status = msgspec.structs.replace(self.status, dirty_sync_count=count)
+        return self.status
 
     def stalled(self, now: float) -> bool:
         """Whether no byte has moved for ``stall_timeout_s`` up to `now`."""

@@ -1,0 +1,77 @@
+"""A dirty-sync pass is taken from QEMU's event, without asking QEMU anything.
+
+QEMU sends ``MIGRATION_PASS`` for its last pass too, once it has stopped the guest for
+the switch-over and while its migration thread holds the big lock: a ``query-migrate``
+then waits for that lock, and the daemon's work on it and on a progress event takes CPU
+from the two QEMUs; both lengthen the guest's downtime. The pass count comes from the
+event; the figures wait for the next reading.
+"""
+
+from __future__ import annotations
+
+import anyio
+import msgspec
+import pytest
+from core.conftest import guest_spec
+
+from supervisor.model.config import Config
+from supervisor.qemu.migration_progress import FINISHED, MigrationProgress
+
+from .conftest import two_daemons
+
+pytestmark = [pytest.mark.anyio]
+
+MIB = 1024 * 1024
+
+
+def test_a_pass_keeps_the_last_figures_with_its_count() -> None:
+    progress = MigrationProgress(stall_timeout_s=30.0, now=0.0)
+    ram = {"total": 96 * MIB, "remaining": 8 * MIB, "transferred": 70 * MIB, "dirty-sync-count": 1}
+    active = progress.update({"status": "active", "ram": ram, "expected-downtime": 9}, 1.0)
+    passed = progress.passed(2)
+    assert passed == msgspec.structs.replace(active, dirty_sync_count=2)
+    assert not progress.finished
+
+
+@pytest.mark.guest
+async def test_no_query_after_the_last_pass_until_completed(
+    configs: tuple[Config, Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the source's migration task took from QEMU, in order: after the last pass
+    (inside the switch-over) the next reading is the completed one."""
+    taken: list[str] = []
+    update, passed = MigrationProgress.update, MigrationProgress.passed
+
+    def watched_update(self: MigrationProgress, reply: dict[str, object], now: float) -> object:
+        status = update(self, reply, now)
+        taken.append(f"read {status.status}")
+        return status
+
+    def watched_passed(self: MigrationProgress, count: int) -> object:
+        taken.append("pass")
+        return passed(self, count)
+
+    monkeypatch.setattr(MigrationProgress, "update", watched_update)
+    monkeypatch.setattr(MigrationProgress, "passed", watched_passed)
+    async with two_daemons(configs) as (source, target):
+        await source.sup.start(guest_spec("vm"))
+        info = await source.call("migration.info", name="vm")
+        accepted = await target.call(
+            "migration.accept", spec=info["spec"], runtime=info["runtime"], address="127.0.0.1"
+        )
+        async with source.sup.events(instances=["vm"], kinds=["migration.progress"]) as events:
+            await source.call(
+                "migration.start", name="vm", target="127.0.0.1", port=accepted["port"]
+            )
+            with anyio.fail_after(60):
+                async for event in events:
+                    if event.data["status"] in FINISHED:
+                        break
+        assert event.data["status"] == "completed"
+        await target.call(
+            "migration.finalize_target", name="vm", runtime=info["runtime"], success=True
+        )
+        await source.call("migration.finalize_source", name="vm", success=True)
+    assert "pass" in taken, taken
+    last_pass = len(taken) - 1 - taken[::-1].index("pass")
+    assert taken[last_pass + 1 :] == ["read completed"], taken
