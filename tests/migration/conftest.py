@@ -26,6 +26,7 @@ from protocols.jsonrpc import RPCClient, connect_unix
 from supervisor import Supervisor
 from supervisor.control.server import serve_control
 from supervisor.model.config import Config
+from supervisor.qemu.migration_progress import FINISHED
 
 HEARTBEAT = re.compile(rb"KVS-HEARTBEAT (\d+)")
 #: Short, so the stall guard's test does not wait 30 s.
@@ -111,6 +112,22 @@ async def two_daemons(configs: tuple[Config, Config]) -> AsyncIterator[tuple[Dae
         source = await stack.enter_async_context(daemon(configs[0]))
         target = await stack.enter_async_context(daemon(configs[1]))
         yield source, target
+
+
+async def migrate_steps(source: Daemon, target: Daemon, name: str = "vm") -> tuple[str, str]:
+    """``migration.info``, ``.accept`` and ``.start`` of `name`, followed to its end on
+    the source's events, without finalizing: the runtime payload and the last status."""
+    info = await source.call("migration.info", name=name)
+    accepted = await target.call(
+        "migration.accept", spec=info["spec"], runtime=info["runtime"], address="127.0.0.1"
+    )
+    async with source.sup.events(instances=[name], kinds=["migration.progress"]) as events:
+        await source.call("migration.start", name=name, target="127.0.0.1", port=accepted["port"])
+        with anyio.fail_after(60):
+            async for event in events:
+                if event.data["status"] in FINISHED:
+                    return info["runtime"], str(event.data["status"])
+    raise AssertionError("the source's events ended before the migration did")
 
 
 def heartbeats(log: Path) -> list[int]:

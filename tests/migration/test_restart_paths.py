@@ -29,7 +29,7 @@ from supervisor.control.migrate import migrate
 from supervisor.model.api import MigrationStatus
 from supervisor.model.config import Config
 
-from .conftest import heartbeats, two_daemons, wait_heartbeat
+from .conftest import heartbeats, migrate_steps, two_daemons, wait_heartbeat
 from .test_daemon_faults import (
     ADOPTION_TIMEOUT_S,
     answer_when,
@@ -218,23 +218,12 @@ async def test_finalize_target_resumes_a_guest_that_never_ran_if_asked(
     ``prelaunch`` on the target. ``resume`` means: run it (it boots there)."""
     async with two_daemons(configs) as (source, target):
         started = await source.sup.start(guest_spec("vm"), paused=True)
-        info = await source.call("migration.info", name="vm")
-        accepted = await target.call(
-            "migration.accept", spec=info["spec"], runtime=info["runtime"], address="127.0.0.1"
-        )
-        async with source.sup.events(instances=["vm"], kinds=["migration.progress"]) as events:
-            await source.call(
-                "migration.start", name="vm", target="127.0.0.1", port=accepted["port"]
-            )
-            with anyio.fail_after(60):
-                async for event in events:
-                    if event.data["status"] in {"completed", "failed", "cancelled"}:
-                        break
-        assert event.data["status"] == "completed"
+        runtime, ended = await migrate_steps(source, target)
+        assert ended == "completed"
         owned = await target.call(
             "migration.finalize_target",
             name="vm",
-            runtime=info["runtime"],
+            runtime=runtime,
             success=True,
             resume=resume,
         )

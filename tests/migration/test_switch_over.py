@@ -9,15 +9,14 @@ event; the figures wait for the next reading.
 
 from __future__ import annotations
 
-import anyio
 import msgspec
 import pytest
 from core.conftest import guest_spec
 
 from supervisor.model.config import Config
-from supervisor.qemu.migration_progress import FINISHED, MigrationProgress
+from supervisor.qemu.migration_progress import MigrationProgress
 
-from .conftest import two_daemons
+from .conftest import migrate_steps, two_daemons
 
 pytestmark = [pytest.mark.anyio]
 
@@ -55,22 +54,9 @@ async def test_no_query_after_the_last_pass_until_completed(
     monkeypatch.setattr(MigrationProgress, "passed", watched_passed)
     async with two_daemons(configs) as (source, target):
         await source.sup.start(guest_spec("vm"))
-        info = await source.call("migration.info", name="vm")
-        accepted = await target.call(
-            "migration.accept", spec=info["spec"], runtime=info["runtime"], address="127.0.0.1"
-        )
-        async with source.sup.events(instances=["vm"], kinds=["migration.progress"]) as events:
-            await source.call(
-                "migration.start", name="vm", target="127.0.0.1", port=accepted["port"]
-            )
-            with anyio.fail_after(60):
-                async for event in events:
-                    if event.data["status"] in FINISHED:
-                        break
-        assert event.data["status"] == "completed"
-        await target.call(
-            "migration.finalize_target", name="vm", runtime=info["runtime"], success=True
-        )
+        runtime, ended = await migrate_steps(source, target)
+        assert ended == "completed"
+        await target.call("migration.finalize_target", name="vm", runtime=runtime, success=True)
         await source.call("migration.finalize_source", name="vm", success=True)
     assert "pass" in taken, taken
     last_pass = len(taken) - 1 - taken[::-1].index("pass")
