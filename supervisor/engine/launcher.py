@@ -3,9 +3,10 @@
 `Launcher.prepare` validates the spec (syntax, host, this QEMU), leases what the
 host hands out (display port, pool uid, chroot) and builds the runtime record;
 `Launcher.launch` saves the record of the start, then starts QEMU paused (``-S``) in
-its own session; the `Launcher.startup_steps` then run over QMP (passwords, CPU
-pinning, balloon, ``cont``) and mark the record complete. `Launcher.release` gives
-everything back after QEMU exits.
+its own session and connects its NICs while it initializes; the
+`Launcher.startup_steps` then run over QMP (passwords, CPU pinning, balloon, ``cont``)
+and mark the record complete. `Launcher.release` gives everything back after QEMU
+exits.
 
 Blocking work runs in anyio's worker threads: record saves (a write may wait for a
 busy disk) and uid-pool requests (a scan of ``/proc``).
@@ -286,9 +287,13 @@ class Launcher:
         its restart (by the ``-pidfile`` in its command line) and finishes the start;
         then QEMU is spawned and the record saved again with its pid.
 
+        Once QEMU is spawned its NICs are connected (`_set_up_nics`) while it
+        initializes, beside that save.
+
         Raises `InstanceExists` when the instance is alive (checked after every await,
         so nothing spawns a second QEMU), `HypervisorError` when QEMU cannot be
-        executed or a record cannot be saved (QEMU is killed and reaped then). The
+        executed, a record cannot be saved or QEMU exits meanwhile, `NetworkError` when
+        a NIC cannot be connected (QEMU is killed and reaped then, its NICs undone). The
         caller releases what `prepare` leased, except after `InstanceExists` (the live
         run holds it). Call it shielded: a start is never cut between its saves.
         """
