@@ -36,6 +36,7 @@ __all__ = [
     "Exchange",
     "NetlinkError",
     "ProtocolError",
+    "attributes",
 ]
 
 #: ``struct nlmsghdr``: length, type, flags, sequence number, port id (host order).
@@ -45,6 +46,8 @@ HEADER: Final = struct.Struct("=IHHII")
 _ERROR: Final = struct.Struct("=i")
 #: ``struct nlattr``: length, type.
 _ATTR: Final = struct.Struct("=HH")
+#: An attribute's type without ``NLA_F_NESTED`` and ``NLA_F_NET_BYTEORDER``.
+_NLA_TYPE_MASK: Final = 0x3FFF
 
 NLMSG_NOOP: Final = 1
 NLMSG_ERROR: Final = 2
@@ -222,13 +225,22 @@ class Exchange:
 
 def _ack_message(message: bytes | memoryview, offset: int) -> str:
     """The text of an extended ack's ``NLMSGERR_ATTR_MSG`` from `offset` on, or ""."""
-    end = len(message)
+    text = attributes(message, offset).get(NLMSGERR_ATTR_MSG)
+    return "" if text is None else bytes(text).split(b"\0", 1)[0].decode(errors="replace")
+
+
+def attributes(message: bytes | memoryview, offset: int) -> dict[int, memoryview]:
+    """The attributes (``struct nlattr``) from `offset` to the end of `message`: type ->
+    payload, the first of each type; the type's flag bits (``NLA_F_NESTED``,
+    ``NLA_F_NET_BYTEORDER``) cleared. A nested attribute's payload is walked the same
+    way (`offset` 0). Stops at the first attribute that does not fit."""
+    view = memoryview(message)
+    end = len(view)
+    found: dict[int, memoryview] = {}
     while offset + _ATTR.size <= end:
-        length, attr_type = _ATTR.unpack_from(message, offset)
+        length, attr_type = _ATTR.unpack_from(view, offset)
         if length < _ATTR.size or offset + length > end:
             break
-        if attr_type == NLMSGERR_ATTR_MSG:
-            text = bytes(message[offset + _ATTR.size : offset + length])
-            return text.split(b"\0", 1)[0].decode(errors="replace")
+        found.setdefault(attr_type & _NLA_TYPE_MASK, view[offset + _ATTR.size : offset + length])
         offset += _align(length)
-    return ""
+    return found

@@ -12,6 +12,7 @@ from supervisor.model.errors import NetworkError
 from supervisor.qemu.cmdline import NicPlan
 
 from .netlink import Device, Link, Netlink
+from .tun import tap_mac
 
 __all__ = ["check", "set_up"]
 
@@ -45,13 +46,15 @@ async def check(netlink: Netlink, plan: NicPlan) -> Link:
 
 async def set_up(netlink: Netlink, plan: NicPlan, tap: Device, bridge: Link) -> None:
     """Make `tap` a port of `bridge` (the NIC's, as `check` found it: MTU the bridge's
-    unless the NIC sets one), in the NIC's VLAN if it has one, and up."""
+    unless the NIC sets one), with its `tap_mac`, in the NIC's VLAN if it has one, and
+    up."""
+    address = tap_mac(plan.mac)
     try:
         if plan.vlan is None:
-            await netlink.join_up(tap.index, bridge.index, plan.mtu or bridge.mtu)
+            await netlink.join_up(tap.index, bridge.index, plan.mtu or bridge.mtu, address=address)
         else:
             # In its VLAN before it is up: no frame goes out untagged meanwhile.
-            await netlink.set_mtu(tap.index, plan.mtu or bridge.mtu)
+            await netlink.set_mtu(tap.index, plan.mtu or bridge.mtu, address=address)
             await netlink.set_master(tap.index, bridge.index)
             await netlink.add_port_vlan(tap.index, plan.vlan)
             await netlink.set_up(tap.index)

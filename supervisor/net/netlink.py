@@ -109,16 +109,25 @@ class Netlink:
         """Make interface `index` a port of `master`, or of nothing (None)."""
         await self._socket.request(route.link_request(RTM_NEWLINK, index, master=master or 0))
 
-    async def set_mtu(self, index: int, mtu: int) -> None:
-        await self._socket.request(route.link_request(RTM_NEWLINK, index, mtu=mtu))
+    async def set_mtu(self, index: int, mtu: int, *, address: str | None = None) -> None:
+        """Set interface `index`'s MTU, and its MAC `address` if given (one request)."""
+        request = route.link_request(RTM_NEWLINK, index, mtu=mtu, address=address)
+        await self._socket.request(request)
 
-    async def set_up(self, index: int, *, mtu: int | None = None) -> None:
-        """Bring interface `index` up, with MTU `mtu` if given (one request)."""
-        await self._socket.request(route.link_request(RTM_NEWLINK, index, mtu=mtu, up=True))
+    async def set_up(
+        self, index: int, *, mtu: int | None = None, address: str | None = None
+    ) -> None:
+        """Bring interface `index` up, with MTU `mtu` and MAC `address` if given (one
+        request)."""
+        request = route.link_request(RTM_NEWLINK, index, mtu=mtu, address=address, up=True)
+        await self._socket.request(request)
 
-    async def join_up(self, index: int, master: int, mtu: int) -> None:
-        """Make interface `index` a port of `master` with MTU `mtu`, and up (one request)."""
-        request = route.link_request(RTM_NEWLINK, index, mtu=mtu, master=master, up=True)
+    async def join_up(self, index: int, master: int, mtu: int, *, address: str) -> None:
+        """Give interface `index` MAC `address` and MTU `mtu`, make it a port of
+        `master`, and bring it up (one request)."""
+        request = route.link_request(
+            RTM_NEWLINK, index, mtu=mtu, master=master, address=address, up=True
+        )
         await self._socket.request(request)
 
     async def probe_vlan_filtering(self, bridge: Link) -> None:

@@ -25,6 +25,7 @@ device.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -41,7 +42,7 @@ from supervisor.qemu.cmdline import NicPlan
 from . import bridged, ovs, routed
 from .hook import run_nic_hook
 from .netlink import Device, Link, Netlink, device
-from .tun import TUN_DEVICE, OpenTap, open_tap, tap_name
+from .tun import TUN_DEVICE, OpenTap, open_tap, tap_mac, tap_name
 
 __all__ = [
     "ROUTED_MODES",
@@ -241,10 +242,11 @@ class Networking:
                     await self._run_hook("down", plan, instance, tags)
                 except NetworkError as error:
                     first = first or error
-        if all(plan.mode == "bridged" for plan in plans):
+        plans = [plan for plan in plans if _may_outlive_its_tap(plan)]
+        if not plans:
             if first is not None:
                 raise first
-            return  # a bridge port goes with its tap: nothing outlives it
+            return
         with anyio.CancelScope(shield=True), anyio.fail_after(TEARDOWN_TIMEOUT_S):
             async with AsyncExitStack() as stack:
                 netlink = await stack.enter_async_context(Netlink())
@@ -263,6 +265,20 @@ class Networking:
                         first = first or error
         if first is not None:
             raise first
+
+
+def _may_outlive_its_tap(plan: NicPlan) -> bool:
+    """Whether the NIC's set-up may have left something a teardown removes.
+
+    A bridge port goes with its tap, and so do an IPv4 NIC's route and sysctls: only
+    while the tap exists is its route there to remove. An IPv6 NIC's proxy NDP entry
+    and an Open vSwitch port outlive it.
+    """
+    if plan.mode == "bridged":
+        return False
+    if plan.mode == "routed" and (plan.ip is None or ipaddress.ip_address(plan.ip).version == 4):
+        return device(_tap(plan)) is not None
+    return True
 
 
 async def _check_ovs_bridge(db: ovsdb.OVSDBClient, plan: NicPlan) -> None:
@@ -298,7 +314,7 @@ async def _set_up_ovs(netlink: Netlink, db: ovsdb.OVSDBClient, plan: NicPlan, ta
     are the instance's own) is replaced.
     """
     try:
-        await netlink.set_up(tap.index, mtu=plan.mtu)
+        await netlink.set_up(tap.index, mtu=plan.mtu, address=tap_mac(plan.mac))
     except OSError as error:
         raise NetworkError(tap.name, f"cannot bring the tap up: {error.strerror}") from error
     await ovs.del_port(db, tap.name)

@@ -21,6 +21,7 @@ from supervisor.model.errors import NetworkError
 from supervisor.qemu.cmdline import NicPlan
 
 from .netlink import MAIN_TABLE, Device, Netlink, devices, set_interface_sysctl
+from .tun import tap_mac
 
 __all__ = ["check", "routing_table", "set_up", "tear_down"]
 
@@ -60,11 +61,12 @@ async def check(netlink: Netlink, plan: NicPlan) -> int | None:
 
 
 async def set_up(netlink: Netlink, plan: NicPlan, tap: Device) -> None:
-    """Bring `tap` up (with the NIC's MTU) and route the NIC's ip to it."""
+    """Bring `tap` up (with the NIC's MTU and its `tap_mac`) and route the NIC's ip to
+    it."""
     uplink = await check(netlink, plan)
     table = routing_table(plan.link)
     try:
-        await netlink.set_up(tap.index, mtu=plan.mtu)
+        await netlink.set_up(tap.index, mtu=plan.mtu, address=tap_mac(plan.mac))
         if plan.ip is None:
             return
         address = ipaddress.ip_address(plan.ip)

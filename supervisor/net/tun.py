@@ -24,7 +24,7 @@ import msgspec
 from supervisor.model.errors import NetworkError
 from supervisor.model.validation import VHOST_NET_DEVICE
 
-__all__ = ["OpenTap", "open_tap", "tap_features", "tap_name"]
+__all__ = ["OpenTap", "open_tap", "tap_features", "tap_mac", "tap_name"]
 
 TUN_DEVICE: Final = "/dev/net/tun"
 #: From <linux/if_tun.h>.
@@ -78,6 +78,18 @@ def tap_name(instance_uuid: str, nic_index: int, *, state_dir: str) -> str:
     digest = hashlib.sha256(uuid.UUID(instance_uuid).bytes + os.fsencode(state_dir)).digest()
     code = base64.b32encode(digest).decode("ascii")[:_HASH_CHARS].lower()
     return f"{_PREFIX}{code}{nic_index}"
+
+
+def tap_mac(guest_mac: str) -> str:
+    """The MAC a NIC's tap gets: the guest's with its first byte ``fe`` (as libvirt and
+    Ganeti's ifup script set it).
+
+    A Linux bridge (or Open vSwitch bridge) without an address of its own takes the
+    lowest of its ports'; a tap's random address could become the bridge's, and change
+    it when the guest stops. ``fe`` is the highest first byte a unicast address has, and
+    the tap's address differs from the guest's, whose frames it carries.
+    """
+    return "fe" + guest_mac[2:]
 
 
 def _exists(name: str) -> bool:

@@ -12,17 +12,20 @@ host's own namespace is not touched. In one run it measures:
 1. Set-up + teardown of one NIC, bridged (a port of ``br0``) and routed (a host route,
    proxy ARP and forwarding), with the project's code as the engine runs it
    (``with_tap_names``, ``check_host``, ``open_taps``, ``set_up``, ``close_taps`` --
-   QEMU's exit, in the engine -- and ``tear_down``), against the original way: an
-   ``ip``/``bridge`` shell script per NIC run with ``sh`` (``ip tuntap add``, the MTU,
-   ``ip link set master br0`` and ``up``; routed: ``ip route replace`` and the sysctls
-   through /proc), and its teardown script (route and tap deleted). Both run in a
-   process started with ``ip netns exec`` (this script with ``--inside cycles``), in
-   interleaved rounds, on asyncio and on trio, timed as set-up and teardown apart.
-   Measured alongside: the kernel's share (`KernelFloor`: the same system calls from a
-   bare loop, the requests encoded beforehand; above all a tap's deletion, which waits
-   out RCU grace periods, 15-20 ms here, whoever closes it) and, our way, the 4 NICs of
+   QEMU's exit, in the engine -- and ``tear_down``), against the original way: the tap
+   opened the same way (``TUNSETIFF``, as Ganeti's Python opened it), then Ganeti 3.1's
+   ``kvm-ifup`` run with bash (`SCRIPTS`: the bridged path sets the tap's MAC, MTU,
+   bridge and up with five ``ip`` commands; the routed one brings it up, routes the ip
+   and writes the sysctls); at a NIC's end Ganeti runs nothing. Both run in a process
+   started with ``ip netns exec`` (this script with ``--inside cycles``), in interleaved
+   rounds, on asyncio and on trio. The tap's deletion, when its last fd closes (QEMU's
+   exit), is the kernel's and the same both ways; it is timed apart and left out of
+   both (it waits out RCU grace periods: 15-25 ms here, depending on when it comes).
+   Measured alongside: the kernel's share of the set-up (`KernelFloor`: the same system
+   calls from a bare loop, the requests encoded beforehand) and, our way, the 4 NICs of
    one instance (the networking part of 2.). Target: the script's median >= 10x ours,
-   both beyond the kernel's share (`beyond_kernel`); with it, both are printed too.
+   both beyond the kernel's share of the set-up (`beyond_kernel`); with it, both are
+   printed too.
 2. ``instance.start`` (returns when the guest runs) of a guest with 4 bridged NICs vs one
    with none, in pairs, against ``kvm-supervisor serve`` running in the namespace; the
    anchor is the same pair of argvs run bare with ``qemu-system-x86_64 -daemonize``
@@ -129,27 +132,73 @@ def ns_links(netns: str | None = None) -> list[str]:
 
 # --- 1. NIC set-up + teardown: ours vs a script (runs inside the namespace) ---------------
 
-#: The original way: what an ifup script did per NIC, the tap created by ``ip`` here.
+#: The original way: Ganeti 3.1's ``kvm-ifup``, run per NIC once QEMU holds the tap (which
+#: Ganeti's Python opened, as ours does), and the functions of its ``net-common`` it
+#: calls for bridged and routed NICs: the same commands in the same order, written anew
+#: here. At a NIC's end Ganeti runs nothing: the tap dies with QEMU, its bridge port and
+#: route with it.
 SCRIPTS = {
-    "bridged-up": """set -e
-ip tuntap add dev "$INTERFACE" mode tap vnet_hdr
-ip link set "$INTERFACE" mtu "$(cat "/sys/class/net/$BRIDGE/mtu")"
-ip link set "$INTERFACE" master "$BRIDGE"
-ip link set "$INTERFACE" up
+    "net-common": """
+function check {
+  if [ -z "$INTERFACE" ]; then echo "no INTERFACE"; exit 1; fi
+  if [ -z "$MODE" ]; then echo "no MODE"; exit 1; fi
+}
+
+function is_instance_communication_tap {
+  COMMUNICATION=$(echo "$INTERFACE" | cut -d "." -f 1-2)
+  [ "$MODE" = "routed" -a "$COMMUNICATION" = "gnt.com" ]
+}
+
+function fix_mac {
+  FIXED_MAC=$(ip link show $INTERFACE | \\
+    awk '{if ($1 == "link/ether") printf("fe%s",substr($2,3,15))}')
+  ip link set $INTERFACE address $FIXED_MAC || true
+}
+
+function setup_bridge {
+  if [ "$MODE" = "bridged" ]; then
+    fix_mac
+    ip link set $INTERFACE up
+    ip link set $INTERFACE mtu $(</sys/class/net/${LINK}/mtu)
+    ip link set $INTERFACE master $LINK
+  fi
+}
+
+function setup_ovs {
+  if [ "$MODE" = "openvswitch" ]; then
+    echo "no Open vSwitch NICs in this benchmark"; exit 1
+  fi
+}
+
+function setup_route {
+  if [ "$MODE" = "routed" ]; then
+    ip link set $INTERFACE up
+    ip route replace $IP proto static dev $INTERFACE
+    if [ -d "/proc/sys/net/ipv4/conf/$INTERFACE" ]; then
+      echo 1 > /proc/sys/net/ipv4/conf/$INTERFACE/proxy_arp
+      echo 1 > /proc/sys/net/ipv4/conf/$INTERFACE/forwarding
+    fi
+    if [ -d "/proc/sys/net/ipv6/conf/$INTERFACE" ]; then
+      echo 1 > /proc/sys/net/ipv6/conf/$INTERFACE/proxy_ndp
+      echo 1 > /proc/sys/net/ipv6/conf/$INTERFACE/forwarding
+    fi
+  fi
+}
 """,
-    "bridged-down": """set -e
-ip link del "$INTERFACE"
-""",
-    "routed-up": """set -e
-ip tuntap add dev "$INTERFACE" mode tap vnet_hdr
-ip link set "$INTERFACE" up
-ip route replace "$IP/32" proto static dev "$INTERFACE"
-echo 1 > "/proc/sys/net/ipv4/conf/$INTERFACE/proxy_arp"
-echo 1 > "/proc/sys/net/ipv4/conf/$INTERFACE/forwarding"
-""",
-    "routed-down": """set -e
-ip route del "$IP/32" dev "$INTERFACE"
-ip link del "$INTERFACE"
+    "kvm-ifup": """
+source "$CONF_DIR/net-common"
+check
+if is_instance_communication_tap && [ -x "$CONF_DIR/kvm-ifup-os" ]; then
+  . "$CONF_DIR/kvm-ifup-os"
+fi
+if [ -x "$CONF_DIR/kvm-vif-bridge" ]; then
+  exec "$CONF_DIR/kvm-vif-bridge"
+fi
+if ! is_instance_communication_tap; then
+  setup_bridge
+  setup_ovs
+  setup_route
+fi
 """,
 }
 
@@ -171,10 +220,9 @@ def cycle_plan(mode: str, index: int = 0) -> NicPlan:
     )
 
 
-#: One cycle's parts in seconds: "up", the set-up (everything before QEMU would run the
-#: guest), and "down", the teardown (from QEMU's exit on: the tap deleted, what outlives
-#: it removed); ours also times the two parts of its teardown apart: "close" (the tap's
-#: fds closed, as QEMU's exit does: the kernel's deletion) and "teardown" (our code).
+#: One cycle's parts in seconds: "up", the set-up (the tap's creation included: everything
+#: before QEMU would run the guest); "close", the tap's last fd closed (QEMU's exit: the
+#: kernel deletes the tap, the same way whoever set it up); "teardown", what runs after.
 Cycle = dict[str, float]
 
 
@@ -192,17 +240,20 @@ async def ours_cycle(network: nics.Networking, instance_plans: list[NicPlan]) ->
     closed = time.perf_counter()
     await network.tear_down(plans, instance="bench")
     done = time.perf_counter()
-    return {
-        "up": set_up - started,
-        "down": done - set_up,
-        "close": closed - set_up,
-        "teardown": done - closed,
-    }
+    return {"up": set_up - started, "close": closed - set_up, "teardown": done - closed}
 
 
-#: ``TUNSETIFF`` and the flags ``open_tap`` sets (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).
+#: ``TUNSETIFF`` and the flags Ganeti's ``OpenTap`` and ours set (IFF_TAP | IFF_NO_PI |
+#: IFF_VNET_HDR).
 TUNSETIFF = 0x400454CA
 TAP_FLAGS = 0x0002 | 0x1000 | 0x4000
+
+
+def create_tap(name: bytes) -> int:
+    """A tap opened as Ganeti's ``OpenTap`` opens one: its fd."""
+    fd = os.open("/dev/net/tun", os.O_RDWR)
+    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name, TAP_FLAGS))
+    return fd
 
 
 def cycle_tap(mode: str) -> str:
@@ -211,41 +262,53 @@ def cycle_tap(mode: str) -> str:
 
 
 def script_cycle(scripts: Path, mode: str) -> Cycle:
-    """The same NIC set up and torn down by the shell scripts."""
+    """The same NIC set up the original way: the tap opened, then ``kvm-ifup`` run with
+    the environment Ganeti gives it."""
+    plan = cycle_plan(mode)
     env = {
         "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-        "INTERFACE": cycle_tap(mode),
+        "CONF_DIR": str(scripts),
+        "INSTANCE": "bench",
+        "MAC": plan.mac,
         "MODE": mode,
-        "BRIDGE": BRIDGE,
-        "IP": ROUTED_IP,
+        "INTERFACE": cycle_tap(mode),
+        "INTERFACE_INDEX": "0",
+        "TAGS": "",
+        **({"LINK": BRIDGE, "BRIDGE": BRIDGE} if mode == "bridged" else {"IP": ROUTED_IP}),
     }
-    parts: Cycle = {}
-    for action in ("up", "down"):
-        started = time.perf_counter()
+    started = time.perf_counter()
+    fd = create_tap(env["INTERFACE"].encode())
+    try:
         done = subprocess.run(
-            ["sh", str(scripts / f"{mode}-{action}")],
+            ["bash", str(scripts / "kvm-ifup")],
             env=env,
             stdin=subprocess.DEVNULL,
             capture_output=True,
             check=False,
         )
-        parts[action] = time.perf_counter() - started
-        if done.returncode != 0:
-            raise RuntimeError(f"{mode}-{action} script failed: {done.stderr.decode().strip()}")
-    return parts
+    finally:
+        set_up = time.perf_counter()
+        os.close(fd)
+    closed = time.perf_counter()
+    if done.returncode != 0:
+        raise RuntimeError(f"kvm-ifup failed for {mode}: {done.stderr.decode().strip()}")
+    return {"up": set_up - started, "close": closed - set_up, "teardown": 0.0}
+
+
+TAP_MAC = "fe:54:00:78:00:01"
 
 
 class KernelFloor:
-    """The kernel's share of one NIC's set-up and teardown: the system calls our code
-    makes for it, from a bare loop with the requests encoded beforehand.
+    """The kernel's share of one NIC's set-up: the system calls our code makes for it,
+    from a bare loop with the requests encoded beforehand; and the tap's deletion.
 
     Set-up, in our order: bridged: the bridge looked up (``RTM_GETLINK``, the host
     check); the tap created (``open``, ``TUNSETIFF``); bridged: the tap's index
-    (``if_nametoindex``) and one ``RTM_NEWLINK`` (MTU, master, up); routed: the index,
-    ``RTM_NEWLINK`` (up),
-    ``RTM_NEWROUTE`` and the two sysctl writes. Teardown: the tap's last fd closed (the
-    kernel unregisters it, and waits out RCU grace periods). Each request's ack is read
-    with a blocking ``recv``. What is left above it in our figures is our code.
+    (``if_nametoindex``) and one ``RTM_NEWLINK`` (MAC, MTU, master, up); routed: the
+    index, ``RTM_NEWLINK`` (MAC, up), ``RTM_NEWROUTE`` and the two sysctl writes. Then
+    the tap's last fd closed (the kernel unregisters it, and waits out RCU grace
+    periods). Each request's ack is read with a blocking ``recv``. What is left above
+    the set-up in our figures is our code.
     """
 
     def __init__(self, mode: str) -> None:
@@ -257,9 +320,11 @@ class KernelFloor:
         self.get_bridge = bytearray(route.link_get(name=BRIDGE))
         if mode == "bridged":
             bridge = socket.if_nametoindex(BRIDGE)
-            self.link = route.link_request(route.RTM_NEWLINK, 0, mtu=1500, master=bridge, up=True)
+            self.link = route.link_request(
+                route.RTM_NEWLINK, 0, mtu=1500, master=bridge, up=True, address=TAP_MAC
+            )
         else:
-            self.link = route.link_request(route.RTM_NEWLINK, 0, up=True)
+            self.link = route.link_request(route.RTM_NEWLINK, 0, up=True, address=TAP_MAC)
             self.route = bytearray(
                 route.host_route_request(
                     route.RTM_NEWROUTE,
@@ -298,8 +363,7 @@ class KernelFloor:
         started = time.perf_counter()
         if self.mode == "bridged":
             self.request(self.get_bridge)  # first, as in ours: the host check
-        fd = os.open("/dev/net/tun", os.O_RDWR)
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", self.tap, TAP_FLAGS))
+        fd = create_tap(self.tap)
         index = socket.if_nametoindex(self.tap.decode())
         struct.pack_into("=i", self.link, HEADER.size + 4, index)
         if self.mode == "bridged":
@@ -314,19 +378,21 @@ class KernelFloor:
                 os.close(sysctl)
         set_up = time.perf_counter()
         os.close(fd)
-        return {"up": set_up - started, "down": time.perf_counter() - set_up}
+        return {"up": set_up - started, "close": time.perf_counter() - set_up, "teardown": 0.0}
 
 
 def add(samples: dict[str, list[float]], way: str, cycle: Cycle) -> None:
+    """`cycle`'s parts under "<way> <part>", and under `way` its work: set-up and
+    teardown, without the tap's deletion (the kernel's, the same every way)."""
     for part, seconds in cycle.items():
         samples.setdefault(f"{way} {part}", []).append(ms(seconds))
-    samples.setdefault(way, []).append(ms(cycle["up"] + cycle["down"]))
+    samples.setdefault(way, []).append(ms(cycle["up"] + cycle["teardown"]))
 
 
 async def cycles(scripts: Path) -> dict[str, dict[str, list[float]]]:
     """Interleaved rounds of both ways per mode, and of the kernel's share (and, bridged,
-    of an instance with `START_NICS` NICs, our way):
-    {mode: {way: [ms], "<way> up": [ms], "<way> down": [ms]}}."""
+    of an instance with `START_NICS` NICs, our way): {mode: {way: [ms], "<way> <part>":
+    [ms]}} (`add`)."""
     network = nics.Networking(ovsdb_socket="/nonexistent/db.sock")  # no Open vSwitch NICs
     found: dict[str, dict[str, list[float]]] = {}
     quad = [cycle_plan("bridged", index) for index in range(START_NICS)]
@@ -357,7 +423,7 @@ def inside_cycles() -> int:
     scripts = Path(tempfile.mkdtemp(prefix="kvsn-scripts-", dir="/tmp"))
     try:
         for name, text in SCRIPTS.items():
-            (scripts / name).write_text(text)
+            (scripts / name).write_text("#!/bin/bash\n" + text.lstrip("\n"))
         found: dict[str, Any] = {
             backend: anyio.run(cycles, scripts, backend=backend) for backend in ("asyncio", "trio")
         }
@@ -662,22 +728,14 @@ def paired(ours: list[float], anchor: list[float]) -> list[float]:
 
 
 def beyond_kernel(found: dict[str, list[float]]) -> tuple[float, float]:
-    """(ours, the script's) medians beyond the kernel's share, in ms.
-
-    Ours: each cycle's set-up less the kernel's (the median of `KernelFloor`'s set-ups),
-    plus its teardown code; its tap deletion (the fds closed, as QEMU's exit closes them)
-    is the kernel's alone and is timed apart, so it is left out exactly. The script's:
-    its median less the kernel's whole median (its deletion happens inside ``ip link
-    del``, where it cannot be timed apart; the deletion varies by about one timer tick,
-    4 ms, between runs, which this carries over).
-    """
+    """(ours, the script's) medians beyond the kernel's share of the set-up, in ms: each
+    way's set-up and teardown (the tap's deletion left out: timed apart, it is the
+    kernel's alone) less the median of `KernelFloor`'s set-ups."""
     kernel_up = statistics.median(found["kernel up"])
-    ours = [
-        up - kernel_up + code
-        for up, code in zip(found["ours up"], found["ours teardown"], strict=True)
-    ]
-    script = statistics.median(found["script"]) - statistics.median(found["kernel"])
-    return statistics.median(ours), script
+    return (
+        statistics.median(found["ours"]) - kernel_up,
+        statistics.median(found["script"]) - kernel_up,
+    )
 
 
 def cycle_rows(cycles: dict[str, Any]) -> list[Row]:
@@ -688,24 +746,23 @@ def cycle_rows(cycles: dict[str, Any]) -> list[Row]:
         return Row(
             metric,
             f"{ours:.2f} ms",
-            f"{script:.1f} ms sh script",
+            f"{script:.1f} ms kvm-ifup",
             script / ours,
             f">= {CYCLE_TARGET_FACTOR:g}x faster" if target else "-",
             script / ours >= CYCLE_TARGET_FACTOR if target else None,
         )
 
     # The target applies to the work each way does: the kernel's share (the system calls
-    # themselves, above all a tap's deletion, which waits out RCU grace periods: 15-20 ms
-    # here) is the same for both and is no one's code, so it is measured apart and taken
-    # out (`KernelFloor`, `beyond_kernel`).
+    # themselves) is the same for both and is no one's code, so it is measured apart and
+    # taken out (`KernelFloor`, `beyond_kernel`).
     rows = []
     for backend in ("asyncio", "trio"):
         for mode in ("bridged", "routed"):
             ours, script = beyond_kernel(cycles[backend][mode])
-            kernel = median(backend, mode, "kernel")
+            kernel = median(backend, mode, "kernel up")
             rows.append(
                 speed_up(
-                    f"NIC set-up + teardown beyond the kernel's {kernel:.1f} ms, {mode}, {backend}",
+                    f"NIC set-up + teardown beyond the kernel's {kernel:.2f} ms, {mode}, {backend}",
                     ours,
                     script,
                     True,
@@ -714,17 +771,9 @@ def cycle_rows(cycles: dict[str, Any]) -> list[Row]:
     for mode in ("bridged", "routed"):
         rows.append(
             speed_up(
-                f"(info) set-up + teardown with the kernel's share, {mode}, asyncio",
+                f"(info) set-up + teardown with the kernel's set-up, {mode}, asyncio",
                 median("asyncio", mode, "ours"),
                 median("asyncio", mode, "script"),
-                False,
-            )
-        )
-        rows.append(
-            speed_up(
-                f"(info) set-up alone, {mode}, asyncio",
-                median("asyncio", mode, "ours up"),
-                median("asyncio", mode, "script up"),
                 False,
             )
         )
@@ -813,19 +862,22 @@ def cycle_notes(cycles: dict[str, Any]) -> list[str]:
             found = cycles[backend][mode]
 
             def parts(way: str, found: dict[str, list[float]] = found) -> str:
-                up, down = (statistics.median(found[f"{way} {part}"]) for part in ("up", "down"))
-                return f"{statistics.median(found[way]):.2f} = {up:.2f} up + {down:.2f} down"
+                up, code = (
+                    statistics.median(found[f"{way} {part}"]) for part in ("up", "teardown")
+                )
+                return f"{statistics.median(found[way]):.2f} = {up:.2f} up + {code:.2f} teardown"
 
-            close, code = (
-                statistics.median(found[f"ours {part}"]) for part in ("close", "teardown")
+            deletions = ", ".join(
+                f"{way} {statistics.median(found[f'{way} close']):.1f}"
+                for way in ("ours", "script", "kernel")
             )
             ours, script = beyond_kernel(found)
             lines.append(
-                f"one {mode} NIC, {backend}, medians (ms): ours {parts('ours')} (the down: "
-                f"{close:.2f} the tap's deletion + {code:.2f} our teardown; "
-                f"{len(found['ours'])} cycles, p90 {percentile(found['ours'], 90):.2f}); "
-                f"sh script {parts('script')} ({len(found['script'])}); the kernel's share "
-                f"{parts('kernel')}; beyond it: ours {ours:.2f}, the script's {script:.2f}"
+                f"one {mode} NIC, {backend}, medians (ms): ours {parts('ours')} "
+                f"({len(found['ours'])} cycles, p90 {percentile(found['ours'], 90):.2f}); "
+                f"kvm-ifup {parts('script')} ({len(found['script'])}); the kernel's share "
+                f"{statistics.median(found['kernel up']):.2f}; beyond it: ours {ours:.2f}, "
+                f"the script's {script:.2f}; the tap's deletion, left out: {deletions}"
             )
     for backend in ("asyncio", "trio"):
         found = cycles[backend]["bridged"]
@@ -833,7 +885,9 @@ def cycle_notes(cycles: dict[str, Any]) -> list[str]:
         lines.append(
             f"one instance with {START_NICS} bridged NICs, {backend}, medians (ms): "
             f"{statistics.median(found[quad]):.2f} = {statistics.median(found[f'{quad} up']):.2f}"
-            f" up + {statistics.median(found[f'{quad} down']):.2f} down ({len(found[quad])})"
+            f" up + {statistics.median(found[f'{quad} teardown']):.2f} teardown "
+            f"({len(found[quad])}); the taps' deletion "
+            f"{statistics.median(found[f'{quad} close']):.1f}"
         )
     lines.append(f"left in the namespace after the cycles: {cycles['left'] or 'nothing'}")
     return lines

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
+import socket
 import struct
+from typing import Any
 
 import pytest
+from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg  # type: ignore[import-untyped]
+from pyroute2.netlink.rtnl.rtmsg import rtmsg  # type: ignore[import-untyped]
 
 from protocols.netlink import HEADER, NLM_F_CREATE, NLM_F_REPLACE, Exchange, NetlinkError, route
 from protocols.netlink import ProtocolError as NetlinkProtocolError
@@ -202,3 +207,86 @@ def test_the_vlan_requests_carry_what_iproute2_sends() -> None:
     ours = route.bridge_vlan_filtering(2, 0)
     assert ours[:36] + ours[38:] == iproute2[:36] + iproute2[38:]
     assert (ours[36], iproute2[36]) == (11, 10)
+
+
+def _attribute(attr_type: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, attr_type) + payload + bytes(-length % 4)
+
+
+def _link_reply(*attrs: bytes) -> bytes:
+    body = struct.pack("=BxHiII", 0, 1, 7, 0, 0) + b"".join(attrs)
+    return HEADER.pack(HEADER.size + len(body), 16, 0, 0, 0) + body
+
+
+def test_a_link_reply_is_read_for_its_four_fields() -> None:
+    # IFLA_LINKINFO (18) nested, with NLA_F_NESTED set as the kernel sets it.
+    info = _attribute(1, b"bridge\0") + _attribute(2, _attribute(7, b"\x01"))
+    reply = _link_reply(
+        _attribute(3, b"br0\0"),
+        _attribute(4, struct.pack("=I", 1450)),
+        _attribute(18 | 0x8000, info),
+    )
+    link = route.parse_link(reply)
+    assert (link.index, link.name, link.mtu, link.master, link.kind) == (
+        7,
+        "br0",
+        1450,
+        None,
+        "bridge",
+    )
+    assert route.vlan_filtering(reply) == 1
+    # A port: its master; a link with no kind (lo) is no bridge.
+    port = route.parse_link(
+        _link_reply(_attribute(3, b"t0\0"), _attribute(10, struct.pack("=I", 7)))
+    )
+    assert (port.master, port.kind, port.mtu) == (7, None, 0)
+    assert route.vlan_filtering(_link_reply(_attribute(3, b"lo\0"))) is None
+
+
+def test_a_truncated_link_reply_is_a_protocol_error_and_a_cut_attribute_is_not_read() -> None:
+    with pytest.raises(NetlinkProtocolError):
+        route.parse_link(_link_reply()[:20])
+    # The name's attribute claims more bytes than the reply has: it is not read.
+    cut = _link_reply(_attribute(4, struct.pack("=I", 1500)), struct.pack("=HH", 64, 3) + b"br0\0")
+    link = route.parse_link(cut)
+    assert (link.name, link.mtu) == ("", 1500)
+
+
+def test_the_packed_requests_are_the_bytes_pyroute2_encodes() -> None:
+    def pyroute2_link(index: int, **fields: Any) -> bytes:
+        message = ifinfmsg()
+        message["index"] = index
+        if fields.pop("up", False):
+            message["flags"] = message["change"] = IFF_UP
+        names = {"address": "IFLA_ADDRESS", "mtu": "IFLA_MTU", "master": "IFLA_MASTER"}
+        message["attrs"] = [(names[key], value) for key, value in fields.items()]
+        message["header"]["type"] = RTM_NEWLINK
+        message.encode()
+        return bytes(message.data)
+
+    for fields in (
+        {},
+        {"mtu": 1500},
+        {"master": 0},
+        {"address": "fe:54:00:00:00:01", "mtu": 1400, "master": 3, "up": True},
+    ):
+        assert route.link_request(RTM_NEWLINK, 7, **fields) == pyroute2_link(7, **fields)
+
+    def pyroute2_route(address: Any, table: int) -> bytes:
+        message = rtmsg()
+        message["family"] = socket.AF_INET if address.version == 4 else socket.AF_INET6
+        message["dst_len"] = address.max_prefixlen
+        message["table"] = table if table < 256 else 0
+        message["proto"], message["scope"], message["type"] = 4, 253, 1
+        message["attrs"] = [("RTA_DST", str(address)), ("RTA_TABLE", table), ("RTA_OIF", 9)]
+        message["header"]["type"] = route.RTM_NEWROUTE
+        message.encode()
+        return bytes(message.data)
+
+    for ip, table in (("10.0.0.5", 254), ("10.0.0.6", 100), ("fd00::5", 1000)):
+        address = ipaddress.ip_address(ip)
+        ours = route.host_route_request(
+            route.RTM_NEWROUTE, address, table, 9, protocol=4, scope=253, route_type=1
+        )
+        assert ours == pyroute2_route(address, table)

@@ -33,6 +33,7 @@ QEMU = os.environ.get("KVM_SUPERVISOR_TEST_QEMU", "/usr/bin/qemu-system-x86_64")
 STATE_DIR = "/var/lib/kvm-supervisor"
 UUID = "6f1c0a52-3d2b-4c39-9a8e-0d7f4e2b1a10"
 #: No Open vSwitch NICs here: the socket is never reached.
+UPLINK_MAC = "52:54:00:ff:00:01"
 NETWORK = nics.Networking(ovsdb_socket="/nonexistent/db.sock")
 
 
@@ -96,6 +97,12 @@ async def with_open(plans: list[NicPlan], body: Callable[[], Awaitable[Any]]) ->
         nics.close_taps(opened)
 
 
+def address(name: str) -> str:
+    """Interface `name`'s MAC address."""
+    (link,) = json.loads(ip("-j", "link", "show", name))
+    return str(link["address"])
+
+
 def bridge_ports(bridge: str) -> dict[str, int]:
     ports = {}
     for line in ip("-o", "link", "show", "master", bridge).splitlines():
@@ -112,15 +119,24 @@ async def bridged() -> dict[str, Any]:
     )
 
     async def body() -> dict[str, Any]:
+        # An uplink port: the bridge has its address (lower than the taps').
+        ip("link", "add", "upl0", "address", UPLINK_MAC, "type", "veth", "peer", "name", "upl1")
+        ip("link", "set", "upl0", "master", "br0", "up")
+        bridge_address = address("br0")
         bridges = await NETWORK.check_host(plans)
         await NETWORK.set_up(plans, instance="vm1", bridges=bridges)
-        ports = bridge_ports("br0")
+        ports = {name: mtu for name, mtu in bridge_ports("br0").items() if "upl0" not in name}
         up = ["UP" in ip("-o", "link", "show", p.tap or "").split(">")[0] for p in plans]
+        addresses = [address(p.tap or "") for p in plans]
+        bridge_addresses = [bridge_address, address("br0")]
+        ip("link", "del", "upl0")
         await NETWORK.tear_down(plans, instance="vm1")
         checked = {name: [link.index, link.mtu] for name, link in bridges.items()}
         return {
             "ports": ports,
             "up": up,
+            "addresses": addresses,
+            "bridge_addresses": bridge_addresses,
             "ports_after_teardown": bridge_ports("br0"),
             "checked": checked,
         }
@@ -188,6 +204,7 @@ async def routed() -> dict[str, Any]:
                 sysctl("ipv6", tap6, "forwarding"),
             ],
             "proxy": ip("-6", "neigh", "show", "proxy").split(),
+            "address4": address(tap4),
             "mtu6": ip("-o", "link", "show", tap6).split("mtu")[1].split()[0],
         }
         await NETWORK.tear_down(plans, instance="vm1")

@@ -39,7 +39,7 @@ async def operations() -> dict[str, Any]:
             found["bridge"] = [bridge.index, bridge.name, bridge.mtu, bridge.kind, bridge.master]
             found["bridge_vlan_filtering"] = await netlink.vlan_filtering(bridge)
             found["missing"] = await netlink.link("no-such-if0")
-            await netlink.join_up(port.index, bridge.index, 1400)
+            await netlink.join_up(port.index, bridge.index, 1400, address="fe:54:00:12:34:56")
             joined = await netlink.link(TAP)
             assert joined is not None
             found["port"] = [joined.index, joined.name, joined.mtu, joined.kind, joined.master]
@@ -51,6 +51,7 @@ async def operations() -> dict[str, Any]:
                 shown["linkinfo"]["info_kind"],
                 shown["master"],
                 "UP" in shown["flags"],
+                shown["address"],
             ]
             found["bridge_index_ip"] = ip_json("link", "show", "br0")[0]["ifindex"]
             await netlink.set_master(port.index, None)
@@ -98,7 +99,9 @@ async def operations() -> dict[str, Any]:
             )
             # Refusals carry the kernel's errno and, where it gives one, its message.
             found["mtu_too_big"] = await refusal(netlink.set_mtu(port.index, 1 << 20))
-            found["not_a_bridge"] = await refusal(netlink.join_up(port.index, 1, 1500))
+            found["not_a_bridge"] = await refusal(
+                netlink.join_up(port.index, 1, 1500, address="fe:54:00:12:34:56")
+            )
             found["vlan_filtering"] = await refusal(netlink.probe_vlan_filtering(bridge))
     finally:
         tap.close()

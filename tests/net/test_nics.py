@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from .conftest import add_ipv6_uplink, ip, run_scenario
+from .netdriver import UPLINK_MAC
 
 pytestmark = pytest.mark.netns
 
@@ -39,6 +40,10 @@ def test_bridged_ports_follow_the_bridge_mtu(netns: str) -> None:
         plain, with_mtu = found["names"]
         assert found["ports"] == {plain: 1450, with_mtu: 1400}
         assert found["up"] == [True, True]
+        # Each tap has its guest's MAC with fe first (52:54:00:00:00:0i), above the
+        # uplink's, so the bridge keeps the uplink's address.
+        assert found["addresses"] == ["fe:54:00:00:00:00", "fe:54:00:00:00:01"]
+        assert found["bridge_addresses"] == [UPLINK_MAC, UPLINK_MAC]
         # The bridge the host check found is the one the set-up joins.
         (checked_index, checked_mtu) = found["checked"]["br0"]
         assert checked_mtu == 1450 and checked_index != found["br0_index"]
@@ -63,6 +68,7 @@ def test_routed_routes_proxies_and_teardown(netns: str) -> None:
         assert found["sysctl"] == ["1", "1", "1", "1"]
         assert found["proxy"][:3] == ["fd00:77::5", "dev", "up0"]
         assert found["mtu6"] == "1400"
+        assert found["address4"] == "fe:54:00:00:00:00"
         assert not any("10.77" in r or "fd00:77" in r for r in found["main_after"])
         assert found["table100_after"] == []
         assert found["proxy_after"] == []

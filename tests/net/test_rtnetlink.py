@@ -29,12 +29,20 @@ def test_requests_replies_and_refusals_agree_with_ip(netns: str) -> None:
         index = found["tap_index"]
         bridge = found["bridge_index_ip"]
         # A link reply: what `ip` shows of the bridge and of the tap once joined (the
-        # one request set MTU, master and up).
+        # one request set MAC, MTU, master and up).
         assert found["bridge"] == [bridge, "br0", 1450, "bridge", None]
         assert found["bridge_vlan_filtering"] == 0
         assert found["missing"] is None
         assert found["port"] == [index, "kvsrtnl0", 1400, "tun", bridge]
-        assert found["port_ip"] == [index, "kvsrtnl0", 1400, "tun", "br0", True]
+        assert found["port_ip"] == [
+            index,
+            "kvsrtnl0",
+            1400,
+            "tun",
+            "br0",
+            True,
+            "fe:54:00:12:34:56",
+        ]
         assert found["master_after_release"] is None
         # Host routes in the main table, in table 100 (the header's byte) and in table
         # 1000 (RTA_TABLE alone), replaced rather than doubled; IPv6.
