@@ -264,6 +264,16 @@ async def _tls_creds(client: qmp.QMPClient, directory: str | None, endpoint: End
     return TLS_CREDS_ID
 
 
+async def _read_sizes(instance: Instance, client: qmp.QMPClient) -> None:
+    """The arrived guest's memory and vCPUs as its QEMU reports them. Only figures: a
+    QEMU that cannot tell them leaves the instance's as they were (the guest runs here
+    whatever they are), with a warning."""
+    try:
+        await instance.read_sizes(client)
+    except qmp.QMPError as error:
+        instance.log.warning("memory and vCPUs not read", reason=str(error))
+
+
 async def _qemu_status(client: qmp.QMPClient) -> str:
     return str((await _execute(client, "query-status"))["status"])
 
@@ -908,7 +918,7 @@ class Migrations:
             async with anyio.create_task_group() as finishing:
                 # QEMU's part beside the record's save.
                 finishing.start_soon(_clear_capabilities, client)
-                finishing.start_soon(instance.read_sizes, client)
+                finishing.start_soon(_read_sizes, instance, client)
                 with host_io_errors(f"finalize of {instance.name!r}", instance.paths.directory):
                     await store_record(owned.paths.runtime_record, owned)
         instance.record = owned

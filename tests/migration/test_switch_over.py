@@ -13,6 +13,8 @@ import msgspec
 import pytest
 from core.conftest import guest_spec
 
+from protocols import qmp
+from supervisor.engine.instance import Instance
 from supervisor.model.config import Config
 from supervisor.qemu.migration_progress import MigrationProgress
 
@@ -61,3 +63,25 @@ async def test_no_query_after_the_last_pass_until_completed(
     assert "pass" in taken, taken
     last_pass = len(taken) - 1 - taken[::-1].index("pass")
     assert taken[last_pass + 1 :] == ["read completed"], taken
+
+
+async def test_a_target_whose_qemu_cannot_tell_its_sizes_still_takes_over(
+    configs: tuple[Config, Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The arrived guest's sizes are only figures: QEMU refusing to tell them does not
+    fail ``migration.finalize_target`` (it did with an internal error, -32603)."""
+
+    async def refused(self: Instance, client: qmp.QMPClient) -> None:
+        raise qmp.ExecuteError("query-cpus-fast", "GenericError", "refused by the test")
+
+    async with two_daemons(configs) as (source, target):
+        await source.sup.start(guest_spec("vm"))
+        runtime, ended = await migrate_steps(source, target)
+        assert ended == "completed"
+        monkeypatch.setattr(Instance, "read_sizes", refused)
+        info = await target.call(
+            "migration.finalize_target", name="vm", runtime=runtime, success=True
+        )
+        assert info["state"] == "running"
+        await source.call("migration.finalize_source", name="vm", success=True)
+        assert target.sup.info("vm").state == "running"
