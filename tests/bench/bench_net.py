@@ -475,7 +475,7 @@ def cpu_ms(pid: int) -> float:
     """The CPU time of process `pid` so far, all its threads, in ms (schedstat: ns)."""
     total = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that ended
             total += int((task / "schedstat").read_text().split()[0])
     return total / 1e6
 
