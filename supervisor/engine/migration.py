@@ -213,9 +213,14 @@ def _set_capabilities(names: Sequence[str]) -> tuple[str, dict[str, Any]]:
     return "migrate-set-capabilities", {"capabilities": states}
 
 
-async def _clear_capabilities(client: qmp.QMPClient) -> None:
-    """Turn every migration capability off, as QEMU starts (a later migration sets its own)."""
-    known = msgspec.convert(await _execute(client, "query-migrate-capabilities"), list[_Capability])
+async def _clear_capabilities(client: qmp.QMPClient, capabilities: Any = None) -> None:
+    """Turn every migration capability off, as QEMU starts (a later migration sets its own).
+
+    `capabilities` is QEMU's ``query-migrate-capabilities`` reply if the caller has it.
+    """
+    if capabilities is None:
+        capabilities = await _execute(client, "query-migrate-capabilities")
+    known = msgspec.convert(capabilities, list[_Capability])
     states = [{"capability": c.capability, "state": False} for c in known if c.state]
     if states:
         await _execute(client, "migrate-set-capabilities", {"capabilities": states})
@@ -899,7 +904,7 @@ class Migrations:
 
     async def _take_over(self, instance: Instance, record: RuntimeRecord, *, resume: bool) -> None:
         client = instance.require_running()
-        migrated = await self._incoming_end(instance, client)
+        migrated, qemu_status, capabilities = await self._incoming_end(instance, client)
         if migrated != "completed":
             raise MigrationError(
                 f"the incoming migration of {instance.name!r} is {migrated}, not completed",
@@ -917,12 +922,11 @@ class Migrations:
         with ungrouped():
             async with anyio.create_task_group() as finishing:
                 # QEMU's part beside the record's save.
-                finishing.start_soon(_clear_capabilities, client)
+                finishing.start_soon(_clear_capabilities, client, capabilities)
                 finishing.start_soon(_read_sizes, instance, client)
                 with host_io_errors(f"finalize of {instance.name!r}", instance.paths.directory):
                     await store_record(owned.paths.runtime_record, owned)
         instance.record = owned
-        qemu_status = await _qemu_status(client)
         if resume and qemu_status in RESUMABLE:
             await _execute(client, "cont")
             qemu_status = "running"
@@ -930,22 +934,36 @@ class Migrations:
         instance.set_state(state_for_qemu_status(qemu_status), "migrated")
         instance.log.info("migration finalized: the instance runs here")
 
-    async def _incoming_end(self, instance: Instance, client: qmp.QMPClient) -> str:
-        """How the incoming migration ended: the source reports its end a moment before
+    async def _incoming_end(
+        self, instance: Instance, client: qmp.QMPClient
+    ) -> tuple[str, str, Any]:
+        """How the incoming migration ended, with QEMU's run state and its migration
+        capabilities (``query-migrate-capabilities``) after that end.
+
+        The three questions go out at once; the source reports its end a moment before
         the target has loaded the last state, so an ``active`` one is waited for (at
-        most ``qmp_timeout_s``)."""
+        most ``qmp_timeout_s``) and the other two asked again.
+        """
+        questions = (
+            ("query-migrate", None),
+            ("query-status", None),
+            ("query-migrate-capabilities", None),
+        )
         async with client.events({"MIGRATION"}, max_buffer=EVENT_BUFFER) as events:
-            status = str((await _execute(client, "query-migrate")).get("status", "none"))
-            if status in FINISHED or status == "none":
-                return status
-            with anyio.move_on_after(self._sup.config.qmp_timeout_s):
-                try:
-                    async for event in events:
-                        if isinstance(event, qmp.QMPEvent) and event.data["status"] in FINISHED:
-                            return str(event.data["status"])
-                except qmp.QMPError:
-                    return "failed"  # QEMU went away: its exit says the rest
-            return status
+            migration, run_state, capabilities = await _execute_in_order(client, *questions)
+            status = str(migration.get("status", "none"))
+            if status not in FINISHED and status != "none":
+                with anyio.move_on_after(self._sup.config.qmp_timeout_s):
+                    try:
+                        async for event in events:
+                            if isinstance(event, qmp.QMPEvent) and event.data["status"] in FINISHED:
+                                status = str(event.data["status"])
+                                break
+                    except qmp.QMPError:
+                        return "failed", "", None  # QEMU went away: its exit says the rest
+                if status in FINISHED:
+                    run_state, capabilities = await _execute_in_order(client, *questions[1:])
+        return status, str(run_state["status"]), capabilities
 
     async def _abandon_incoming(self, instance: Instance) -> None:
         """Stop an incoming QEMU and remove its runtime (operation lock held).
