@@ -36,6 +36,7 @@ __all__ = [
     "Exchange",
     "NetlinkError",
     "ProtocolError",
+    "attribute",
     "attributes",
 ]
 
@@ -227,6 +228,12 @@ def _ack_message(message: bytes | memoryview, offset: int) -> str:
     """The text of an extended ack's ``NLMSGERR_ATTR_MSG`` from `offset` on, or ""."""
     text = attributes(message, offset).get(NLMSGERR_ATTR_MSG)
     return "" if text is None else bytes(text).split(b"\0", 1)[0].decode(errors="replace")
+
+
+def attribute(attr_type: int, payload: bytes) -> bytes:
+    """A ``struct nlattr`` of `attr_type` and its `payload`, padded to 4 bytes."""
+    length = _ATTR.size + len(payload)
+    return _ATTR.pack(length, attr_type) + payload + bytes(-length % 4)
 
 
 def attributes(message: bytes | memoryview, offset: int) -> dict[int, memoryview]:

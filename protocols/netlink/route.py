@@ -38,7 +38,7 @@ from pyroute2.netlink.rtnl.ndmsg import ndmsg  # type: ignore[import-untyped]
 from pyroute2.netlink.rtnl.rtmsg import rtmsg  # type: ignore[import-untyped]
 
 from ._client import NetlinkSocket
-from ._core import HEADER, ProtocolError, attributes
+from ._core import HEADER, ProtocolError, attribute, attributes
 
 __all__ = [
     "RTM_DELNEIGH",
@@ -76,7 +76,6 @@ _IFINFOMSG_SIZE: Final = _IFINFOMSG.size
 _IFINFOMSG_INDEX: Final = struct.Struct("=4xi")
 #: ``struct rtmsg``: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
 _RTMSG: Final = struct.Struct("=BBBBBBBBI")
-_ATTR_HEADER: Final = struct.Struct("=HH")
 _U32: Final = struct.Struct("=I")
 #: From <linux/rtnetlink.h>.
 _RTA_DST: Final = 1
@@ -153,18 +152,12 @@ def link_request(
     flags = IFF_UP if up else 0
     body = [_IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, flags, flags)]
     if address is not None:
-        body.append(_attribute(_IFLA_ADDRESS, bytes.fromhex(address.replace(":", ""))))
+        body.append(attribute(_IFLA_ADDRESS, bytes.fromhex(address.replace(":", ""))))
     if mtu is not None:
-        body.append(_attribute(_IFLA_MTU, _U32.pack(mtu)))
+        body.append(attribute(_IFLA_MTU, _U32.pack(mtu)))
     if master is not None:
-        body.append(_attribute(_IFLA_MASTER, _U32.pack(master)))
+        body.append(attribute(_IFLA_MASTER, _U32.pack(master)))
     return _message(msg_type, body)
-
-
-def _attribute(attr_type: int, payload: bytes) -> bytes:
-    """A ``struct nlattr`` and its payload, padded to 4 bytes."""
-    length = _ATTR_HEADER.size + len(payload)
-    return _ATTR_HEADER.pack(length, attr_type) + payload + bytes(-length % 4)
 
 
 def _message(msg_type: int, body: list[bytes]) -> bytes:
@@ -236,9 +229,9 @@ def host_route_request(
     )
     body = [
         header,
-        _attribute(_RTA_DST, address.packed),
-        _attribute(_RTA_TABLE, _U32.pack(table)),
-        _attribute(_RTA_OIF, _U32.pack(oif)),
+        attribute(_RTA_DST, address.packed),
+        attribute(_RTA_TABLE, _U32.pack(table)),
+        attribute(_RTA_OIF, _U32.pack(oif)),
     ]
     return _message(msg_type, body)
 
