@@ -148,6 +148,8 @@ async def test_daemon_killed_and_restarted_adopts_the_nics(
 
     daemon.kill(signal.SIGKILL)
     await anyio.to_thread.run_sync(daemon.start)
+    # The adoption finishes in the background: `starting` until the monitor answers.
+    await anyio.to_thread.run_sync(daemon.settled)
     async with jsonrpc.connect_unix(daemon.socket) as again:
         adopted = await again.call("instance.info", {"name": "victim"})
         assert (adopted["state"], adopted["pid"]) == ("running", victim["pid"])
@@ -171,8 +173,8 @@ async def test_qemu_gone_while_the_daemon_was_down_leaves_nothing(
     # The kernel took the taps with QEMU; routes went with them. Left: what outlives a
     # tap (the proxy NDP entry, the Open vSwitch port), for the adoption to remove.
     await anyio.to_thread.run_sync(daemon.start)
-    async with jsonrpc.connect_unix(daemon.socket) as again:
-        states = {item["name"]: item["state"] for item in await again.call("instance.list")}
+    listed = await anyio.to_thread.run_sync(daemon.settled)
+    states = {item["name"]: item["state"] for item in listed}
     assert states == {"bystander": "paused", "victim": "stopped"}
     lan.assert_only(baseline, [bystander])
 
