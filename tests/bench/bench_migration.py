@@ -64,6 +64,14 @@ The ways:
    event, and the longest gap between two. Target: at least 2 per second (the daemon's
    default ``migration_progress_interval_s`` is 0.5 s).
 
+Beside the medians, for each ratio with a target: its 90 % interval from a paired
+bootstrap over the rounds (`ratio_interval`). Migration times here spread over a factor
+of 4 and downtimes fall in two modes (about 4-15 ms and 17-56 ms, on both ways), so a
+ratio of medians from a few rounds swings by more than the targets' margins: the
+interval says whether a "no" (or a "yes") is more than the noise of this run. Per
+migration, also the CPU time each process of a way spent (the two daemons and this
+script for ours, this script for bare QMP; ``/proc/PID/task/*/schedstat``).
+
 Everything is cleaned up at the end, on error and on Ctrl-C too: the guests stopped
 with force (the daemons'), destroyed (libvirt's) or killed (the bare ones), the daemons
 sent SIGTERM, the libvirtds stopped, QEMUs left over killed by pid (only those whose
@@ -78,6 +86,7 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -111,7 +120,8 @@ from supervisor.engine.launcher import launch_argv
 from supervisor.model.api import MigrationStatus
 
 SIZES_MIB = (96, 256)
-ROUNDS = 21
+#: 101 rounds narrow the 90 % interval of a total's ratio to about +-6 % here.
+ROUNDS = 101
 WARMUP = 1
 #: 0: no limit (QEMU's default is a limit of 128 MiB/s; libvirt's, none).
 BANDWIDTH_MIB_S = 0
@@ -121,6 +131,9 @@ CLI_ROUNDS = 3
 CADENCE_MIB = 256
 CADENCE_BANDWIDTH_MIB_S = 16
 CADENCE_MIGRATIONS = 3
+
+#: Draws of the paired bootstrap that gives each ratio its 90 % interval.
+BOOTSTRAP_RESAMPLES = 2000
 
 TOTAL_TARGET_FACTOR = 1.05
 DOWNTIME_TARGET_FACTOR = 1.1
@@ -156,6 +169,32 @@ class Sample(msgspec.Struct):
     sent_mib: float | None
     qemu_ms: float | None = None
     steps: dict[str, float] = msgspec.field(default_factory=dict)
+    #: CPU time (ms) each process of the way spent during the migration, by role.
+    cpu_ms: dict[str, float] = msgspec.field(default_factory=dict)
+
+
+def cpu_ns(pid: int) -> int:
+    """The CPU time `pid`'s threads have had so far, in ns (the scheduler's own count,
+    ``/proc/PID/task/*/schedstat``: finer than the clock ticks of ``/proc/PID/stat``)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total
+
+
+class CPUMeter:
+    """The CPU time of some processes (by role) and of this script, over one migration."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.began = {role: cpu_ns(pid) for role, pid in pids.items()}
+        self.began_self = time.process_time_ns()
+
+    def used_ms(self) -> dict[str, float]:
+        used = {role: (cpu_ns(pid) - self.began[role]) / 1e6 for role, pid in self.pids.items()}
+        used["this script"] = (time.process_time_ns() - self.began_self) / 1e6
+        return {role: round(value, 2) for role, value in used.items()}
 
 
 class Steps:
@@ -260,6 +299,12 @@ class Ours:
                 on_progress(status)
 
         source, target = self.clients[self.at], self.clients[1 - self.at]
+        cpu = CPUMeter(
+            {
+                "source daemon": self.daemons[self.at].pid,
+                "target daemon": self.daemons[1 - self.at].pid,
+            }
+        )
         async with asyncio.timeout(MIGRATION_TIMEOUT_S):
             result = await migrate(
                 TimedClient(source, steps),  # type: ignore[arg-type]
@@ -277,7 +322,12 @@ class Ours:
             raise RuntimeError(f"after the migration the guest is {result.instance.state}")
         status = result.status
         return Sample(
-            ms(total), status.downtime_ms, status.transferred_mib, status.total_time_ms, steps.times
+            ms(total),
+            status.downtime_ms,
+            status.transferred_mib,
+            status.total_time_ms,
+            steps.times,
+            cpu.used_ms(),
         )
 
     async def migrate_cli(self) -> Sample:
@@ -479,6 +529,7 @@ class Bare:
     async def migrate(self) -> Sample:
         source = self.qemu
         assert source is not None
+        cpu = CPUMeter({})
         async with asyncio.timeout(MIGRATION_TIMEOUT_S):
             steps = Steps()
             began = steps.mark
@@ -500,6 +551,7 @@ class Bare:
             completed["ram"]["transferred"] / MIB,
             None if qemu_ms is None else float(qemu_ms),
             steps.times,
+            cpu.used_ms(),
         )
 
     @staticmethod
@@ -830,11 +882,30 @@ def beyond_qemu(samples: list[Sample]) -> float | None:
     return float(statistics.median(values)) if values else None
 
 
-def step_medians(samples: list[Sample]) -> str:
-    names = list(dict.fromkeys(name for s in samples for name in s.steps))
+def ratio_interval(ours: list[Sample], bare: list[Sample], field: str) -> tuple[float, float]:
+    """The 90 % interval of the ratio of medians (ours / bare), by a paired bootstrap:
+    `BOOTSTRAP_RESAMPLES` draws of the rounds with replacement (a round's two
+    migrations stay together, as they shared the machine's moment)."""
+    pairs = [
+        (a, b)
+        for a, b in zip(ours, bare, strict=False)
+        if getattr(a, field) is not None and getattr(b, field)
+    ]
+    draw = random.Random(0)
+    ratios = sorted(
+        statistics.median(getattr(a, field) for a, _ in chosen)
+        / statistics.median(getattr(b, field) for _, b in chosen)
+        for chosen in (draw.choices(pairs, k=len(pairs)) for _ in range(BOOTSTRAP_RESAMPLES))
+    )
+    return ratios[len(ratios) // 20], ratios[len(ratios) * 19 // 20]
+
+
+def medians_by_name(samples: list[Sample], field: str) -> str:
+    """The median of each name in the samples' `field` (a dict of ms by name)."""
+    tables = [getattr(s, field) for s in samples]
+    names = list(dict.fromkeys(name for table in tables for name in table))
     return ", ".join(
-        f"{name} {statistics.median(s.steps[name] for s in samples if name in s.steps):.1f}"
-        for name in names
+        f"{name} {statistics.median(t[name] for t in tables if name in t):.1f}" for name in names
     )
 
 
@@ -868,6 +939,18 @@ def build_rows(figures: dict[str, Any]) -> list[Row]:
                     None if ours is None or bare is None else ours <= factor * bare,
                 )
             )
+            if ours is not None and bare:
+                low, high = ratio_interval(samples["ours"], samples["bare"], field)
+                rows.append(
+                    Row(
+                        f"(info) {label}, {size} MiB: the ratio's 90% interval",
+                        f"{low:.2f}x - {high:.2f}x",
+                        f"bootstrap over {len(samples['ours'])} rounds",
+                        None,
+                        "-",
+                        None,
+                    )
+                )
             libvirt, source = libvirt_anchor(figures, size, field)
             rows.append(
                 Row(
@@ -949,7 +1032,13 @@ def format_notes(figures: dict[str, Any], libvirt_problem: str) -> str:
                     f"{median(samples[way], 'sent_mib') or 0:.1f}"
                 )
         for way in ("ours", "bare"):
-            lines.append(f"{size} MiB, {way}, steps (medians, ms): {step_medians(samples[way])}")
+            lines.append(
+                f"{size} MiB, {way}, steps (medians, ms): {medians_by_name(samples[way], 'steps')}"
+            )
+            lines.append(
+                f"{size} MiB, {way}, CPU during a migration (medians, ms): "
+                f"{medians_by_name(samples[way], 'cpu_ms')}"
+            )
     lines.append(
         f"kvm-supervisor migrate (ms): {spread(figures['cli_samples'], 'total_ms')}; downtime "
         f"{spread(figures['cli_samples'], 'downtime_ms')}"
