@@ -132,6 +132,9 @@ CADENCE_MIB = 256
 CADENCE_BANDWIDTH_MIB_S = 16
 CADENCE_MIGRATIONS = 3
 
+#: Downtimes above this (ms) are in the high one of their two modes (about 4-15 ms and
+#: 17-56 ms here, on every way).
+HIGH_MODE_MS = 15
 #: Draws of the paired bootstrap that gives each ratio its 90 % interval.
 BOOTSTRAP_RESAMPLES = 2000
 
@@ -184,17 +187,31 @@ def cpu_ns(pid: int) -> int:
 
 
 class CPUMeter:
-    """The CPU time of some processes (by role) and of this script, over one migration."""
+    """The CPU time of some processes (by role) and of this script over one migration,
+    and over its migration proper (`mark` when it begins, `migrating_ms` when it ends)."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
-        self.began = {role: cpu_ns(pid) for role, pid in pids.items()}
-        self.began_self = time.process_time_ns()
+        self.began = self._now()
+        self.marked = self.began
+
+    def _now(self) -> dict[str, int]:
+        now = {role: cpu_ns(pid) for role, pid in self.pids.items()}
+        now["this script"] = time.process_time_ns()
+        return now
+
+    def mark(self) -> None:
+        self.marked = self._now()
+
+    def migrating_ms(self) -> dict[str, float]:
+        now = self._now()
+        return {
+            f"{role}, migrating": round((now[role] - self.marked[role]) / 1e6, 2) for role in now
+        }
 
     def used_ms(self) -> dict[str, float]:
-        used = {role: (cpu_ns(pid) - self.began[role]) / 1e6 for role, pid in self.pids.items()}
-        used["this script"] = (time.process_time_ns() - self.began_self) / 1e6
-        return {role: round(value, 2) for role, value in used.items()}
+        now = self._now()
+        return {role: round((now[role] - self.began[role]) / 1e6, 2) for role in now}
 
 
 class Steps:
@@ -218,9 +235,13 @@ class Steps:
 class TimedClient:
     """An `RPCClient` whose calls are timed, by method, into `steps`."""
 
-    def __init__(self, client: RPCClient, steps: Steps) -> None:
+    def __init__(
+        self, client: RPCClient, steps: Steps, on_started: Callable[[], None] | None = None
+    ) -> None:
         self.client = client
         self.steps = steps
+        #: Called once ``migration.start`` answered: the migration proper begins.
+        self.on_started = on_started
 
     async def call(self, method: str, params: Any = None) -> Any:
         began = time.perf_counter()
@@ -232,6 +253,8 @@ class TimedClient:
             self.steps.add(method, time.perf_counter() - began)
             if method == "migration.start":
                 self.steps.mark = time.perf_counter()
+                if self.on_started is not None:
+                    self.on_started()
 
     def notifications(self) -> Any:
         return self.client.notifications()
@@ -291,13 +314,6 @@ class Ours:
         on_progress: Callable[[MigrationStatus], None] | None = None,
     ) -> Sample:
         steps = Steps()
-
-        def progress(status: MigrationStatus) -> None:
-            if status.status == "completed":
-                steps.step("migration")  # from migration.start's reply
-            if on_progress is not None:
-                on_progress(status)
-
         source, target = self.clients[self.at], self.clients[1 - self.at]
         cpu = CPUMeter(
             {
@@ -305,9 +321,18 @@ class Ours:
                 "target daemon": self.daemons[1 - self.at].pid,
             }
         )
+        migrating: dict[str, float] = {}
+
+        def progress(status: MigrationStatus) -> None:
+            if status.status == "completed":
+                steps.step("migration")  # from migration.start's reply
+                migrating.update(cpu.migrating_ms())
+            if on_progress is not None:
+                on_progress(status)
+
         async with asyncio.timeout(MIGRATION_TIMEOUT_S):
             result = await migrate(
-                TimedClient(source, steps),  # type: ignore[arg-type]
+                TimedClient(source, steps, on_started=cpu.mark),  # type: ignore[arg-type]
                 TimedClient(target, steps),  # type: ignore[arg-type]
                 self.name,
                 bandwidth_mib_s=bandwidth_mib_s,
@@ -327,7 +352,7 @@ class Ours:
             status.transferred_mib,
             status.total_time_ms,
             steps.times,
-            cpu.used_ms(),
+            {**cpu.used_ms(), **migrating},
         )
 
     async def migrate_cli(self) -> Sample:
@@ -538,7 +563,7 @@ class Bare:
             )
             steps.step("target QEMU spawned, QMP connected")
             try:
-                completed = await self._migrate(source, target, steps)
+                completed, migrating = await self._migrate(source, target, steps, cpu)
             except BaseException:
                 await target.kill()
                 raise
@@ -551,11 +576,13 @@ class Bare:
             completed["ram"]["transferred"] / MIB,
             None if qemu_ms is None else float(qemu_ms),
             steps.times,
-            cpu.used_ms(),
+            {**cpu.used_ms(), **migrating},
         )
 
     @staticmethod
-    async def _migrate(source: BareQemu, target: BareQemu, steps: Steps) -> dict[str, Any]:
+    async def _migrate(
+        source: BareQemu, target: BareQemu, steps: Steps, cpu: CPUMeter
+    ) -> tuple[dict[str, Any], dict[str, float]]:
         """The QMP commands of one migration, up to the source's exit; the source's
         ``query-migrate`` once it completed."""
         caps = [{"capability": name, "state": True} for name in CAPABILITIES]
@@ -573,8 +600,10 @@ class Bare:
         source.qmp.forget_events()
         await source.qmp.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
         steps.step("source set up, migrate")
+        cpu.mark()
         expect("the bare migration", await source.qmp.migration_end(), "completed")
         steps.step("migration")
+        migrating = cpu.migrating_ms()
         completed = await source.qmp.completed_figures()
         expect("the bare incoming migration", await target.qmp.migration_end(), "completed")
         status = (await target.qmp.execute("query-status"))["status"]
@@ -582,7 +611,7 @@ class Bare:
         steps.step("target running")
         await source.quit()
         steps.step("source quit, exited")
-        return dict(completed)
+        return dict(completed), migrating
 
     async def stop(self) -> None:
         if self.qemu is not None:
@@ -900,6 +929,19 @@ def ratio_interval(ours: list[Sample], bare: list[Sample], field: str) -> tuple[
     return ratios[len(ratios) // 20], ratios[len(ratios) * 19 // 20]
 
 
+def downtime_modes(samples: list[Sample]) -> str:
+    """The mean downtime, how many fell in the high mode, and the low mode's mean."""
+    values = [s.downtime_ms for s in samples if s.downtime_ms is not None]
+    if not values:
+        return "-"
+    low = [v for v in values if v <= HIGH_MODE_MS]
+    low_mean = f"{statistics.mean(low):.2f} ms" if low else "-"
+    return (
+        f"mean {statistics.mean(values):.1f} ms, {len(values) - len(low)} of {len(values)}"
+        f" above {HIGH_MODE_MS} ms, the others' mean {low_mean}"
+    )
+
+
 def medians_by_name(samples: list[Sample], field: str) -> str:
     """The median of each name in the samples' `field` (a dict of ms by name)."""
     tables = [getattr(s, field) for s in samples]
@@ -1039,6 +1081,9 @@ def format_notes(figures: dict[str, Any], libvirt_problem: str) -> str:
                 f"{size} MiB, {way}, CPU during a migration (medians, ms): "
                 f"{medians_by_name(samples[way], 'cpu_ms')}"
             )
+        for way in WAYS:
+            if samples[way]:
+                lines.append(f"{size} MiB, {way}, downtime: {downtime_modes(samples[way])}")
     lines.append(
         f"kvm-supervisor migrate (ms): {spread(figures['cli_samples'], 'total_ms')}; downtime "
         f"{spread(figures['cli_samples'], 'downtime_ms')}"
