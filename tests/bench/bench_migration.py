@@ -911,15 +911,20 @@ def beyond_qemu(samples: list[Sample]) -> float | None:
     return float(statistics.median(values)) if values else None
 
 
-def ratio_interval(ours: list[Sample], bare: list[Sample], field: str) -> tuple[float, float]:
+def ratio_interval(
+    ours: list[Sample], bare: list[Sample], field: str
+) -> tuple[float, float] | None:
     """The 90 % interval of the ratio of medians (ours / bare), by a paired bootstrap:
     `BOOTSTRAP_RESAMPLES` draws of the rounds with replacement (a round's two
-    migrations stay together, as they shared the machine's moment)."""
+    migrations stay together, as they shared the machine's moment). None without a
+    round that has both figures."""
     pairs = [
         (a, b)
         for a, b in zip(ours, bare, strict=False)
         if getattr(a, field) is not None and getattr(b, field)
     ]
+    if not pairs:
+        return None
     draw = random.Random(0)
     ratios = sorted(
         statistics.median(getattr(a, field) for a, _ in chosen)
@@ -981,8 +986,9 @@ def build_rows(figures: dict[str, Any]) -> list[Row]:
                     None if ours is None or bare is None else ours <= factor * bare,
                 )
             )
-            if ours is not None and bare:
-                low, high = ratio_interval(samples["ours"], samples["bare"], field)
+            interval = ratio_interval(samples["ours"], samples["bare"], field)
+            if interval is not None:
+                low, high = interval
                 rows.append(
                     Row(
                         f"(info) {label}, {size} MiB: the ratio's 90% interval",
