@@ -128,7 +128,9 @@ SIZES_MIB = (96, 256)
 #: varies little, so fewer rounds do. 0: no limit (libvirt's default), where QEMU's own
 #: time is a fifth of that and spreads over a factor of 4: the strictest case for a
 #: fixed overhead, and 101 rounds narrow a total's ratio to about +-6 %.
-ROUNDS_AT_BANDWIDTH = {128: 41, 0: 101}
+ROUNDS_LIMITED = 41
+ROUNDS_UNLIMITED = 101
+ROUNDS_AT_BANDWIDTH = {128: ROUNDS_LIMITED, 0: ROUNDS_UNLIMITED}
 WARMUP = 1
 DOWNTIME_MS = 30
 CLI_ROUNDS = 3
@@ -714,7 +716,7 @@ class Run:
         self.libvirt_problem: str | None = None
         #: The bandwidth limits to migrate at, in order, with the rounds at each.
         self.rounds = rounds
-        #: By case (`case_name`): each way's samples.
+        #: By case (`Case.name`): each way's samples, and the case itself.
         self.samples: dict[str, dict[str, list[Sample]]] = {}
         self.cases: dict[str, Case] = {}
         self.cli_samples: list[Sample] = []
@@ -1192,7 +1194,9 @@ def main(argv: list[str] | None = None) -> int:
                 libvirtds, libvirt_problem = stack.enter_context(private_libvirtds())
             workdir, daemons = stack.enter_context(our_daemons())
             bandwidths = args.bandwidth or list(ROUNDS_AT_BANDWIDTH)
-            rounds = {b: args.rounds or ROUNDS_AT_BANDWIDTH.get(b, 41) for b in bandwidths}
+            rounds = {
+                b: args.rounds or (ROUNDS_LIMITED if b else ROUNDS_UNLIMITED) for b in bandwidths
+            }
             run = Run(workdir, daemons, libvirtds, rounds)
             try:
                 asyncio.run(run.run())
