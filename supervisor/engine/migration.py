@@ -39,8 +39,9 @@ down as any run that ends does (its QEMU exiting).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
@@ -87,6 +88,12 @@ from supervisor.qemu.migration_payload import (
     payload_problems,
 )
 from supervisor.qemu.migration_progress import FINISHED, MigrationProgress, parse_query_migrate
+from supervisor.qemu.migration_stream import (
+    STREAM_FD_NAME,
+    connect_stream,
+    fd_uri,
+    opens_own_stream,
+)
 from supervisor.qemu.migration_tls import (
     TLS_CREDS_ID,
     Endpoint,
@@ -162,11 +169,16 @@ def _bound_port(reply: Any) -> int:
 
 
 async def _execute(
-    client: qmp.QMPClient, command: str, arguments: Mapping[str, Any] | None = None
+    client: qmp.QMPClient,
+    command: str,
+    arguments: Mapping[str, Any] | None = None,
+    *,
+    fds: Sequence[int] = (),
 ) -> Any:
-    """A QMP command of a migration; QEMU's refusal is a `MigrationError` quoting it."""
-    (result,) = await _execute_in_order(client, (command, arguments))
-    return result
+    """A QMP command of a migration (with `fds` for QEMU); QEMU's refusal is a
+    `MigrationError` quoting it."""
+    with _migration_errors(command):
+        return await client.execute(command, arguments, fds=fds)
 
 
 async def _execute_in_order(
@@ -174,8 +186,15 @@ async def _execute_in_order(
 ) -> list[Any]:
     """QMP commands of a migration sent at once (`QMPClient.execute_in_order`): their
     results; the first refusal is a `MigrationError` quoting it."""
-    try:
+    with _migration_errors(", ".join(command for command, _ in commands)):
         return await client.execute_in_order(commands)
+
+
+@contextlib.contextmanager
+def _migration_errors(names: str) -> Iterator[None]:
+    """QMP's errors for the commands `names` as `SupervisorError`s."""
+    try:
+        yield
     except qmp.ExecuteError as error:
         raise MigrationError(
             f"{error.command}: {error.desc}",
@@ -185,7 +204,6 @@ async def _execute_in_order(
     except qmp.QMPTimeoutError as error:
         raise OperationTimeout(f"{error.command} during a migration", error.timeout) from None
     except qmp.QMPError as error:
-        names = ", ".join(command for command, _ in commands)
         raise MigrationError(f"{names}: QEMU's monitor failed: {error}") from None
 
 
@@ -309,6 +327,7 @@ class _Outgoing:
         self,
         *,
         uri: str,
+        address: tuple[str, int] | None = None,
         live: bool,
         resume: bool,
         capabilities: tuple[str, ...],
@@ -318,6 +337,9 @@ class _Outgoing:
         postcopy_after: int | None = None,
     ) -> None:
         self.uri = uri
+        #: The target's host and port, for a migration this daemon begins (not one it
+        #: follows again after a restart).
+        self.address = address
         self.live = live
         self.capabilities = capabilities
         #: The field an unknown capability is reported under.
@@ -394,7 +416,8 @@ class Migrations:
             client = instance.require_running()
             hv = record.hvparams
             live = hv.migration_mode == "live" if live is None else live
-            uri = migration_uri(target, hv.migration_port if port is None else port)
+            port = hv.migration_port if port is None else port
+            uri = migration_uri(target, port)
             if capabilities is None:
                 names, field = _split_caps(hv.migration_caps), "spec.hvparams.migration_caps"
             else:
@@ -408,6 +431,7 @@ class Migrations:
             )
             job = _Outgoing(
                 uri=uri,
+                address=(target, port),
                 live=live,
                 resume=instance.state == S.RUNNING,
                 capabilities=_capability_list(names),
@@ -463,10 +487,11 @@ class Migrations:
                                 client, job.capabilities, field=job.capabilities_field
                             )
                             tls = self._sup.config.migration_tls_x509_dir
-                            parameters = {
-                                **job.parameters,
-                                "tls-creds": await _tls_creds(client, tls, "client"),
-                            }
+                            creds = await _tls_creds(client, tls, "client")
+                            parameters: dict[str, Any] = {**job.parameters, "tls-creds": creds}
+                            if creds and job.address is not None:
+                                # What QEMU takes from a ``tcp:`` URI; an ``fd:`` one has none.
+                                parameters["tls-hostname"] = job.address[0]
                             # Both settings at once (a failure is undone either way).
                             await _execute_in_order(
                                 client,
@@ -476,7 +501,7 @@ class Migrations:
                             if not job.live and await _qemu_status(client) == "running":
                                 await _execute(client, "stop")
                                 stopped = True
-                    await _execute(client, "migrate", {"uri": job.uri})
+                    await self._migrate(client, job)
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await self._undo_start(instance, client, resume=stopped)
@@ -495,6 +520,30 @@ class Migrations:
             finally:
                 with anyio.CancelScope(shield=True):
                     await self._end_outgoing(instance, client, job)
+
+    async def _migrate(self, client: qmp.QMPClient, job: _Outgoing) -> None:
+        """``migrate``, over a stream this daemon connected (`supervisor.qemu.migration_stream`)
+        unless QEMU must connect itself."""
+        if job.address is None or opens_own_stream(job.capabilities):
+            await _execute(client, "migrate", {"uri": job.uri})
+            return
+        host, port = job.address
+        try:
+            stream = await connect_stream(
+                host, port, timeout_s=self._sup.config.migration_stall_timeout_s
+            )
+        except OSError as error:
+            reason = "no answer" if isinstance(error, TimeoutError) else str(error)
+            raise MigrationError(f"cannot connect to the target at {job.uri}: {reason}") from None
+        with stream:
+            await _execute(client, "getfd", {"fdname": STREAM_FD_NAME}, fds=(stream.fileno(),))
+        try:
+            await _execute(client, "migrate", {"uri": fd_uri()})
+        except BaseException:
+            # QEMU's copy would keep the target waiting on an idle connection.
+            with anyio.CancelScope(shield=True), contextlib.suppress(SupervisorError):
+                await _execute(client, "closefd", {"fdname": STREAM_FD_NAME})
+            raise
 
     async def _undo_start(self, instance: Instance, client: qmp.QMPClient, *, resume: bool) -> None:
         try:
