@@ -7,12 +7,12 @@ anchors (measured in the same run), the ratios and whether each target is met (e
 status 0 either way).
 
 The same test guest (direct kernel boot, no disk, serial console to a file) is migrated
-live three ways on this machine, once with 96 MiB and once with 256 MiB of memory. Each
+live four ways on this machine, once with 96 MiB and once with 256 MiB of memory. Each
 way's guest is started and booted (its ready marker on the serial console) before the
 first migration, then migrated back and forth between two ends, at each bandwidth limit
 of `ROUNDS_AT_BANDWIDTH` in turn (a case: a size at a limit): one warm-up migration per
 way, then that many interleaved rounds of one migration per way (the order rotating
-from round to round). All three ways use the same limits: the case's bandwidth (128
+from round to round). All ways use the same limits: the case's bandwidth (128
 MiB/s, QEMU's default; then none, libvirt's default) and a `DOWNTIME_MS` downtime limit.
 Two figures per migration, defined alike for all ways:
 
@@ -46,7 +46,14 @@ The ways:
    ``completed`` and ``query-status`` ``running``; ``quit`` to the source and its exit.
    Total: from the target QEMU's spawn to the source's exit. Targets: ours' median total
    at most 1.05x, its median downtime at most 1.1x the bare one's.
-3. libvirt: two private libvirtds (bench_libvirt's ``PrivateLibvirtd``, each in its own
+3. bare QMP over a ``TCP_NODELAY`` socket: the same, except that ``migrate`` goes over
+   a connection this script opens to the target's port, sets ``TCP_NODELAY`` on and
+   hands to the source's QEMU (``getfd``, then ``migrate`` ``fd:``), as the daemon does
+   (`supervisor.qemu.migration_stream`: without it a third to a half of the switch-overs
+   wait 40 ms for a delayed acknowledgement). Ours against it (rows "vs the same
+   socket", no target) is what the daemon adds to QEMU's work alone; ours against way 2
+   is what an operator gets from it over plain QMP.
+4. libvirt: two private libvirtds (bench_libvirt's ``PrivateLibvirtd``, each in its own
    mount namespace with its own config, state, sockets and ``host_uuid``: libvirt
    refuses a migration between daemons with the same host UUID), bench_libvirt's domain
    XML for the guest (machine ``pc``, no memory balloon), ``virsh
@@ -59,20 +66,21 @@ The ways:
    For a like-for-like whole-command figure, ours is also run as ``kvm-supervisor
    migrate`` (`CLI_ROUNDS` migrations of the 96 MiB guest).
 
-4. The cadence of ``migration.progress`` events at the caller (``migrate()``'s
+5. The cadence of ``migration.progress`` events at the caller (``migrate()``'s
    ``on_progress``, fed by the source daemon's event stream): a 256 MiB guest migrated
    `CADENCE_MIGRATIONS` times at `CADENCE_BANDWIDTH_MIB_S` so that each migration lasts
    several seconds; per migration, the events per second between the first and the last
    event, and the longest gap between two. Target: at least 2 per second (the daemon's
    default ``migration_progress_interval_s`` is 0.5 s).
 
-Beside the medians, for each ratio with a target: its 90 % interval from a paired
-bootstrap over the rounds (`ratio_interval`). Migration times here spread over a factor
-of 4 and downtimes fall in two modes (about 4-15 ms and 17-56 ms, on both ways), so a
-ratio of medians from a few rounds swings by more than the targets' margins: the
-interval says whether a "no" (or a "yes") is more than the noise of this run. Per
-migration, also the CPU time each process of a way spent (the two daemons and this
-script for ours, this script for bare QMP; ``/proc/PID/task/*/schedstat``).
+Beside the medians, for each ratio: its 90 % interval from a paired bootstrap over the
+rounds (`ratio_interval`). Migration times here spread over a factor of 4 and downtimes
+fall in two modes (about 4-15 ms and 17-65 ms; over QEMU's own connection the high one
+is mostly 43-50 ms, Nagle's wait), so a ratio of medians from a few rounds swings by
+more than the targets' margins: the interval says whether a "no" (or a "yes") is more
+than the noise of this run. Per migration, also the CPU time each process of a way
+spent (the two daemons and this script for ours, this script for bare QMP;
+``/proc/PID/task/*/schedstat``).
 
 Everything is cleaned up at the end, on error and on Ctrl-C too: the guests stopped
 with force (the daemons'), destroyed (libvirt's) or killed (the bare ones), the daemons
@@ -83,6 +91,7 @@ command line names this run's temp dirs), the temp dirs removed.
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
 import contextlib
 import itertools
@@ -140,7 +149,7 @@ CADENCE_BANDWIDTH_MIB_S = 16
 CADENCE_MIGRATIONS = 3
 
 #: Downtimes above this (ms) are in the high one of their two modes (about 4-15 ms and
-#: 17-56 ms here, on every way).
+#: 17-65 ms here, on every way).
 HIGH_MODE_MS = 15
 #: Draws of the paired bootstrap that gives each ratio its 90 % interval.
 BOOTSTRAP_RESAMPLES = 2000
@@ -162,7 +171,14 @@ MIB = 1024 * 1024
 LIBVIRT_FALLBACK = {"total_ms": 839.0, "downtime_ms": 101.0}
 BARE_FALLBACK = {"total_ms": 620.0, "downtime_ms": 71.0}
 
-WAYS = ("ours", "bare", "libvirt")
+WAYS = ("ours", "bare", "bare_nodelay", "libvirt")
+#: How the report names the ways.
+WAY_LABELS = {
+    "ours": "ours",
+    "bare": "bare QMP",
+    "bare_nodelay": "bare QMP over a TCP_NODELAY socket",
+    "libvirt": "libvirt",
+}
 
 
 def log(message: str) -> None:
@@ -445,14 +461,26 @@ class RawQMP:
                 if not future.done():
                     future.set_exception(ConnectionError("QEMU closed its monitor"))
 
-    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+    async def execute(
+        self, command: str, arguments: dict[str, Any] | None = None, *, fd: int | None = None
+    ) -> Any:
+        """Run `command`; `fd` goes to QEMU with it (``getfd``)."""
         request_id = next(self._ids)
         message: dict[str, Any] = {"execute": command, "id": request_id}
         if arguments is not None:
             message["arguments"] = arguments
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
-        self._writer.write(json.dumps(message).encode() + b"\n")
+        data = json.dumps(message).encode() + b"\n"
+        if fd is None:
+            self._writer.write(data)
+        else:
+            # The stream writes nothing else meanwhile: each command awaits its reply.
+            transport_socket = self._writer.get_extra_info("socket")
+            with socket.socket(fileno=os.dup(transport_socket.fileno())) as sock:
+                sock.setblocking(True)
+                rights = array.array("i", [fd]).tobytes()
+                sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
         async with asyncio.timeout(QMP_TIMEOUT_S):
             reply = await future
         if "error" in reply:
@@ -550,10 +578,14 @@ class BareQemu:
 
 
 class Bare:
-    """The same guest as bare QEMUs, migrated back and forth between two scratch dirs."""
+    """The same guest as bare QEMUs, migrated back and forth between two scratch dirs;
+    over QEMU's own ``tcp:`` connection or, with `nodelay`, over a ``TCP_NODELAY``
+    socket this script connects and hands to the source's QEMU (``getfd``, ``fd:``), as
+    the daemon does."""
 
-    def __init__(self, scratches: tuple[Path, Path]) -> None:
+    def __init__(self, scratches: tuple[Path, Path], *, nodelay: bool = False) -> None:
         self.scratches = scratches
+        self.nodelay = nodelay
         self.argvs: tuple[list[str], list[str]] = ([], [])
         self.qemu: BareQemu | None = None
         self.at = 0
@@ -583,7 +615,7 @@ class Bare:
             steps.step("target QEMU spawned, QMP connected")
             try:
                 completed, migrating = await self._migrate(
-                    source, target, steps, cpu, bandwidth_mib_s
+                    source, target, steps, cpu, bandwidth_mib_s, self.nodelay
                 )
             except BaseException:
                 await target.kill()
@@ -602,7 +634,12 @@ class Bare:
 
     @staticmethod
     async def _migrate(
-        source: BareQemu, target: BareQemu, steps: Steps, cpu: CPUMeter, bandwidth_mib_s: int
+        source: BareQemu,
+        target: BareQemu,
+        steps: Steps,
+        cpu: CPUMeter,
+        bandwidth_mib_s: int,
+        nodelay: bool,
     ) -> tuple[dict[str, Any], dict[str, float]]:
         """The QMP commands of one migration, up to the source's exit; the source's
         ``query-migrate`` once it completed."""
@@ -619,7 +656,13 @@ class Bare:
             {"max-bandwidth": bandwidth_mib_s * MIB, "downtime-limit": DOWNTIME_MS},
         )
         source.qmp.forget_events()
-        await source.qmp.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        if nodelay:
+            with socket.create_connection(("127.0.0.1", port)) as stream:
+                stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await source.qmp.execute("getfd", {"fdname": "stream"}, fd=stream.fileno())
+            await source.qmp.execute("migrate", {"uri": "fd:stream"})
+        else:
+            await source.qmp.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
         steps.step("source set up, migrate")
         cpu.mark()
         expect("the bare migration", await source.qmp.migration_end(), "completed")
@@ -731,10 +774,13 @@ class Run:
         for daemon in self.daemons:
             await daemon.wait_ready()
         benches = (Bench(self.daemons[0]), Bench(self.daemons[1]))
-        scratches = (self.workdir / "bare-0", self.workdir / "bare-1")
-        for scratch in scratches:
-            scratch.mkdir()
-        bare = Bare(scratches)
+        bares: list[Bare] = []
+        for name, nodelay in (("bare", False), ("bare-nodelay", True)):
+            scratches = (self.workdir / f"{name}-0", self.workdir / f"{name}-1")
+            for scratch in scratches:
+                scratch.mkdir()
+            bares.append(Bare(scratches, nodelay=nodelay))
+        bare, bare_nodelay = bares
         try:
             async with (
                 connect_unix(self.daemons[0].socket) as first,
@@ -742,10 +788,11 @@ class Run:
             ):
                 ours = Ours(self.daemons, (first, second))
                 for size in SIZES_MIB:
-                    await self.measure_size(size, ours, bare, benches[0])
+                    await self.measure_size(size, ours, bare, bare_nodelay, benches[0])
                 await self.measure_cadence(ours)
         finally:
-            await bare.stop()
+            for each in bares:
+                await each.stop()
             if self.libvirt is not None:
                 with contextlib.suppress(LibvirtUnavailable, OSError, subprocess.SubprocessError):
                     await self.libvirt.stop()
@@ -765,12 +812,20 @@ class Run:
             self.libvirt = None
             return None
 
-    async def measure_size(self, size: int, ours: Ours, bare: Bare, bench: Bench) -> None:
+    async def measure_size(
+        self, size: int, ours: Ours, bare: Bare, bare_nodelay: Bare, bench: Bench
+    ) -> None:
         name = f"mig{size}"
-        log(f"{size} MiB guest: starting it three ways")
+        log(f"{size} MiB guest: starting it {len(WAYS)} ways")
         await ours.start(name, size)
-        await bare.start(bench.bare_argv(name, daemonize=False), bench.scratch)
-        logs = {"ours": ours.serial_log, "bare": bare.serial_log}
+        argv = bench.bare_argv(name, daemonize=False)
+        await bare.start(argv, bench.scratch)
+        await bare_nodelay.start(argv, bench.scratch)
+        logs = {
+            "ours": ours.serial_log,
+            "bare": bare.serial_log,
+            "bare_nodelay": bare_nodelay.serial_log,
+        }
         if self.libvirt is not None:
             libvirt = self.libvirt
             await self.libvirt_step(lambda: libvirt.start(f"kvsbench-{name}", size))
@@ -780,14 +835,17 @@ class Run:
             *(wait_ready_marker(path, f"{way} {size} MiB") for way, path in logs.items())
         )
         for bandwidth, rounds in self.rounds.items():
-            await self.measure_case(Case(size, bandwidth), rounds, ours, bare)
+            await self.measure_case(Case(size, bandwidth), rounds, ours, bare, bare_nodelay)
         await ours.stop()
         await bare.stop()
+        await bare_nodelay.stop()
         if self.libvirt is not None:
             libvirt = self.libvirt
             await self.libvirt_step(libvirt.stop)
 
-    async def measure_case(self, case: Case, rounds: int, ours: Ours, bare: Bare) -> None:
+    async def measure_case(
+        self, case: Case, rounds: int, ours: Ours, bare: Bare, bare_nodelay: Bare
+    ) -> None:
         """`rounds` interleaved rounds of `case` (its guest booted three ways), after the
         warm-up; for the first case of the smallest guest also the CLI's migrations."""
         name = case.name
@@ -796,13 +854,14 @@ class Run:
         migrations: dict[str, Callable[[], Awaitable[Sample | None]]] = {
             "ours": lambda: self.ours_migrate(ours, self.round_cadences, bandwidth),
             "bare": lambda: bare.migrate(bandwidth),
+            "bare_nodelay": lambda: bare_nodelay.migrate(bandwidth),
             "libvirt": lambda: self.libvirt_migrate(bandwidth),
         }
         for _ in range(WARMUP):
             for way in WAYS:
                 await migrations[way]()
         for index in range(rounds):
-            order = WAYS[index % 3 :] + WAYS[: index % 3]
+            order = WAYS[index % len(WAYS) :] + WAYS[: index % len(WAYS)]
             for way in order:
                 sample = await migrations[way]()
                 if sample is not None:
@@ -1002,6 +1061,26 @@ def medians_by_name(samples: list[Sample], field: str) -> str:
     )
 
 
+def interval_rows(
+    what: str, samples: dict[str, list[Sample]], anchor: str, field: str
+) -> list[Row]:
+    """The row of the 90 % interval of ours' ratio to `anchor`'s way in `field`, if any."""
+    interval = ratio_interval(samples["ours"], samples[anchor], field)
+    if interval is None:
+        return []
+    low, high = interval
+    return [
+        Row(
+            f"(info) {what}: the ratio's 90% interval",
+            f"{low:.2f}x - {high:.2f}x",
+            f"bootstrap over {len(samples['ours'])} rounds",
+            None,
+            "-",
+            None,
+        )
+    ]
+
+
 def build_rows(figures: dict[str, Any]) -> list[Row]:
     rows = []
     for case, samples in figures["samples"].items():
@@ -1032,19 +1111,20 @@ def build_rows(figures: dict[str, Any]) -> list[Row]:
                     None if ours is None or bare is None else ours <= factor * bare,
                 )
             )
-            interval = ratio_interval(samples["ours"], samples["bare"], field)
-            if interval is not None:
-                low, high = interval
-                rows.append(
-                    Row(
-                        f"(info) {label}, {case}: the ratio's 90% interval",
-                        f"{low:.2f}x - {high:.2f}x",
-                        f"bootstrap over {len(samples['ours'])} rounds",
-                        None,
-                        "-",
-                        None,
-                    )
+            rows.extend(interval_rows(f"{label}, {case}", samples, "bare", field))
+            nodelay = median(samples["bare_nodelay"], field)
+            rows.append(
+                Row(
+                    f"(info) {label}, {case}, vs the same socket",
+                    figure(ours),
+                    f"{figure(nodelay)} {WAY_LABELS['bare_nodelay']}",
+                    ratio(ours, nodelay),
+                    "-",
+                    None,
                 )
+            )
+            same_socket = f"{label}, {case}, vs the same socket"
+            rows.extend(interval_rows(same_socket, samples, "bare_nodelay", field))
             libvirt, source = libvirt_anchor(figures, case, field)
             rows.append(
                 Row(
@@ -1124,7 +1204,7 @@ def format_notes(figures: dict[str, Any], libvirt_problem: str) -> str:
                     f"(ms) {spread(samples[way], 'qemu_ms')}; MiB sent, median "
                     f"{median(samples[way], 'sent_mib') or 0:.1f}"
                 )
-        for way in ("ours", "bare"):
+        for way in ("ours", "bare", "bare_nodelay"):
             lines.append(
                 f"{case}, {way}, steps (medians, ms): {medians_by_name(samples[way], 'steps')}"
             )
