@@ -1103,6 +1103,9 @@ class Migrations:
             why = job.status.error or f"QEMU reports it {ended}"
             if ended == "none":
                 why = "the daemon was killed before QEMU was told to migrate"
+                # A stream handed over already would keep the target waiting on it.
+                with contextlib.suppress(SupervisorError):
+                    await _execute(client, "closefd", {"fdname": STREAM_FD_NAME})
             job.status = msgspec.structs.replace(
                 job.status,
                 status="cancelled" if ended == "cancelled" else "failed",

@@ -11,7 +11,9 @@ The daemon dies exactly as under ``kill -9`` (no clean-up code runs), at:
   i.e. the incoming QEMU is started (``incoming``) and listens nowhere yet;
 - ``accept-end``: once QEMU has answered ``migrate-incoming`` and the commands sent with
   it, before ``migration.accept`` saves the record that completes it, i.e. the incoming
-  QEMU listens and nobody got its port.
+  QEMU listens and nobody got its port;
+- ``migrate``: when ``migration.start`` is about to send ``migrate``, i.e. the source's
+  QEMU holds the stream's connection to the target (``getfd``) and migrates nothing.
 """
 
 from __future__ import annotations
@@ -70,11 +72,25 @@ def _crash_around_migration_command(name: str, *, after: bool) -> None:
     migration._execute_in_order = crashing_execute_in_order
 
 
+def _crash_before_migrate() -> None:
+    from supervisor.engine import migration
+
+    execute = migration._execute
+
+    async def crashing_execute(client: Any, command: str, *args: Any, **kwargs: Any) -> Any:
+        if command == "migrate":
+            _die()
+        return await execute(client, command, *args, **kwargs)
+
+    migration._execute = crashing_execute
+
+
 POINTS = {
     "pid-record": _crash_at_pid_record,
     "startup-steps": _crash_at_startup_steps,
     "migrate-incoming": lambda: _crash_around_migration_command("migrate-incoming", after=False),
     "accept-end": lambda: _crash_around_migration_command("migrate-incoming", after=True),
+    "migrate": _crash_before_migrate,
 }
 
 if __name__ == "__main__":

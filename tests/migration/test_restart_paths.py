@@ -8,6 +8,8 @@ ran: paths where the guest must end up running exactly once.
 - An incoming start (``migration.accept``) cut short, before ``migrate-incoming`` or
   before it answered (crash_daemon.py): the restarted target daemon stops that QEMU
   and removes its runtime, and a new ``migration.accept`` of the guest goes through.
+- A source daemon killed with the stream's connection handed to its QEMU, before
+  ``migrate``: the restarted daemon closes it, so the target's QEMU stops waiting.
 - ``finalize_target`` with ``resume`` of a guest that was never started (``-S``,
   QEMU's ``prelaunch``) on its source: it runs on the target.
 """
@@ -208,6 +210,39 @@ async def test_an_incoming_start_cut_short_is_cleaned_up_after_restart(
         assert result.status.status == "completed"
         assert (result.instance.state, result.instance.uuid) == ("paused", started["uuid"])
         assert copies(started["uuid"], source_node, target_node) == [result.instance.pid]
+
+
+async def test_a_source_daemon_killed_before_migrate_lets_the_target_go_after_restart(
+    daemons: tuple[EngineDaemon, EngineDaemon],
+) -> None:
+    """The source daemon dies (crash_daemon.py) as ``migration.start`` is about to send
+    ``migrate``: its QEMU holds the connection to the target (``getfd``) and sends
+    nothing on it. The restarted daemon gives the guest back its state and closes that
+    connection, so the target's QEMU, which would wait on it for ever, exits and the
+    target's instance goes."""
+    source_node, target_node = daemons
+    spec = msgspec.to_builtins(guest_spec("vm"))
+    await anyio.to_thread.run_sync(lambda: source_node.start(crash_at="migrate"))
+    async with client(source_node) as source, client(target_node) as target:
+        started = await source.call("instance.start", {"spec": spec, "paused": True})
+        info = await source.call("migration.info", {"name": "vm"})
+        accepted = await target.call(
+            "migration.accept",
+            {"spec": info["spec"], "runtime": info["runtime"], "address": "127.0.0.1"},
+        )
+        start = {"name": "vm", "target": "127.0.0.1", "port": accepted["port"]}
+        with pytest.raises(RPCConnectionLostError):
+            await source.call("migration.start", start)
+    source_node.kill()
+    async with client(source_node) as source, client(target_node) as target:
+        await nothing_listed(target)
+        assert copies(started["uuid"], target_node) == []
+        status = await source.call("migration.status", {"name": "vm"})
+        assert status["status"] == "failed"
+        assert "killed before QEMU was told to migrate" in status["error"]
+        assert (await source.call("instance.info", {"name": "vm"}))["state"] == "paused"
+        assert copies(started["uuid"], source_node) == [started["pid"]]
+        await source.call("instance.stop", {"name": "vm", "force": True})
 
 
 @pytest.mark.parametrize("resume", [True, False])
