@@ -12,7 +12,9 @@ way's guest is started and booted (its ready marker on the serial console) befor
 first migration, then migrated back and forth between two ends, at each bandwidth limit
 of `ROUNDS_AT_BANDWIDTH` in turn (a case: a size at a limit): one warm-up migration per
 way, then that many interleaved rounds of one migration per way (the order rotating
-from round to round). All ways use the same limits: the case's bandwidth (128
+from round to round, each migration after a random pause of up to a second,
+`HEARTBEAT_PERIOD_S`, so that no way keeps meeting the guest's heartbeat at its
+switch-over). All ways use the same limits: the case's bandwidth (128
 MiB/s, QEMU's default; then none, libvirt's default) and a `DOWNTIME_MS` downtime limit.
 Two figures per migration, defined alike for all ways:
 
@@ -141,6 +143,13 @@ ROUNDS_LIMITED = 41
 ROUNDS_UNLIMITED = 101
 ROUNDS_AT_BANDWIDTH = {128: ROUNDS_LIMITED, 0: ROUNDS_UNLIMITED}
 WARMUP = 1
+#: The test guest prints its heartbeat once a second, and each beat dirties some of its
+#: memory. Migrations that take the same time, round after round, keep starting at the
+#: same phase of that second: a way whose switch-over keeps meeting a beat keeps a long
+#: downtime (seen: one way's 101 migrations alternating short, long, short, ... with the
+#: direction, as its rounds lasted about 2.5 s). So each migration waits a random part
+#: of this period first (a seeded draw per case: the same waits in every run).
+HEARTBEAT_PERIOD_S = 1.0
 DOWNTIME_MS = 30
 CLI_ROUNDS = 3
 
@@ -857,12 +866,14 @@ class Run:
             "bare_nodelay": lambda: bare_nodelay.migrate(bandwidth),
             "libvirt": lambda: self.libvirt_migrate(bandwidth),
         }
+        phases = random.Random(f"{case.size_mib} {bandwidth}")
         for _ in range(WARMUP):
             for way in WAYS:
                 await migrations[way]()
         for index in range(rounds):
             order = WAYS[index % len(WAYS) :] + WAYS[: index % len(WAYS)]
             for way in order:
+                await asyncio.sleep(phases.random() * HEARTBEAT_PERIOD_S)
                 sample = await migrations[way]()
                 if sample is not None:
                     samples[way].append(sample)
