@@ -45,14 +45,16 @@ def console_of(sup: Supervisor, name: str) -> AbstractAsyncContextManager[Serial
     return connect_console(Path(sup.info(name).console["socket"]))
 
 
-async def start_dirtying(console: SerialConsole, mib: int) -> None:
-    """Have the guest rewrite `mib` MiB of a tmpfs, in place, in a loop, from now on."""
+async def start_dirtying(console: SerialConsole, mib: int, *, rest_s: float = 0.0) -> None:
+    """Have the guest rewrite `mib` MiB of a tmpfs, in place, in a loop, from now on;
+    with `rest_s`, it rests that long after each pass."""
+    rest = f" sleep {rest_s};" if rest_s else ""
     await console.run(f"mkdir -p /dirty && mount -t tmpfs -o size={mib + 4}m tmpfs /dirty")
     await console.run(f"dd if=/dev/urandom of=/dirty/data bs=1M count={mib} 2>/dev/null")
     await console.run(
         "(n=0; while :; do"
         " dd if=/dirty/data of=/dirty/data bs=1M conv=notrunc 2>/dev/null;"
-        " n=$((n + 1)); echo $n > /dirty/passes; done) > /dev/null 2>&1 & :"
+        f" n=$((n + 1)); echo $n > /dirty/passes;{rest} done) > /dev/null 2>&1 & :"
     )
     await dirtying_goes_on(console)
 
