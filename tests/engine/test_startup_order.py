@@ -41,19 +41,21 @@ def test_ready_comes_when_the_socket_serves_and_autostart_runs_a_few_at_a_time(
         engine_daemon.define(name, autostart=True, hvparams={"kvm_path": str(wrapper)})
 
     engine_daemon.spawn()
-    # Every autostart waits at the gate: READY=1 must not wait for them.
-    engine_daemon.wait_ready(timeout_s=30)
-    wait_until(
-        lambda: len(qemus_started_in(state_dir)) >= AUTOSTART_CONCURRENCY,
-        what=f"{AUTOSTART_CONCURRENCY} autostarts at the gate at once",
-        timeout_s=DEADLINE_S,
-    )
-    for _ in range(3):  # round trips through the daemon: the others had every chance
-        states = [item["state"] for item in engine_daemon.call("instance.list")]
-        assert states.count("starting") == AUTOSTART_CONCURRENCY, states
-        assert len(qemus_started_in(state_dir)) == AUTOSTART_CONCURRENCY
-
-    gate.touch()
+    try:
+        # Every autostart waits at the gate: READY=1 must not wait for them.
+        engine_daemon.wait_ready(timeout_s=30)
+        wait_until(
+            lambda: len(qemus_started_in(state_dir)) >= AUTOSTART_CONCURRENCY,
+            what=f"{AUTOSTART_CONCURRENCY} autostarts at the gate at once",
+            timeout_s=DEADLINE_S,
+        )
+        for _ in range(3):  # round trips through the daemon: the others had every chance
+            states = [item["state"] for item in engine_daemon.call("instance.list")]
+            assert states.count("starting") == AUTOSTART_CONCURRENCY, states
+            assert len(qemus_started_in(state_dir)) == AUTOSTART_CONCURRENCY
+    finally:
+        # Shutdown waits for the starts under way (up to start_timeout_s): let them end.
+        gate.touch()
     listed = wait_until(
         lambda: (
             (items := engine_daemon.settled())
