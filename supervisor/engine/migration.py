@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import socket
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
@@ -225,6 +226,33 @@ async def _check_capabilities(client: qmp.QMPClient, names: Sequence[str], *, fi
                 )
 
 
+async def _settle_and_hand_over(
+    client: qmp.QMPClient,
+    settings: Sequence[tuple[str, Mapping[str, Any] | None]],
+    stream: socket.socket | None,
+) -> None:
+    """`settings` in one write and, beside them, `stream` handed to QEMU (``getfd``):
+    one round trip before ``migrate``. Raises the first failure, once both are done."""
+    failures: list[BaseException] = []
+
+    async def run(call: Awaitable[Any]) -> None:
+        try:
+            await call
+        except SupervisorError as error:
+            failures.append(error)
+
+    with ungrouped():
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, _execute_in_order(client, *settings))
+            if stream is not None:
+                tg.start_soon(
+                    run,
+                    _execute(client, "getfd", {"fdname": STREAM_FD_NAME}, fds=(stream.fileno(),)),
+                )
+    if failures:
+        raise failures[0]
+
+
 def _set_capabilities(names: Sequence[str]) -> tuple[str, dict[str, Any]]:
     """The command that turns `names` on."""
     states = [{"capability": name, "state": True} for name in names]
@@ -359,6 +387,10 @@ class _Outgoing:
         self.stalled_s: float | None = None
         #: Why the task following the migration ended early (its monitor lost).
         self.error: str | None = None
+        #: What `Migrations._begin` did before ``migrate``, for `Migrations._undo_start`:
+        #: the stream handed to QEMU (``getfd`` sent), the guest paused (non-live).
+        self.stream_handed = False
+        self.paused_for_it = False
 
     @property
     def completed(self) -> bool:
@@ -474,37 +506,12 @@ class Migrations:
         `job` and a last ``migration.progress`` event.
         """
         async with client.events(MIGRATION_EVENTS, max_buffer=EVENT_BUFFER) as events:
-            stopped = False
             try:
                 if begin:
-                    noted = OutgoingMigration(uri=job.uri, live=job.live, resume=job.resume)
-                    with ungrouped():
-                        async with anyio.create_task_group() as setting_up:
-                            # Saved (beside QEMU's set-up) before ``migrate``: a daemon
-                            # killed from then on finds it.
-                            setting_up.start_soon(_note_outgoing, instance, noted)
-                            await _check_capabilities(
-                                client, job.capabilities, field=job.capabilities_field
-                            )
-                            tls = self._sup.config.migration_tls_x509_dir
-                            creds = await _tls_creds(client, tls, "client")
-                            parameters: dict[str, Any] = {**job.parameters, "tls-creds": creds}
-                            if creds and job.address is not None:
-                                # What QEMU takes from a ``tcp:`` URI; an ``fd:`` one has none.
-                                parameters["tls-hostname"] = job.address[0]
-                            # Both settings at once (a failure is undone either way).
-                            await _execute_in_order(
-                                client,
-                                _set_capabilities(job.capabilities),
-                                ("migrate-set-parameters", parameters),
-                            )
-                            if not job.live and await _qemu_status(client) == "running":
-                                await _execute(client, "stop")
-                                stopped = True
-                    await self._migrate(client, job)
+                    await self._begin(instance, client, job)
             except BaseException:
                 with anyio.CancelScope(shield=True):
-                    await self._undo_start(instance, client, resume=stopped)
+                    await self._undo_start(instance, client, job)
                 raise
             task_status.started()
             try:
@@ -521,33 +528,58 @@ class Migrations:
                 with anyio.CancelScope(shield=True):
                     await self._end_outgoing(instance, client, job)
 
-    async def _migrate(self, client: qmp.QMPClient, job: _Outgoing) -> None:
-        """``migrate``, over a stream this daemon connected (`supervisor.qemu.migration_stream`)
-        unless QEMU must connect itself."""
+    async def _begin(self, instance: Instance, client: qmp.QMPClient, job: _Outgoing) -> None:
+        """Set the migration up and send ``migrate``; `job` notes what was done, for
+        `_undo_start`."""
+        noted = OutgoingMigration(uri=job.uri, live=job.live, resume=job.resume)
+        with contextlib.ExitStack() as ours, ungrouped():
+            async with anyio.create_task_group() as setting_up:
+                # Saved (beside the connection and QEMU's set-up) before ``migrate``: a
+                # daemon killed from then on finds it.
+                setting_up.start_soon(_note_outgoing, instance, noted)
+                await _check_capabilities(client, job.capabilities, field=job.capabilities_field)
+                stream = await self._connect(job)
+                if stream is not None:
+                    ours.enter_context(stream)  # closed once QEMU holds its own copy
+                tls = self._sup.config.migration_tls_x509_dir
+                creds = await _tls_creds(client, tls, "client")
+                parameters: dict[str, Any] = {**job.parameters, "tls-creds": creds}
+                if creds and job.address is not None:
+                    # What QEMU takes from a ``tcp:`` URI; an ``fd:`` one has none.
+                    parameters["tls-hostname"] = job.address[0]
+                settings = (
+                    _set_capabilities(job.capabilities),
+                    ("migrate-set-parameters", parameters),
+                )
+                job.stream_handed = stream is not None
+                await _settle_and_hand_over(client, settings, stream)
+                if not job.live and await _qemu_status(client) == "running":
+                    await _execute(client, "stop")
+                    job.paused_for_it = True
+        await _execute(client, "migrate", {"uri": fd_uri() if job.stream_handed else job.uri})
+
+    async def _connect(self, job: _Outgoing) -> socket.socket | None:
+        """The stream to the target (`supervisor.qemu.migration_stream`), or None when
+        QEMU must connect itself."""
         if job.address is None or opens_own_stream(job.capabilities):
-            await _execute(client, "migrate", {"uri": job.uri})
-            return
+            return None
         host, port = job.address
         try:
-            stream = await connect_stream(
+            return await connect_stream(
                 host, port, timeout_s=self._sup.config.migration_stall_timeout_s
             )
         except OSError as error:
             reason = "no answer" if isinstance(error, TimeoutError) else str(error)
             raise MigrationError(f"cannot connect to the target at {job.uri}: {reason}") from None
-        with stream:
-            await _execute(client, "getfd", {"fdname": STREAM_FD_NAME}, fds=(stream.fileno(),))
-        try:
-            await _execute(client, "migrate", {"uri": fd_uri()})
-        except BaseException:
-            # QEMU's copy would keep the target waiting on an idle connection.
-            with anyio.CancelScope(shield=True), contextlib.suppress(SupervisorError):
-                await _execute(client, "closefd", {"fdname": STREAM_FD_NAME})
-            raise
 
-    async def _undo_start(self, instance: Instance, client: qmp.QMPClient, *, resume: bool) -> None:
+    async def _undo_start(self, instance: Instance, client: qmp.QMPClient, job: _Outgoing) -> None:
         try:
-            if resume:
+            if job.stream_handed:
+                # QEMU's copy of the stream would keep the target waiting on an idle
+                # connection (gone already if ``migrate`` took it, or ``getfd`` failed).
+                with contextlib.suppress(MigrationError):
+                    await _execute(client, "closefd", {"fdname": STREAM_FD_NAME})
+            if job.paused_for_it:
                 await _execute(client, "cont")
             await _clear_capabilities(client)
             await _note_outgoing(instance, None)

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Collection
-from typing import Final
+from collections.abc import Collection, Sequence
+from typing import Any, Final, TypeAlias
 
 import anyio
 
 __all__ = ["OWN_CONNECTIONS", "STREAM_FD_NAME", "connect_stream", "fd_uri", "opens_own_stream"]
+
+_AddressInfo: TypeAlias = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
 
 #: The name the stream's descriptor has in QEMU (``getfd``); ``migrate`` consumes it.
 STREAM_FD_NAME: Final = "kvs-migration-stream"
@@ -48,8 +50,7 @@ async def connect_stream(host: str, port: int, *, timeout_s: float) -> socket.so
     `TimeoutError` after `timeout_s`) when no connection is made.
     """
     with anyio.fail_after(timeout_s):
-        addresses = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        family, kind, protocol, _, address = addresses[0]
+        family, kind, protocol, _, address = (await _resolve(host, port))[0]
         stream = socket.socket(family, kind, protocol)
         try:
             stream.setblocking(False)
@@ -66,3 +67,14 @@ async def connect_stream(host: str, port: int, *, timeout_s: float) -> socket.so
             stream.close()
             raise
     return stream
+
+
+async def _resolve(host: str, port: int) -> Sequence[_AddressInfo]:
+    """`host`:`port`'s addresses; an IP address without a resolver thread (asyncio hands
+    every ``getaddrinfo`` to one: a hop on the migration's path)."""
+    try:
+        return socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+        )
+    except socket.gaierror:
+        return await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)

@@ -10,6 +10,7 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import anyio
 import pytest
@@ -145,10 +146,48 @@ async def test_a_target_nobody_listens_on_is_refused_before_anything_changes(
         await source.sup.stop("vm", force=True)
 
 
+@pytest.mark.qemu
+async def test_a_migrate_qemu_refuses_gives_the_stream_back_and_lets_the_target_go(
+    configs: tuple[Config, Config],
+) -> None:
+    async with two_daemons(configs) as (source, target):
+        await source.sup.start(guest_spec("vm"), paused=True)
+        info = await source.call("migration.info", name="vm")
+        accepted = await target.call(
+            "migration.accept", spec=info["spec"], runtime=info["runtime"], address="127.0.0.1"
+        )
+        target_pid = target.sup.info("vm").pid
+        assert target_pid is not None
+        # A real migration blocker: ivshmem's peer mode (master=off, the default).
+        await source.sup.qmp(
+            "vm", "object-add", {"qom-type": "memory-backend-ram", "id": "shm", "size": 1 << 20}
+        )
+        await source.sup.qmp("vm", "device_add", {"driver": "ivshmem-plain", "memdev": "shm"})
+        with pytest.raises(RPCError) as refused:
+            await source.call(
+                "migration.start", name="vm", target="127.0.0.1", port=accepted["port"]
+            )
+        assert refused.value.code == MIGRATION_ERROR
+        assert "migrate: " in refused.value.message and "ivshmem" in refused.value.message
+        pid = source.sup.info("vm").pid
+        assert pid is not None
+        with sockets_to_port(pid, accepted["port"]) as streams:
+            assert streams == []  # closefd: QEMU's copy is gone
+        # The target's QEMU saw the stream end: its incoming migration failed, and its
+        # daemon removed it.
+        with anyio.fail_after(30):
+            while any(item.name == "vm" for item in target.sup.list()):
+                await anyio.sleep(0.05)
+        assert not Path(f"/proc/{target_pid}").exists()
+        assert source.sup.info("vm").state == "paused"
+        await source.sup.stop("vm", force=True)
+
+
 @both_backends
-async def test_connect_stream_gives_a_blocking_socket_without_nagle() -> None:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        stream = await connect_stream("127.0.0.1", listener.getsockname()[1], timeout_s=5)
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])  # a name goes to the resolver
+async def test_connect_stream_gives_a_blocking_socket_without_nagle(host: str) -> None:
+    with socket.create_server((host, 0)) as listener:
+        stream = await connect_stream(host, listener.getsockname()[1], timeout_s=5)
         with stream:
             assert nodelay(stream)
             assert stream.getblocking()
