@@ -80,7 +80,12 @@ rounds (`ratio_interval`). Migration times here spread over a factor of 4 and do
 fall in two modes (about 4-15 ms and 17-65 ms; over QEMU's own connection the high one
 is mostly 43-50 ms, Nagle's wait), so a ratio of medians from a few rounds swings by
 more than the targets' margins: the interval says whether a "no" (or a "yes") is more
-than the noise of this run. Per migration, also the CPU time each process of a way
+than the noise of this run. Which migrations fall in the high mode (a stalled stream,
+see the README's "Benchmarks") is up to QEMU and the kernel, and the ways' counts of
+them differ by chance by more than the targets' margins; so two more comparisons with
+ours keep those counts out: the total with QEMU's own time pooled
+(`total_at_pooled_qemu_time`) and the mean downtime at a common stall rate
+(`downtime_at_common_stall_rate`), each with its interval. Per migration, also the CPU time each process of a way
 spent (the two daemons and this script for ours, this script for bare QMP;
 ``/proc/PID/task/*/schedstat``).
 
@@ -1058,8 +1063,8 @@ def ratio(ours: float | None, anchor: float | None) -> float | None:
     return None if ours is None or not anchor else ours / anchor
 
 
-def figure(value: float | None, unit: str = "ms") -> str:
-    return "-" if value is None else f"{value:.0f} {unit}"
+def figure(value: float | None, unit: str = "ms", *, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:.{digits}f} {unit}"
 
 
 def libvirt_anchor(figures: dict[str, Any], case: str, field: str) -> tuple[float | None, str]:
@@ -1078,26 +1083,82 @@ def beyond_qemu(samples: list[Sample]) -> float | None:
     return float(statistics.median(values)) if values else None
 
 
-def ratio_interval(
-    ours: list[Sample], bare: list[Sample], field: str
+Statistic = Callable[[list[Sample], list[Sample]], "tuple[float, float] | None"]
+
+
+def median_of(field: str) -> Statistic:
+    """Each way's median `field`."""
+
+    def statistic(ours: list[Sample], anchor: list[Sample]) -> tuple[float, float] | None:
+        a, b = median(ours, field), median(anchor, field)
+        return None if a is None or b is None else (a, b)
+
+    return statistic
+
+
+def total_at_pooled_qemu_time(
+    ours: list[Sample], anchor: list[Sample]
 ) -> tuple[float, float] | None:
-    """The 90 % interval of the ratio of medians (ours / bare), by a paired bootstrap:
+    """Each way's total were QEMU's own part of it (``total-time``) the same for both:
+    the median of both ways' QEMU times together, plus the way's median time beyond it
+    (`beyond_qemu`). Whether a migration stalls is up to QEMU and the kernel, not the
+    way; this keeps the ways' counts of stalls, which differ by chance, out of the
+    comparison of what each adds to QEMU's work."""
+    qemu = [s.qemu_ms for s in (*ours, *anchor) if s.qemu_ms is not None]
+    a, b = beyond_qemu(ours), beyond_qemu(anchor)
+    if not qemu or a is None or b is None:
+        return None
+    pooled = statistics.median(qemu)
+    return pooled + a, pooled + b
+
+
+def downtime_at_common_stall_rate(
+    ours: list[Sample], anchor: list[Sample]
+) -> tuple[float, float] | None:
+    """Each way's mean downtime were its switch-overs in the high mode (a stalled stream)
+    as often as both ways' together: the share p of both ways' downtimes above
+    `HIGH_MODE_MS`, then (1 - p) x the way's low mode's mean + p x its high mode's
+    (where a way has no downtime in a mode, the other way's mean stands in)."""
+    ways = [[s.downtime_ms for s in way if s.downtime_ms is not None] for way in (ours, anchor)]
+    values = [*ways[0], *ways[1]]
+    if not ways[0] or not ways[1]:
+        return None
+    high_share = sum(v > HIGH_MODE_MS for v in values) / len(values)
+
+    def mode_mean(way: list[float], high: bool) -> float | None:
+        chosen = [v for v in way if (v > HIGH_MODE_MS) == high]
+        return statistics.mean(chosen) if chosen else None
+
+    def standardized(way: int) -> float:
+        low, high = (
+            mode_mean(ways[way], high) or mode_mean(ways[1 - way], high) or 0.0
+            for high in (False, True)
+        )
+        return (1 - high_share) * low + high_share * high
+
+    return standardized(0), standardized(1)
+
+
+def ratio_interval(
+    ours: list[Sample], anchor: list[Sample], statistic: Statistic
+) -> tuple[float, float] | None:
+    """The 90 % interval of ours' `statistic` over the anchor's, by a paired bootstrap:
     `BOOTSTRAP_RESAMPLES` draws of the rounds with replacement (a round's two
     migrations stay together, as they shared the machine's moment). None without a
-    round that has both figures."""
-    pairs = [
-        (a, b)
-        for a, b in zip(ours, bare, strict=False)
-        if getattr(a, field) is not None and getattr(b, field)
-    ]
+    round to draw."""
+    pairs = list(zip(ours, anchor, strict=False))
     if not pairs:
         return None
     draw = random.Random(0)
-    ratios = sorted(
-        statistics.median(getattr(a, field) for a, _ in chosen)
-        / statistics.median(getattr(b, field) for _, b in chosen)
-        for chosen in (draw.choices(pairs, k=len(pairs)) for _ in range(BOOTSTRAP_RESAMPLES))
-    )
+    ratios: list[float] = []
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        chosen = draw.choices(pairs, k=len(pairs))
+        figures = statistic([a for a, _ in chosen], [b for _, b in chosen])
+        if figures is not None and figures[1]:
+            ratios.append(figures[0] / figures[1])
+    if not ratios:
+        return None
+    ratios.sort()
     return ratios[len(ratios) // 20], ratios[len(ratios) * 19 // 20]
 
 
@@ -1124,10 +1185,10 @@ def medians_by_name(samples: list[Sample], field: str) -> str:
 
 
 def interval_rows(
-    what: str, samples: dict[str, list[Sample]], anchor: str, field: str
+    what: str, samples: dict[str, list[Sample]], anchor: str, statistic: Statistic
 ) -> list[Row]:
-    """The row of the 90 % interval of ours' ratio to `anchor`'s way in `field`, if any."""
-    interval = ratio_interval(samples["ours"], samples[anchor], field)
+    """The row of the 90 % interval of ours' ratio to `anchor`'s way in `statistic`, if any."""
+    interval = ratio_interval(samples["ours"], samples[anchor], statistic)
     if interval is None:
         return []
     low, high = interval
@@ -1140,6 +1201,32 @@ def interval_rows(
             "-",
             None,
         )
+    ]
+
+
+#: The comparisons of ours and the bare script that keep the ways' chance counts of
+#: stalled migrations out (see `total_at_pooled_qemu_time`, `downtime_at_common_stall_rate`).
+STALL_FREE = {
+    "total": ("with QEMU's own time pooled", total_at_pooled_qemu_time),
+    "downtime": ("at a common stall rate (mean)", downtime_at_common_stall_rate),
+}
+
+
+def stall_free_rows(label: str, case: str, samples: dict[str, list[Sample]]) -> list[Row]:
+    what, statistic = STALL_FREE[label]
+    figures = statistic(samples["ours"], samples["bare"])
+    if figures is None:
+        return []
+    return [
+        Row(
+            f"(info) {label}, {case}, {what}",
+            figure(figures[0], digits=1),
+            f"{figure(figures[1], digits=1)} bare QMP",
+            ratio(*figures),
+            "-",
+            None,
+        ),
+        *interval_rows(f"{label}, {case}, {what}", samples, "bare", statistic),
     ]
 
 
@@ -1173,7 +1260,7 @@ def build_rows(figures: dict[str, Any]) -> list[Row]:
                     None if ours is None or bare is None else ours <= factor * bare,
                 )
             )
-            rows.extend(interval_rows(f"{label}, {case}", samples, "bare", field))
+            rows.extend(interval_rows(f"{label}, {case}", samples, "bare", median_of(field)))
             nodelay = median(samples["bare_nodelay"], field)
             rows.append(
                 Row(
@@ -1186,7 +1273,8 @@ def build_rows(figures: dict[str, Any]) -> list[Row]:
                 )
             )
             same_socket = f"{label}, {case}, vs the same socket"
-            rows.extend(interval_rows(same_socket, samples, "bare_nodelay", field))
+            rows.extend(interval_rows(same_socket, samples, "bare_nodelay", median_of(field)))
+            rows.extend(stall_free_rows(label, case, samples))
             libvirt, source = libvirt_anchor(figures, case, field)
             rows.append(
                 Row(
