@@ -58,7 +58,7 @@ from supervisor.net.nics import (
     tap_fds,
     with_tap_names,
 )
-from supervisor.qemu.accel import probe_kvm, resolve_accelerator
+from supervisor.qemu.accel import Accelerator, probe_kvm, resolve_accelerator
 from supervisor.qemu.capabilities import CapabilityCache, check_host_qemu
 from supervisor.qemu.cmdline import (
     argv_with_fds,
@@ -177,13 +177,15 @@ class Launcher:
         known_uuid: str | None,
         macs_in_use: Mapping[str, str] | None = None,
         hvparams: HvParams | None = None,
+        accel: Accelerator | None = None,
     ) -> RuntimeRecord:
         """Validate `spec`, lease what it needs and build its runtime record.
 
         `macs_in_use` maps the MACs of the node's other running instances to their
         names: a NIC must not share one (nor one of a start under way). `hvparams` are
         the resolved parameters to run with (a migration target takes its source's); by
-        default the spec's over the config's. Raises `InvalidConfigError` naming the
+        default the spec's over the config's. `accel` is the accelerator the caller
+        resolved for them already (its warning logged once). Raises `InvalidConfigError` naming the
         field at fault (nothing is leased then), `NetworkError` when the host cannot set
         up a NIC (its bridge is missing, say) and `HypervisorError` when QEMU cannot be
         probed.
@@ -203,7 +205,8 @@ class Launcher:
         raise_first(check_host_qemu(spec, hv, caps, kvm=self.kvm))
         paths = self.state_dir.instance(spec.name)
         raise_first(socket_path_problems(spec, hv, paths))
-        accel = resolve_accelerator(hv.kvm_flag, self.kvm, instance=spec.name)
+        if accel is None:
+            accel = resolve_accelerator(hv.kvm_flag, self.kvm, instance=spec.name)
         paths = self.state_dir.create_instance_dir(spec.name, group_id=self.group_id)
         uid = None
         try:

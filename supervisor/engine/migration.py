@@ -900,7 +900,12 @@ class Migrations:
         accel = resolve_accelerator(hv.kvm_flag, launcher.kvm, instance=spec.name)
         raise_first(payload_problems(payload, caps, accel))
         record = await launcher.prepare(
-            instance, spec, known_uuid=None, macs_in_use=self._sup._macs_in_use(), hvparams=hv
+            instance,
+            spec,
+            known_uuid=None,
+            macs_in_use=self._sup._macs_in_use(),
+            hvparams=hv,
+            accel=accel,
         )
         problems = layout_problems(
             payload,
