@@ -85,9 +85,9 @@ see the README's "Benchmarks") is up to QEMU and the kernel, and the ways' count
 them differ by chance by more than the targets' margins; so two more comparisons with
 ours keep those counts out: the total with QEMU's own time pooled
 (`total_at_pooled_qemu_time`) and the mean downtime at a common stall rate
-(`downtime_at_common_stall_rate`), each with its interval. Per migration, also the CPU time each process of a way
-spent (the two daemons and this script for ours, this script for bare QMP;
-``/proc/PID/task/*/schedstat``).
+(`downtime_at_common_stall_rate`), each with its interval. Per migration, also the
+CPU time each process of a way spent (the two daemons and this script for ours, this
+script for bare QMP; ``/proc/PID/task/*/schedstat``).
 
 Everything is cleaned up at the end, on error and on Ctrl-C too: the guests stopped
 with force (the daemons'), destroyed (libvirt's) or killed (the bare ones), the daemons
