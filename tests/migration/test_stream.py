@@ -71,20 +71,22 @@ def nodelay(sock: socket.socket) -> bool:
     return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
-async def start_slow_migration(source: Daemon, target: Daemon) -> tuple[str, int]:
-    """The first three steps of a migration of "vm" at `SLOW_MIB_S`: its payload and port."""
+async def accept_vm(source: Daemon, target: Daemon) -> tuple[str, int]:
+    """The first two steps of a migration of "vm": its payload and the target's port."""
     info = await source.call("migration.info", name="vm")
     accepted = await target.call(
         "migration.accept", spec=info["spec"], runtime=info["runtime"], address="127.0.0.1"
     )
-    await source.call(
-        "migration.start",
-        name="vm",
-        target="127.0.0.1",
-        port=accepted["port"],
-        bandwidth_mib_s=SLOW_MIB_S,
-    )
     return info["runtime"], int(accepted["port"])
+
+
+async def start_slow_migration(source: Daemon, target: Daemon) -> tuple[str, int]:
+    """The first three steps of a migration of "vm" at `SLOW_MIB_S`: its payload and port."""
+    runtime, port = await accept_vm(source, target)
+    await source.call(
+        "migration.start", name="vm", target="127.0.0.1", port=port, bandwidth_mib_s=SLOW_MIB_S
+    )
+    return runtime, port
 
 
 @pytest.mark.qemu
@@ -152,10 +154,7 @@ async def test_a_migrate_qemu_refuses_gives_the_stream_back_and_lets_the_target_
 ) -> None:
     async with two_daemons(configs) as (source, target):
         await source.sup.start(guest_spec("vm"), paused=True)
-        info = await source.call("migration.info", name="vm")
-        accepted = await target.call(
-            "migration.accept", spec=info["spec"], runtime=info["runtime"], address="127.0.0.1"
-        )
+        _, port = await accept_vm(source, target)
         target_pid = target.sup.info("vm").pid
         assert target_pid is not None
         # A real migration blocker: ivshmem's peer mode (master=off, the default).
@@ -164,14 +163,12 @@ async def test_a_migrate_qemu_refuses_gives_the_stream_back_and_lets_the_target_
         )
         await source.sup.qmp("vm", "device_add", {"driver": "ivshmem-plain", "memdev": "shm"})
         with pytest.raises(RPCError) as refused:
-            await source.call(
-                "migration.start", name="vm", target="127.0.0.1", port=accepted["port"]
-            )
+            await source.call("migration.start", name="vm", target="127.0.0.1", port=port)
         assert refused.value.code == MIGRATION_ERROR
         assert "migrate: " in refused.value.message and "ivshmem" in refused.value.message
         pid = source.sup.info("vm").pid
         assert pid is not None
-        with sockets_to_port(pid, accepted["port"]) as streams:
+        with sockets_to_port(pid, port) as streams:
             assert streams == []  # closefd: QEMU's copy is gone
         # The target's QEMU saw the stream end: its incoming migration failed, and its
         # daemon removed it.
