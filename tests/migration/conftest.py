@@ -28,7 +28,9 @@ from supervisor.control.server import serve_control
 from supervisor.model.config import Config
 from supervisor.qemu.migration_progress import FINISHED
 
-HEARTBEAT = re.compile(rb"KVS-HEARTBEAT (\d+)")
+#: A whole heartbeat line: one the guest was writing when it stopped is cut in two, its
+#: start in the source's log and its end in the target's.
+HEARTBEAT = re.compile(rb"KVS-HEARTBEAT (\d+)\r?\n")
 #: Short, so the stall guard's test does not wait 30 s.
 STALL_TIMEOUT_S = 2.0
 #: Slow enough that a test can act while the migration runs (a test guest sends tens of
@@ -130,13 +132,35 @@ async def migrate_steps(source: Daemon, target: Daemon, name: str = "vm") -> tup
     raise AssertionError("the source's events ended before the migration did")
 
 
-def heartbeats(log: Path) -> list[int]:
-    """The numbers of the heartbeat lines in a serial log, in order."""
+def serial_output(log: Path) -> bytes:
+    """What a serial log holds so far; nothing before QEMU made it."""
     try:
-        text = log.read_bytes()
+        return log.read_bytes()
     except FileNotFoundError:
-        return []
+        return b""
+
+
+def heartbeats_in(text: bytes) -> list[int]:
+    """The numbers of the whole heartbeat lines in serial output, in order."""
     return [int(number) for number in HEARTBEAT.findall(text)]
+
+
+def heartbeats(log: Path) -> list[int]:
+    """The numbers of the whole heartbeat lines in a serial log, in order."""
+    return heartbeats_in(serial_output(log))
+
+
+async def counts_on_across(left_behind: bytes, target_log: Path) -> None:
+    """The guest counts on at the target from where it stopped at the source, no number
+    skipped and no reboot. `left_behind` is the source's serial output once its guest
+    stopped for good; the two logs read as one console, since the line the guest was
+    writing at the switch-over begins in one and ends in the other."""
+    last = heartbeats_in(left_behind)[-1]
+    await wait_heartbeat(target_log, last + 2)
+    arrived = serial_output(target_log)
+    numbers = heartbeats_in(left_behind + arrived)
+    assert numbers[numbers.index(last) :][:3] == [last, last + 1, last + 2]
+    assert b"KVS-GUEST-READY" not in arrived
 
 
 async def wait_heartbeat(log: Path, at_least: int, timeout_s: float = 90) -> list[int]:
