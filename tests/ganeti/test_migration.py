@@ -13,7 +13,8 @@ from helpers import wait_gone, wait_until
 
 from .vcluster import BOOT_TIMEOUT_S, GUEST_MIB, VirtualCluster
 
-_HEARTBEAT = re.compile(rb"KVS-HEARTBEAT (\d+)")
+#: Whole lines only: the line the guest was writing at the switch-over is cut in two.
+_HEARTBEAT = re.compile(rb"KVS-HEARTBEAT (\d+)\r?\n")
 
 
 def last_heartbeat(log: Path) -> int:
