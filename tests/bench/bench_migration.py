@@ -12,7 +12,8 @@ way's guest is started and booted (its ready marker on the serial console) befor
 first migration, then migrated back and forth between two ends, at each bandwidth limit
 of `ROUNDS_AT_BANDWIDTH` in turn (a case: a size at a limit): one warm-up migration per
 way, then that many interleaved rounds of one migration per way (the order rotating
-from round to round; every migration of a round started the same random time, up to
+from round to round so that each way follows every other equally often, see
+`balanced_orders`; every migration of a round started the same random time, up to
 `HEARTBEAT_PERIOD_S`, after a heartbeat of its guest, so that all ways meet the beat
 alike, see there). All ways use the same limits: the case's bandwidth (128
 MiB/s, QEMU's default; then none, libvirt's default) and a `DOWNTIME_MS` downtime limit.
@@ -114,7 +115,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,9 +144,11 @@ SIZES_MIB = (96, 256)
 #: (plain QEMU 620 ms for a 96 MiB guest); the migration then takes about 0.5 s and
 #: varies little, so fewer rounds do. 0: no limit (libvirt's default), where QEMU's own
 #: time is a fifth of that and spreads over a factor of 4: the strictest case for a
-#: fixed overhead, and 101 rounds narrow a total's ratio to about +-6 %.
-ROUNDS_LIMITED = 41
-ROUNDS_UNLIMITED = 101
+#: fixed overhead, and about 100 rounds narrow a total's ratio to about +-6 %. Both are
+#: multiples of 12, so that every way has each predecessor equally often with 3 or 4 ways
+#: (`balanced_orders`).
+ROUNDS_LIMITED = 48
+ROUNDS_UNLIMITED = 96
 ROUNDS_AT_BANDWIDTH = {128: ROUNDS_LIMITED, 0: ROUNDS_UNLIMITED}
 WARMUP = 1
 #: The test guest prints its heartbeat once a second, and each beat (a fork of `sleep`,
@@ -221,6 +224,29 @@ class Sample(msgspec.Struct):
     steps: dict[str, float] = msgspec.field(default_factory=dict)
     #: CPU time (ms) each process of the way spent during the migration, by role.
     cpu_ms: dict[str, float] = msgspec.field(default_factory=dict)
+
+
+def balanced_orders(ways: Sequence[str]) -> list[tuple[str, ...]]:
+    """Orders of `ways` for successive rounds in which each way comes first, and
+    follows each other way, equally often (a Williams design: n orders for an even
+    number of ways, 2n for an odd one).
+
+    A way's figures may depend on the migration just before it (the machine's caches,
+    the memory the previous way's QEMU just gave back): a plain rotation gives each way
+    the same predecessor in every round."""
+    count = len(ways)
+    first: list[int] = [0]
+    low, high = 1, count - 1
+    while len(first) < count:
+        first.append(low)
+        low += 1
+        if len(first) < count:
+            first.append(high)
+            high -= 1
+    rows = [[(index + shift) % count for index in first] for shift in range(count)]
+    if count % 2:
+        rows += [row[::-1] for row in rows]
+    return [tuple(ways[index] for index in row) for row in rows]
 
 
 def cpu_ns(pid: int) -> int:
@@ -920,11 +946,13 @@ class Run:
             "libvirt": lambda: self.libvirt_migrate(bandwidth),
         }
         phases = random.Random(f"{case.size_mib} {bandwidth}")
+        running = tuple(way for way in WAYS if way != "libvirt" or self.libvirt is not None)
+        orders = balanced_orders(running)
         for _ in range(WARMUP):
-            for way in WAYS:
+            for way in running:
                 await migrations[way]()
         for index in range(rounds):
-            order = WAYS[index % len(WAYS) :] + WAYS[: index % len(WAYS)]
+            order = orders[index % len(orders)]
             phase_s = phases.random() * HEARTBEAT_PERIOD_S
             for way in order:
                 if way in logs:
