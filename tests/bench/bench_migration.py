@@ -11,9 +11,9 @@ live four ways on this machine, once with 96 MiB and once with 256 MiB of memory
 way's guest is started and booted (its ready marker on the serial console) before the
 first migration, then migrated back and forth between two ends, at each bandwidth limit
 of `ROUNDS_AT_BANDWIDTH` in turn (a case: a size at a limit): one warm-up migration per
-way, then that many interleaved rounds of one migration per way (the order rotating
-from round to round so that each way follows every other equally often, see
-`balanced_orders`; every migration of a round started the same random time, up to
+way, then that many interleaved rounds of one migration per way (the order changing
+from round to round so that each way comes first, and follows every other, equally
+often, see `balanced_orders`; every migration of a round started the same random time, up to
 `HEARTBEAT_PERIOD_S`, after a heartbeat of its guest, so that all ways meet the beat
 alike, see there). All ways use the same limits: the case's bandwidth (128
 MiB/s, QEMU's default; then none, libvirt's default) and a `DOWNTIME_MS` downtime limit.
