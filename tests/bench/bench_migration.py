@@ -13,9 +13,9 @@ first migration, then migrated back and forth between two ends, at each bandwidt
 of `ROUNDS_AT_BANDWIDTH` in turn (a case: a size at a limit): one warm-up migration per
 way, then that many interleaved rounds of one migration per way (the order changing
 from round to round so that each way comes first, and follows every other, equally
-often, see `balanced_orders`; every migration of a round started the same random time, up to
-`HEARTBEAT_PERIOD_S`, after a heartbeat of its guest, so that all ways meet the beat
-alike, see there). All ways use the same limits: the case's bandwidth (128
+often, see `balanced_orders`; every migration of a round started the same random time,
+up to `HEARTBEAT_PERIOD_S`, after a heartbeat of its guest, so that all ways meet the
+beat alike, see there). All ways use the same limits: the case's bandwidth (128
 MiB/s, QEMU's default; then none, libvirt's default) and a `DOWNTIME_MS` downtime limit.
 Two figures per migration, defined alike for all ways:
 
