@@ -2,7 +2,7 @@
 cadence of the progress events.
 
 Run (as root): ``.venv/bin/python tests/bench/bench_migration.py [--json] [--rounds N]
-[--bandwidth MIB_S ...] [--no-libvirt]``. Asserts nothing: prints the figures, their
+[--bandwidth MIB_S ...] [--no-libvirt] [--control]``. Asserts nothing: prints the figures, their
 anchors (measured in the same run), the ratios and whether each target is met (exit
 status 0 either way).
 
@@ -75,6 +75,11 @@ The ways:
    several seconds; per migration, the events per second between the first and the last
    event, and the longest gap between two. Target: at least 2 per second (the daemon's
    default ``migration_progress_interval_s`` is 0.5 s).
+6. With ``--control``: bare QMP again, a second copy of way 2 with a guest of its own,
+   measured as ours is against way 2 (rows "bare QMP again (the control)"). The two
+   are the same script, so their ratios are what chance alone makes of each statistic
+   in this run: a target that the control's interval also crosses cannot be decided by
+   that statistic.
 
 Beside the medians, for each ratio: its 90 % interval from a paired bootstrap over the
 rounds (`ratio_interval`). Migration times here spread over a factor of 4 and downtimes
@@ -102,6 +107,7 @@ import argparse
 import array
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -198,14 +204,18 @@ MIB = 1024 * 1024
 LIBVIRT_FALLBACK = {"total_ms": 839.0, "downtime_ms": 101.0}
 BARE_FALLBACK = {"total_ms": 620.0, "downtime_ms": 71.0}
 
-WAYS = ("ours", "bare", "bare_nodelay", "libvirt")
+WAYS = ("ours", "bare", "bare_nodelay", "bare_again", "libvirt")
 #: How the report names the ways.
 WAY_LABELS = {
     "ours": "ours",
     "bare": "bare QMP",
     "bare_nodelay": "bare QMP over a TCP_NODELAY socket",
+    "bare_again": "bare QMP again (the control)",
     "libvirt": "libvirt",
 }
+#: The bare script's ways: their names here and their scratch dirs', and whether each
+#: hands QEMU a ``TCP_NODELAY`` socket.
+BARE_WAYS = {"bare": False, "bare_nodelay": True, "bare_again": False}
 
 
 def log(message: str) -> None:
@@ -833,8 +843,12 @@ class Run:
         daemons: tuple[Daemon, Daemon],
         libvirtds: tuple[PrivateLibvirtd, PrivateLibvirtd] | None,
         rounds: dict[int, int],
+        *,
+        control: bool = False,
     ) -> None:
         self.workdir = workdir
+        #: Whether the control way (`WAYS`' ``bare_again``) runs.
+        self.control = control
         self.daemons = daemons
         self.libvirt = None if libvirtds is None else Libvirt(libvirtds)
         self.libvirt_problem: str | None = None
@@ -855,13 +869,14 @@ class Run:
         for daemon in self.daemons:
             await daemon.wait_ready()
         benches = (Bench(self.daemons[0]), Bench(self.daemons[1]))
-        bares: list[Bare] = []
-        for name, nodelay in (("bare", False), ("bare-nodelay", True)):
+        bares: dict[str, Bare] = {}
+        for name, nodelay in BARE_WAYS.items():
+            if name == "bare_again" and not self.control:
+                continue
             scratches = (self.workdir / f"{name}-0", self.workdir / f"{name}-1")
             for scratch in scratches:
                 scratch.mkdir()
-            bares.append(Bare(scratches, nodelay=nodelay))
-        bare, bare_nodelay = bares
+            bares[name] = Bare(scratches, nodelay=nodelay)
         try:
             async with (
                 connect_unix(self.daemons[0].socket) as first,
@@ -869,10 +884,10 @@ class Run:
             ):
                 ours = Ours(self.daemons, (first, second))
                 for size in SIZES_MIB:
-                    await self.measure_size(size, ours, bare, bare_nodelay, benches[0])
+                    await self.measure_size(size, ours, bares, benches[0])
                 await self.measure_cadence(ours)
         finally:
-            for each in bares:
+            for each in bares.values():
                 await each.stop()
             if self.libvirt is not None:
                 with contextlib.suppress(LibvirtUnavailable, OSError, subprocess.SubprocessError):
@@ -894,19 +909,17 @@ class Run:
             return None
 
     async def measure_size(
-        self, size: int, ours: Ours, bare: Bare, bare_nodelay: Bare, bench: Bench
+        self, size: int, ours: Ours, bares: dict[str, Bare], bench: Bench
     ) -> None:
         name = f"mig{size}"
-        log(f"{size} MiB guest: starting it {len(WAYS)} ways")
+        ways = 1 + len(bares) + (self.libvirt is not None)
+        log(f"{size} MiB guest: starting it {ways} ways")
         await ours.start(name, size)
         argv = bench.bare_argv(name, daemonize=False)
-        await bare.start(argv, bench.scratch)
-        await bare_nodelay.start(argv, bench.scratch)
-        logs = {
-            "ours": ours.serial_log,
-            "bare": bare.serial_log,
-            "bare_nodelay": bare_nodelay.serial_log,
-        }
+        logs = {"ours": ours.serial_log}
+        for way, bare in bares.items():
+            await bare.start(argv, bench.scratch)
+            logs[way] = bare.serial_log
         if self.libvirt is not None:
             libvirt = self.libvirt
             await self.libvirt_step(lambda: libvirt.start(f"kvsbench-{name}", size))
@@ -916,10 +929,10 @@ class Run:
             *(wait_ready_marker(path, f"{way} {size} MiB") for way, path in logs.items())
         )
         for bandwidth, rounds in self.rounds.items():
-            await self.measure_case(Case(size, bandwidth), rounds, ours, bare, bare_nodelay, logs)
+            await self.measure_case(Case(size, bandwidth), rounds, ours, bares, logs)
         await ours.stop()
-        await bare.stop()
-        await bare_nodelay.stop()
+        for bare in bares.values():
+            await bare.stop()
         if self.libvirt is not None:
             libvirt = self.libvirt
             await self.libvirt_step(libvirt.stop)
@@ -929,8 +942,7 @@ class Run:
         case: Case,
         rounds: int,
         ours: Ours,
-        bare: Bare,
-        bare_nodelay: Bare,
+        bares: dict[str, Bare],
         logs: dict[str, Callable[[], Path]],
     ) -> None:
         """`rounds` interleaved rounds of `case` (its guest booted each way, each way's
@@ -941,12 +953,15 @@ class Run:
         bandwidth = case.bandwidth_mib_s
         migrations: dict[str, Callable[[], Awaitable[Sample | None]]] = {
             "ours": lambda: self.ours_migrate(ours, self.round_cadences, bandwidth),
-            "bare": lambda: bare.migrate(bandwidth),
-            "bare_nodelay": lambda: bare_nodelay.migrate(bandwidth),
+            **{way: functools.partial(bare.migrate, bandwidth) for way, bare in bares.items()},
             "libvirt": lambda: self.libvirt_migrate(bandwidth),
         }
         phases = random.Random(f"{case.size_mib} {bandwidth}")
-        running = tuple(way for way in WAYS if way != "libvirt" or self.libvirt is not None)
+        running = tuple(
+            way
+            for way in WAYS
+            if way in migrations and (way != "libvirt" or self.libvirt is not None)
+        )
         orders = balanced_orders(running)
         for _ in range(WARMUP):
             for way in running:
@@ -1213,10 +1228,14 @@ def medians_by_name(samples: list[Sample], field: str) -> str:
 
 
 def interval_rows(
-    what: str, samples: dict[str, list[Sample]], anchor: str, statistic: Statistic
+    what: str,
+    samples: dict[str, list[Sample]],
+    anchor: str,
+    statistic: Statistic,
+    way: str = "ours",
 ) -> list[Row]:
-    """The row of the 90 % interval of ours' ratio to `anchor`'s way in `statistic`, if any."""
-    interval = ratio_interval(samples["ours"], samples[anchor], statistic)
+    """The row of the 90 % interval of `way`'s ratio to `anchor`'s in `statistic`, if any."""
+    interval = ratio_interval(samples[way], samples[anchor], statistic)
     if interval is None:
         return []
     low, high = interval
@@ -1224,7 +1243,7 @@ def interval_rows(
         Row(
             f"(info) {what}: the ratio's 90% interval",
             f"{low:.2f}x - {high:.2f}x",
-            f"bootstrap over {len(samples['ours'])} rounds",
+            f"bootstrap over {len(samples[way])} rounds",
             None,
             "-",
             None,
@@ -1240,11 +1259,16 @@ STALL_FREE = {
 }
 
 
-def stall_free_rows(label: str, case: str, samples: dict[str, list[Sample]]) -> list[Row]:
+def stall_free_rows(
+    label: str, case: str, samples: dict[str, list[Sample]], way: str = "ours"
+) -> list[Row]:
+    """`label`'s comparisons of `way` and bare QMP that keep the stall counts out."""
     what, statistic = STALL_FREE[label]
-    figures = statistic(samples["ours"], samples["bare"])
+    figures = statistic(samples[way], samples["bare"])
     if figures is None:
         return []
+    if way != "ours":
+        what = f"{what}, {WAY_LABELS[way]}"
     return [
         Row(
             f"(info) {label}, {case}, {what}",
@@ -1254,7 +1278,28 @@ def stall_free_rows(label: str, case: str, samples: dict[str, list[Sample]]) -> 
             "-",
             None,
         ),
-        *interval_rows(f"{label}, {case}, {what}", samples, "bare", statistic),
+        *interval_rows(f"{label}, {case}, {what}", samples, "bare", statistic, way),
+    ]
+
+
+def control_rows(label: str, field: str, case: str, samples: dict[str, list[Sample]]) -> list[Row]:
+    """The control's rows of `label` in `case`: bare QMP against a second copy of
+    itself, each statistic as ours is compared (none without the control's samples)."""
+    if not samples["bare_again"]:
+        return []
+    again, bare = median(samples["bare_again"], field), median(samples["bare"], field)
+    what = f"{label}, {case} (median), {WAY_LABELS['bare_again']}"
+    return [
+        Row(
+            f"(info) {what}",
+            figure(again),
+            f"{figure(bare)} bare QMP",
+            ratio(again, bare),
+            "-",
+            None,
+        ),
+        *interval_rows(what, samples, "bare", median_of(field), "bare_again"),
+        *stall_free_rows(label, case, samples, "bare_again"),
     ]
 
 
@@ -1303,6 +1348,7 @@ def build_rows(figures: dict[str, Any]) -> list[Row]:
             same_socket = f"{label}, {case}, vs the same socket"
             rows.extend(interval_rows(same_socket, samples, "bare_nodelay", median_of(field)))
             rows.extend(stall_free_rows(label, case, samples))
+            rows.extend(control_rows(label, field, case, samples))
             libvirt, source = libvirt_anchor(figures, case, field)
             rows.append(
                 Row(
@@ -1382,7 +1428,9 @@ def format_notes(figures: dict[str, Any], libvirt_problem: str) -> str:
                     f"(ms) {spread(samples[way], 'qemu_ms')}; MiB sent, median "
                     f"{median(samples[way], 'sent_mib') or 0:.1f}"
                 )
-        for way in ("ours", "bare", "bare_nodelay"):
+        for way in ("ours", *BARE_WAYS):
+            if not samples[way]:
+                continue
             lines.append(
                 f"{case}, {way}, steps (medians, ms): {medians_by_name(samples[way], 'steps')}"
             )
@@ -1435,6 +1483,13 @@ def main(argv: list[str] | None = None) -> int:
         + ")",
     )
     parser.add_argument("--no-libvirt", action="store_true", help="use the earlier libvirt figures")
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="also migrate a second copy of the bare QMP way and compare it with the first"
+        " as ours is: what chance alone makes of each ratio (a fifth way with libvirt: use"
+        " a multiple of 10 rounds for balanced orders)",
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         log("needs root (the private libvirtds, QEMU's pid files)")
@@ -1455,7 +1510,7 @@ def main(argv: list[str] | None = None) -> int:
             rounds = {
                 b: args.rounds or (ROUNDS_LIMITED if b else ROUNDS_UNLIMITED) for b in bandwidths
             }
-            run = Run(workdir, daemons, libvirtds, rounds)
+            run = Run(workdir, daemons, libvirtds, rounds, control=args.control)
             try:
                 asyncio.run(run.run())
             except Exception:

@@ -10,7 +10,14 @@ import pytest
 from bench_migration import ROUNDS_LIMITED, ROUNDS_UNLIMITED, WAYS, balanced_orders
 
 
-@pytest.mark.parametrize("ways", [WAYS, tuple(way for way in WAYS if way != "libvirt")])
+def without(*left_out: str) -> tuple[str, ...]:
+    return tuple(way for way in WAYS if way not in left_out)
+
+
+# The default run, `--no-libvirt`, `--no-libvirt --control` (4, 3 and 4 ways).
+@pytest.mark.parametrize(
+    "ways", [without("bare_again"), without("bare_again", "libvirt"), without("libvirt")]
+)
 @pytest.mark.parametrize("rounds", [ROUNDS_LIMITED, ROUNDS_UNLIMITED])
 def test_every_way_leads_and_follows_every_other_equally_often(
     ways: tuple[str, ...], rounds: int
