@@ -179,21 +179,23 @@ class QMPClient:
         commands: Sequence[tuple[str, Mapping[str, Any] | None]],
         *,
         timeout: float | None = None,  # noqa: ASYNC109 - as execute's
+        fds: Sequence[int] = (),
     ) -> list[Any]:
         """Send `commands` at once, in order, and return their ``return`` values in order.
 
         One write and one wait instead of a round trip per command. QEMU runs them one
         after the other as they came, each whatever became of the ones before it: send
         together only commands that may all run even when an earlier one fails.
-        `timeout` applies to each reply, as in `execute`.
+        `timeout` applies to each reply, as in `execute`; `fds` go with the first
+        command, as `execute` sends them (``getfd``, then a command that uses it).
 
         Raises what `execute` raises, for the first command (in order) that failed, once
         every reply is in (or the connection is gone).
         """
         calls: list[_PendingCall] = []
         try:
-            for command, arguments in commands:
-                calls.append(self._submit(command, arguments, timeout, ()))
+            for index, (command, arguments) in enumerate(commands):
+                calls.append(self._submit(command, arguments, timeout, () if index else fds))
             for call in calls:
                 await call.done.wait()
         finally:

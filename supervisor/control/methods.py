@@ -117,6 +117,19 @@ async def _migration_accept(
     )
 
 
+async def _migration_prepare(
+    sup: Supervisor, params: api.MigrationPrepareParams
+) -> api.MigrationPrepareResult:
+    applied = await sup.migrations.prepare(
+        params.name,
+        live=params.live,
+        bandwidth_mib_s=params.bandwidth_mib_s,
+        downtime_ms=params.downtime_ms,
+        capabilities=params.capabilities,
+    )
+    return api.MigrationPrepareResult(applied=applied)
+
+
 async def _migration_start(
     sup: Supervisor, params: api.MigrationStartParams
 ) -> api.MigrationStartResult:
@@ -251,6 +264,13 @@ METHODS: dict[str, Method] = {
             api.MigrationAcceptResult,
             _migration_accept,
             "Target: start QEMU waiting for the guest; returns the port it listens on.",
+        ),
+        Method(
+            "migration.prepare",
+            api.MigrationPrepareParams,
+            api.MigrationPrepareResult,
+            _migration_prepare,
+            "Source: apply migration.start's settings beforehand (beside migration.accept).",
         ),
         Method(
             "migration.start",

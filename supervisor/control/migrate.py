@@ -7,7 +7,9 @@ manager can run itself over two JSON-RPC connections (`protocols.jsonrpc`)::
         result = await migrate(source, target, "web1", address="10.0.0.2")
 
 The steps are Ganeti's: ``migration.info`` on the source, ``migration.accept`` on the
-target, ``migration.start`` on the source, then, following the source's
+target (and beside it ``migration.prepare`` on the source, which gives its QEMU the
+migration's settings while the target's QEMU starts), ``migration.start`` on the source,
+then, following the source's
 ``migration.progress`` events to the migration's end, ``migration.finalize_target``
 and ``migration.finalize_source``. The two finalizes of a completed migration run at
 once (Ganeti ends the source first): the source completes only once the target has
@@ -81,6 +83,24 @@ async def migrate(
     should it have completed meanwhile, it is finalized as a success instead.
     """
     subscription: int | None = None
+    settings = {
+        key: value
+        for key, value in (
+            ("live", live),
+            ("bandwidth_mib_s", bandwidth_mib_s),
+            ("downtime_ms", downtime_ms),
+            ("capabilities", None if capabilities is None else list(capabilities)),
+        )
+        if value is not None
+    }
+    #: The steps that succeeded before the migration began, to undo should another fail.
+    done: set[str] = set()
+    runtime = ""
+
+    async def step(client: RPCClient, method: str, params: dict[str, Any]) -> Any:
+        result = await client.call(method, params)
+        done.add(method)
+        return result
 
     async def subscribe() -> None:
         nonlocal subscription
@@ -97,7 +117,7 @@ async def migrate(
             source.call("instance.info", {"name": name}),
             subscribe(),
         )
-        runtime: str = info["runtime"]
+        runtime = info["runtime"]
         accept: dict[str, Any] = {
             "spec": info["spec"],
             "runtime": runtime,
@@ -106,23 +126,20 @@ async def migrate(
         }
         if capabilities is not None:
             accept["capabilities"] = list(capabilities)
-        accepted = await target.call("migration.accept", accept)
+        accepted, _ = await _gather(
+            step(target, "migration.accept", accept),
+            step(source, "migration.prepare", {"name": name, **settings}),
+        )
     except BaseException:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
+            await _undo_before_start(source, target, name, done, runtime)
         await _unsubscribe(source, subscription)
         raise
     assert subscription is not None
     steps = _Steps(source, target, name, runtime, resume=before["state"] == "running")
     completed = False
     try:
-        start: dict[str, Any] = {"name": name, "target": address, "port": accepted["port"]}
-        for key, value in (
-            ("live", live),
-            ("bandwidth_mib_s", bandwidth_mib_s),
-            ("downtime_ms", downtime_ms),
-            ("capabilities", None if capabilities is None else list(capabilities)),
-        ):
-            if value is not None:
-                start[key] = value
+        start = {"name": name, "target": address, "port": accepted["port"], **settings}
         began = anyio.current_time()
         await source.call("migration.start", start)
         with ungrouped():
@@ -181,6 +198,22 @@ async def _gather(*calls: Awaitable[Any]) -> list[Any]:
         if failure is not None:
             raise failure
     return results
+
+
+async def _undo_before_start(
+    source: RPCClient, target: RPCClient, name: str, done: set[str], runtime: str
+) -> None:
+    """Undo what of ``migration.accept`` and ``migration.prepare`` succeeded when the
+    other failed (best effort, as `_Steps.give_back`)."""
+    with contextlib.suppress(RPCError, RPCConnectionLostError):
+        if "migration.prepare" in done:
+            await source.call("migration.finalize_source", {"name": name, "success": False})
+    with contextlib.suppress(RPCError, RPCConnectionLostError):
+        if "migration.accept" in done:
+            await target.call(
+                "migration.finalize_target",
+                {"name": name, "runtime": runtime, "success": False},
+            )
 
 
 async def _unsubscribe(source: RPCClient, subscription: int | None) -> None:

@@ -151,6 +151,7 @@ def _admin_only(method: str) -> Callable[[Any, Config], None]:
 MIGRATION_METHODS: Final = (
     "migration.info",
     "migration.accept",
+    "migration.prepare",
     "migration.start",
     "migration.status",
     "migration.cancel",

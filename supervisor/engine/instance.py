@@ -134,6 +134,9 @@ class Instance:
         self._operation_lock = anyio.Lock()
         #: What holds the instance beyond one call (its outgoing migration); see `held_by`.
         self.hold: str | None = None
+        #: QMP commands of clients passed through so far (`qmp_passthrough`): a count
+        #: that moved means QEMU's settings may not be the daemon's any more.
+        self.passthroughs = 0
         #: The current run's task group: tasks that live as long as this QEMU does.
         self._run_tasks: anyio.abc.TaskGroup | None = None
         self._exited = anyio.Event()
@@ -588,7 +591,9 @@ class Instance:
         refusal = qmp_refusal(command)
         if refusal is not None:
             raise InvalidConfigError("command", refusal)
-        return await self._execute(self.require_running(), command, arguments)
+        client = self.require_running()
+        self.passthroughs += 1
+        return await self._execute(client, command, arguments)
 
     async def human_monitor(self, command: str) -> str:
         """Run an HMP command line for a client (`monitor_commands.REFUSED_HMP` are refused).

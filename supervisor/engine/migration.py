@@ -7,9 +7,10 @@ cluster manager) over both daemons' control sockets::
     info(name) -> runtime payload  ----------->  accept(spec, runtime, address, port)
                                                    QEMU -S -incoming defer: `incoming`
                                                    capabilities, migrate-incoming, cont;
+    [prepare(name): capabilities, parameters]      (beside accept: optional)
                                    <-----------    -> the port QEMU bound
     start(name, target, port)
-      capabilities, parameters, [stop], migrate: `migrating`
+      capabilities, parameters (unless prepared), [stop], migrate: `migrating`
       a task follows QEMU: migration.progress events, stall guard
     ...  completed, failed or cancelled  ...
                                                  finalize_target(name, runtime, success)
@@ -71,6 +72,7 @@ from supervisor.model.errors import (
     SupervisorError,
     host_io_errors,
 )
+from supervisor.model.hvparams import HvParams
 from supervisor.model.spec import InstanceSpec
 from supervisor.model.states import InstanceState, state_for_qemu_status
 from supervisor.model.validation import raise_first
@@ -147,6 +149,50 @@ def _split_caps(hvparam: str) -> list[str]:
     return [name for name in hvparam.split(":") if name]
 
 
+class _Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """What an outgoing migration sets on QEMU before ``migrate``, and how it runs."""
+
+    live: bool
+    #: `ALWAYS_ON` and the chosen ones.
+    capabilities: tuple[str, ...]
+    #: The field an unknown capability is reported under.
+    capabilities_field: str
+    #: ``migrate-set-parameters`` arguments (TLS's aside).
+    parameters: dict[str, int]
+
+
+def _settings(
+    hv: HvParams,
+    *,
+    live: bool | None,
+    bandwidth_mib_s: int | None,
+    downtime_ms: int | None,
+    capabilities: Sequence[str] | None,
+) -> _Settings:
+    """The settings of a migration of a guest with `hv`; absent values from `hv`."""
+    if capabilities is None:
+        names, field = _split_caps(hv.migration_caps), "spec.hvparams.migration_caps"
+    else:
+        names, field = list(capabilities), "capabilities"
+    bandwidth = hv.migration_bandwidth if bandwidth_mib_s is None else bandwidth_mib_s
+    downtime = hv.migration_downtime if downtime_ms is None else downtime_ms
+    return _Settings(
+        live=hv.migration_mode == "live" if live is None else live,
+        capabilities=_capability_list(names),
+        capabilities_field=field,
+        parameters={"max-bandwidth": bandwidth * MIB, "downtime-limit": downtime},
+    )
+
+
+class _Prepared(msgspec.Struct, frozen=True, kw_only=True):
+    """Settings `Migrations.prepare` gave a QEMU (`client`'s), when no QMP command of a
+    client had been passed through to it since the instance's `passthroughs`."""
+
+    client: qmp.QMPClient
+    passthroughs: int
+    settings: _Settings
+
+
 class _SocketAddress(msgspec.Struct):
     port: int | str
 
@@ -183,12 +229,14 @@ async def _execute(
 
 
 async def _execute_in_order(
-    client: qmp.QMPClient, *commands: tuple[str, Mapping[str, Any] | None]
+    client: qmp.QMPClient,
+    *commands: tuple[str, Mapping[str, Any] | None],
+    fds: Sequence[int] = (),
 ) -> list[Any]:
-    """QMP commands of a migration sent at once (`QMPClient.execute_in_order`): their
-    results; the first refusal is a `MigrationError` quoting it."""
+    """QMP commands of a migration sent at once (`QMPClient.execute_in_order`, `fds`
+    with the first): their results; the first refusal is a `MigrationError` quoting it."""
     with _migration_errors(", ".join(command for command, _ in commands)):
-        return await client.execute_in_order(commands)
+        return await client.execute_in_order(commands, fds=fds)
 
 
 @contextlib.contextmanager
@@ -251,6 +299,19 @@ async def _settle_and_hand_over(
                 )
     if failures:
         raise failures[0]
+
+
+def _settings_commands(
+    settings: _Settings, *, tls_creds: str, tls_hostname: str | None = None
+) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """The QMP commands that give QEMU `settings` and TLS's (``tls_creds`` "": none)."""
+    parameters: dict[str, Any] = {**settings.parameters, "tls-creds": tls_creds}
+    if tls_hostname is not None:
+        parameters["tls-hostname"] = tls_hostname
+    return (
+        _set_capabilities(settings.capabilities),
+        ("migrate-set-parameters", parameters),
+    )
 
 
 def _set_capabilities(names: Sequence[str]) -> tuple[str, dict[str, Any]]:
@@ -356,11 +417,10 @@ class _Outgoing:
         *,
         uri: str,
         address: tuple[str, int] | None = None,
-        live: bool,
+        settings: _Settings,
+        prepared: bool = False,
+        clear_first: bool = False,
         resume: bool,
-        capabilities: tuple[str, ...],
-        capabilities_field: str,
-        parameters: Mapping[str, int],
         progress: MigrationProgress,
         postcopy_after: int | None = None,
     ) -> None:
@@ -368,12 +428,12 @@ class _Outgoing:
         #: The target's host and port, for a migration this daemon begins (not one it
         #: follows again after a restart).
         self.address = address
-        self.live = live
-        self.capabilities = capabilities
-        #: The field an unknown capability is reported under.
-        self.capabilities_field = capabilities_field
-        #: ``migrate-set-parameters`` arguments.
-        self.parameters = parameters
+        self.settings = settings
+        self.live = settings.live
+        #: QEMU holds the settings already (`Migrations.prepare`), or other ones from
+        #: it, to be cleared first.
+        self.prepared = prepared
+        self.clear_first = clear_first
         #: The guest ran when the migration began: a failed one resumes it.
         self.resume = resume
         self.progress = progress
@@ -411,6 +471,9 @@ class Migrations:
         #: The outgoing migration of each instance, from `start` to `finalize_source`
         #: (or the next `start`): at most one per instance.
         self._outgoing: dict[str, _Outgoing] = {}
+        #: Settings `prepare` applied, by instance, until the `start` that uses them (or
+        #: `finalize_source`): at most one per instance.
+        self._prepared: dict[str, _Prepared] = {}
 
     # -- source ----------------------------------------------------------------------
 
@@ -421,6 +484,70 @@ class Migrations:
         if record is None or not instance.alive:
             raise InstanceNotRunning(name, str(instance.state))
         return MigrationInfoResult(runtime=encode_payload(payload_for(record)), spec=record.spec)
+
+    async def prepare(
+        self,
+        name: str,
+        *,
+        live: bool | None = None,
+        bandwidth_mib_s: int | None = None,
+        downtime_ms: int | None = None,
+        capabilities: Sequence[str] | None = None,
+    ) -> bool:
+        """Give QEMU now the settings of a `start` with the same values, which then
+        sends only ``migrate``: QEMU takes a few milliseconds over them, which is done
+        while the target's QEMU starts (`supervisor.control.migrate` asks this beside
+        ``migration.accept``) rather than before the migration.
+
+        Returns whether they were applied: not with TLS (the target's host name is a
+        setting) nor for a non-live migration (the guest is paused at the start, just
+        before ``migrate``). `finalize_source` with no success clears them. Raises
+        `InvalidConfigError` for a capability QEMU lacks, `MigrationError` when QEMU
+        refuses a setting (the capabilities are cleared then).
+        """
+        instance = self._sup.instance(name)
+        async with instance.operation("migration.prepare"):
+            record = instance.record
+            if record is None or instance.state not in (S.RUNNING, S.PAUSED):
+                raise InstanceNotRunning(name, str(instance.state))
+            client = instance.require_running()
+            settings = _settings(
+                record.hvparams,
+                live=live,
+                bandwidth_mib_s=bandwidth_mib_s,
+                downtime_ms=downtime_ms,
+                capabilities=capabilities,
+            )
+            earlier = self._prepared.pop(name, None)
+            if earlier is not None and earlier.client is client:
+                await _clear_capabilities(client)
+            await _check_capabilities(
+                client, settings.capabilities, field=settings.capabilities_field
+            )
+            if self._sup.config.migration_tls_x509_dir is not None or not settings.live:
+                return False
+            try:
+                await _execute_in_order(client, *_settings_commands(settings, tls_creds=""))
+            except BaseException:
+                with anyio.CancelScope(shield=True), contextlib.suppress(SupervisorError):
+                    await _clear_capabilities(client)
+                raise
+            self._prepared[name] = _Prepared(
+                client=client, passthroughs=instance.passthroughs, settings=settings
+            )
+        return True
+
+    def _take_prepared(
+        self, instance: Instance, client: qmp.QMPClient, settings: _Settings
+    ) -> tuple[bool, bool]:
+        """Whether `client`'s QEMU holds `settings` from `prepare`, untouched since; and
+        whether it holds other ones from it, to be cleared first (the capabilities are
+        only ever turned on). The preparation is used up either way."""
+        prepared = self._prepared.pop(instance.name, None)
+        if prepared is None or prepared.client is not client:
+            return False, False
+        holds = prepared.passthroughs == instance.passthroughs and prepared.settings == settings
+        return holds, not holds
 
     async def start(
         self,
@@ -447,31 +574,33 @@ class Migrations:
                 raise InstanceNotRunning(name, str(instance.state))
             client = instance.require_running()
             hv = record.hvparams
-            live = hv.migration_mode == "live" if live is None else live
             port = hv.migration_port if port is None else port
             uri = migration_uri(target, port)
-            if capabilities is None:
-                names, field = _split_caps(hv.migration_caps), "spec.hvparams.migration_caps"
-            else:
-                names, field = list(capabilities), "capabilities"
-            bandwidth = hv.migration_bandwidth if bandwidth_mib_s is None else bandwidth_mib_s
-            downtime = hv.migration_downtime if downtime_ms is None else downtime_ms
+            settings = _settings(
+                hv,
+                live=live,
+                bandwidth_mib_s=bandwidth_mib_s,
+                downtime_ms=downtime_ms,
+                capabilities=capabilities,
+            )
+            live = settings.live
+            prepared, clear_first = self._take_prepared(instance, client, settings)
             _check_x509_dir(self._sup.config.migration_tls_x509_dir, "client")
             progress = MigrationProgress(
                 stall_timeout_s=self._sup.config.migration_stall_timeout_s,
                 now=anyio.current_time(),
             )
+            postcopy = POSTCOPY in settings.capabilities
             job = _Outgoing(
                 uri=uri,
                 address=(target, port),
-                live=live,
+                settings=settings,
+                prepared=prepared,
+                clear_first=clear_first,
                 resume=instance.state == S.RUNNING,
-                capabilities=_capability_list(names),
-                capabilities_field=field,
-                parameters={"max-bandwidth": bandwidth * MIB, "downtime-limit": downtime},
                 progress=progress,
                 postcopy_after=(
-                    self._sup.config.migration_postcopy_after_passes if POSTCOPY in names else None
+                    self._sup.config.migration_postcopy_after_passes if postcopy else None
                 ),
             )
             previous = instance.state
@@ -529,39 +658,51 @@ class Migrations:
                     await self._end_outgoing(instance, client, job)
 
     async def _begin(self, instance: Instance, client: qmp.QMPClient, job: _Outgoing) -> None:
-        """Set the migration up and send ``migrate``; `job` notes what was done, for
-        `_undo_start`."""
+        """Set the migration up (unless `prepare` did) and send ``migrate``; `job` notes
+        what was done, for `_undo_start`."""
         noted = OutgoingMigration(uri=job.uri, live=job.live, resume=job.resume)
+        settings = job.settings
         with contextlib.ExitStack() as ours, ungrouped():
             async with anyio.create_task_group() as setting_up:
                 # Saved (beside the connection and QEMU's set-up) before ``migrate``: a
                 # daemon killed from then on finds it.
                 setting_up.start_soon(_note_outgoing, instance, noted)
-                await _check_capabilities(client, job.capabilities, field=job.capabilities_field)
+                if job.clear_first:
+                    await _clear_capabilities(client)
+                if not job.prepared:
+                    await _check_capabilities(
+                        client, settings.capabilities, field=settings.capabilities_field
+                    )
                 stream = await self._connect(job)
                 if stream is not None:
                     ours.enter_context(stream)  # closed once QEMU holds its own copy
-                tls = self._sup.config.migration_tls_x509_dir
-                creds = await _tls_creds(client, tls, "client")
-                parameters: dict[str, Any] = {**job.parameters, "tls-creds": creds}
-                if creds and job.address is not None:
-                    # What QEMU takes from a ``tcp:`` URI; an ``fd:`` one has none.
-                    parameters["tls-hostname"] = job.address[0]
-                settings = (
-                    _set_capabilities(job.capabilities),
-                    ("migrate-set-parameters", parameters),
-                )
                 job.stream_handed = stream is not None
-                await _settle_and_hand_over(client, settings, stream)
-                if not job.live and await _qemu_status(client) == "running":
-                    await _execute(client, "stop")
-                    job.paused_for_it = True
-        await _execute(client, "migrate", {"uri": fd_uri() if job.stream_handed else job.uri})
+                if not job.prepared:
+                    tls = self._sup.config.migration_tls_x509_dir
+                    creds = await _tls_creds(client, tls, "client")
+                    # What QEMU takes from a ``tcp:`` URI; an ``fd:`` one has none.
+                    hostname = job.address[0] if creds and job.address is not None else None
+                    commands = _settings_commands(settings, tls_creds=creds, tls_hostname=hostname)
+                    await _settle_and_hand_over(client, commands, stream)
+                    if not job.live and await _qemu_status(client) == "running":
+                        await _execute(client, "stop")
+                        job.paused_for_it = True
+            migrate = ("migrate", {"uri": fd_uri() if job.stream_handed else job.uri})
+            if job.prepared and stream is not None:
+                # In one write: should ``getfd`` fail, ``migrate`` of its fd fails too.
+                await _execute_in_order(
+                    client,
+                    ("getfd", {"fdname": STREAM_FD_NAME}),
+                    migrate,
+                    fds=(stream.fileno(),),
+                )
+                return
+        await _execute(client, *migrate)
 
     async def _connect(self, job: _Outgoing) -> socket.socket | None:
         """The stream to the target (`supervisor.qemu.migration_stream`), or None when
         QEMU must connect itself."""
-        if job.address is None or opens_own_stream(job.capabilities):
+        if job.address is None or opens_own_stream(job.settings.capabilities):
             return None
         host, port = job.address
         try:
@@ -783,8 +924,12 @@ class Migrations:
                     f"the migration of {name!r} is still running: cancel it or wait for its end",
                     name=name,
                 )
+            prepared = self._prepared.pop(name, None)
             if success:
                 await self._end_migrated(instance, completed=job is not None and job.completed)
+            elif job is None and prepared is not None and prepared.client is instance.qmp:
+                # Prepared, never started (the target refused): only the settings to undo.
+                await _clear_capabilities(prepared.client)
             elif instance.alive:
                 await self._end_failed(instance, resume=job.resume if job else live)
             self._outgoing.pop(name, None)
@@ -1113,11 +1258,10 @@ class Migrations:
         )
         job = _Outgoing(
             uri=outgoing.uri,
-            live=outgoing.live,
+            settings=_Settings(
+                live=outgoing.live, capabilities=(), capabilities_field="", parameters={}
+            ),
             resume=outgoing.resume,
-            capabilities=(),
-            capabilities_field="",
-            parameters={},
             progress=progress,
         )
         job.status = progress.update(await _execute(client, "query-migrate"), anyio.current_time())

@@ -97,6 +97,17 @@ class MigrationStartParams(_Params, frozen=True, kw_only=True, forbid_unknown_fi
     capabilities: list[MigrationCapability] | None = None
 
 
+class MigrationPrepareParams(_Params, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``migration.prepare`` (an extension): the source's settings for a
+    ``migration.start`` with the same values, applied beforehand (see the README)."""
+
+    name: InstanceName
+    live: bool | None = None
+    bandwidth_mib_s: Annotated[int, Meta(ge=0)] | None = None
+    downtime_ms: Annotated[int, Meta(ge=0, le=2_000_000)] | None = None
+    capabilities: list[MigrationCapability] | None = None
+
+
 class FinalizeSourceParams(_Params, frozen=True, kw_only=True, forbid_unknown_fields=True):
     name: InstanceName
     success: bool
@@ -265,6 +276,15 @@ class MigrationAcceptResult(msgspec.Struct, kw_only=True, frozen=True):
     address: str
     port: int
     instance: InstanceInfo
+
+
+class MigrationPrepareResult(msgspec.Struct, kw_only=True, frozen=True):
+    """``migration.prepare``: whether QEMU holds the settings now (`applied`), so that a
+    ``migration.start`` with the same values sends only ``migrate``; false when they
+    wait for the start (TLS, whose host name comes with the target; a non-live
+    migration)."""
+
+    applied: bool
 
 
 class MigrationStartResult(msgspec.Struct, kw_only=True, frozen=True):

@@ -60,11 +60,11 @@ def _crash_around_migration_command(name: str, *, after: bool) -> None:
 
     execute_in_order = migration._execute_in_order
 
-    async def crashing_execute_in_order(client: Any, *commands: Any) -> Any:
+    async def crashing_execute_in_order(client: Any, *commands: Any, **kwargs: Any) -> Any:
         named = any(command == name for command, _ in commands)
         if named and not after:
             _die()
-        results = await execute_in_order(client, *commands)
+        results = await execute_in_order(client, *commands, **kwargs)
         if named:
             _die()
         return results
@@ -73,16 +73,25 @@ def _crash_around_migration_command(name: str, *, after: bool) -> None:
 
 
 def _crash_before_migrate() -> None:
+    """Crash as ``migrate`` is about to be sent: alone, or after ``getfd`` in one write
+    (a migration ``migration.prepare`` set up)."""
     from supervisor.engine import migration
 
     execute = migration._execute
+    execute_in_order = migration._execute_in_order
 
     async def crashing_execute(client: Any, command: str, *args: Any, **kwargs: Any) -> Any:
         if command == "migrate":
             _die()
         return await execute(client, command, *args, **kwargs)
 
+    async def crashing_execute_in_order(client: Any, *commands: Any, **kwargs: Any) -> Any:
+        if any(command == "migrate" for command, _ in commands):
+            _die()
+        return await execute_in_order(client, *commands, **kwargs)
+
     migration._execute = crashing_execute
+    migration._execute_in_order = crashing_execute_in_order
 
 
 POINTS = {

@@ -116,15 +116,33 @@ async def two_daemons(configs: tuple[Config, Config]) -> AsyncIterator[tuple[Dae
         yield source, target
 
 
-async def migrate_steps(source: Daemon, target: Daemon, name: str = "vm") -> tuple[str, str]:
-    """``migration.info``, ``.accept`` and ``.start`` of `name`, followed to its end on
-    the source's events, without finalizing: the runtime payload and the last status."""
+async def migrate_steps(
+    source: Daemon,
+    target: Daemon,
+    name: str = "vm",
+    *,
+    accept: dict[str, Any] | None = None,
+    start: dict[str, Any] | None = None,
+) -> tuple[str, str]:
+    """``migration.info``, ``.accept`` and ``.start`` of `name` (with the params in
+    `accept` and `start` besides), followed to its end on the source's events, without
+    finalizing: the runtime payload and the last status."""
     info = await source.call("migration.info", name=name)
     accepted = await target.call(
-        "migration.accept", spec=info["spec"], runtime=info["runtime"], address="127.0.0.1"
+        "migration.accept",
+        spec=info["spec"],
+        runtime=info["runtime"],
+        address="127.0.0.1",
+        **(accept or {}),
     )
     async with source.sup.events(instances=[name], kinds=["migration.progress"]) as events:
-        await source.call("migration.start", name=name, target="127.0.0.1", port=accepted["port"])
+        await source.call(
+            "migration.start",
+            name=name,
+            target="127.0.0.1",
+            port=accepted["port"],
+            **(start or {}),
+        )
         with anyio.fail_after(60):
             async for event in events:
                 if event.data["status"] in FINISHED:

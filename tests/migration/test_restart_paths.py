@@ -212,14 +212,16 @@ async def test_an_incoming_start_cut_short_is_cleaned_up_after_restart(
         assert copies(started["uuid"], source_node, target_node) == [result.instance.pid]
 
 
+@pytest.mark.parametrize("prepared", [False, True])
 async def test_a_source_daemon_killed_before_migrate_lets_the_target_go_after_restart(
-    daemons: tuple[EngineDaemon, EngineDaemon],
+    daemons: tuple[EngineDaemon, EngineDaemon], prepared: bool
 ) -> None:
     """The source daemon dies (crash_daemon.py) as ``migration.start`` is about to send
     ``migrate``: its QEMU holds the connection to the target (``getfd``) and sends
-    nothing on it. The restarted daemon gives the guest back its state and closes that
-    connection, so the target's QEMU, which would wait on it for ever, exits and the
-    target's instance goes."""
+    nothing on it (after ``migration.prepare`` the two go in one write, and the daemon
+    dies before it, holding the connection itself). The restarted daemon gives the
+    guest back its state and closes that connection, so the target's QEMU, which would
+    wait on it for ever, exits and the target's instance goes."""
     source_node, target_node = daemons
     spec = msgspec.to_builtins(guest_spec("vm"))
     await anyio.to_thread.run_sync(lambda: source_node.start(crash_at="migrate"))
@@ -230,6 +232,8 @@ async def test_a_source_daemon_killed_before_migrate_lets_the_target_go_after_re
             "migration.accept",
             {"spec": info["spec"], "runtime": info["runtime"], "address": "127.0.0.1"},
         )
+        if prepared:
+            assert await source.call("migration.prepare", {"name": "vm"}) == {"applied": True}
         start = {"name": "vm", "target": "127.0.0.1", "port": accepted["port"]}
         with pytest.raises(RPCConnectionLostError):
             await source.call("migration.start", start)
