@@ -117,16 +117,22 @@ async def _migration_accept(
     )
 
 
+def _migration_settings(
+    params: api.MigrationPrepareParams | api.MigrationStartParams,
+) -> dict[str, Any]:
+    """The settings `params` choose (absent: the instance's hvparams')."""
+    return {
+        "live": params.live,
+        "bandwidth_mib_s": params.bandwidth_mib_s,
+        "downtime_ms": params.downtime_ms,
+        "capabilities": params.capabilities,
+    }
+
+
 async def _migration_prepare(
     sup: Supervisor, params: api.MigrationPrepareParams
 ) -> api.MigrationPrepareResult:
-    applied = await sup.migrations.prepare(
-        params.name,
-        live=params.live,
-        bandwidth_mib_s=params.bandwidth_mib_s,
-        downtime_ms=params.downtime_ms,
-        capabilities=params.capabilities,
-    )
+    applied = await sup.migrations.prepare(params.name, **_migration_settings(params))
     return api.MigrationPrepareResult(applied=applied)
 
 
@@ -134,13 +140,7 @@ async def _migration_start(
     sup: Supervisor, params: api.MigrationStartParams
 ) -> api.MigrationStartResult:
     status = await sup.migrations.start(
-        params.name,
-        target=params.target,
-        port=params.port,
-        live=params.live,
-        bandwidth_mib_s=params.bandwidth_mib_s,
-        downtime_ms=params.downtime_ms,
-        capabilities=params.capabilities,
+        params.name, target=params.target, port=params.port, **_migration_settings(params)
     )
     return api.MigrationStartResult(status=status)
 

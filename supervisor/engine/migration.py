@@ -184,6 +184,15 @@ def _settings(
     )
 
 
+def _migrating_from_here(instance: Instance) -> tuple[RuntimeRecord, qmp.QMPClient]:
+    """The record and QMP client of a guest that may migrate away (running or paused),
+    or `InstanceNotRunning`."""
+    record = instance.record
+    if record is None or instance.state not in (S.RUNNING, S.PAUSED):
+        raise InstanceNotRunning(instance.name, str(instance.state))
+    return record, instance.require_running()
+
+
 class _Prepared(msgspec.Struct, frozen=True, kw_only=True):
     """Settings `Migrations.prepare` gave a QEMU (`client`'s), when no QMP command of a
     client had been passed through to it since the instance's `passthroughs`."""
@@ -507,10 +516,7 @@ class Migrations:
         """
         instance = self._sup.instance(name)
         async with instance.operation("migration.prepare"):
-            record = instance.record
-            if record is None or instance.state not in (S.RUNNING, S.PAUSED):
-                raise InstanceNotRunning(name, str(instance.state))
-            client = instance.require_running()
+            record, client = _migrating_from_here(instance)
             settings = _settings(
                 record.hvparams,
                 live=live,
@@ -569,10 +575,7 @@ class Migrations:
         """
         instance = self._sup.instance(name)
         async with instance.operation("migration.start"):
-            record = instance.record
-            if record is None or instance.state not in (S.RUNNING, S.PAUSED):
-                raise InstanceNotRunning(name, str(instance.state))
-            client = instance.require_running()
+            record, client = _migrating_from_here(instance)
             hv = record.hvparams
             port = hv.migration_port if port is None else port
             uri = migration_uri(target, port)

@@ -81,40 +81,39 @@ async def test_a_start_with_the_prepared_settings_sends_only_migrate(
         await finish(source, target, runtime)
 
 
-async def test_a_start_with_other_settings_sets_its_own_and_clears_the_prepared(
-    configs: tuple[Config, Config], settings_sent: list[Any]
+@pytest.mark.parametrize("change", ["other settings", "a client's QMP command"])
+async def test_a_start_that_cannot_use_the_preparation_sets_its_own(
+    configs: tuple[Config, Config], settings_sent: list[Any], change: str
 ) -> None:
+    """Other settings at the start: the prepared capabilities are cleared, its own set.
+    A client's command after the preparation: the start sets its settings again (a
+    migration run by what the client set, 1 byte/s, would stall, not complete)."""
+    other = change == "other settings"
+    bandwidth, capabilities = (200, []) if other else (100, ["xbzrle"])
     async with two_daemons(configs) as (source, target):
         await source.sup.start(guest_spec("vm"), paused=True)
         await source.call(
             "migration.prepare", name="vm", bandwidth_mib_s=100, capabilities=["xbzrle"]
         )
-        runtime, ended = await migrate_steps(source, target, start={"bandwidth_mib_s": 200})
+        if not other:
+            await source.call(
+                "instance.qmp",
+                name="vm",
+                command="migrate-set-parameters",
+                arguments={"max-bandwidth": 1},
+            )
+        runtime, ended = await migrate_steps(
+            source,
+            target,
+            accept={"capabilities": capabilities},
+            start={"bandwidth_mib_s": bandwidth, "capabilities": capabilities},
+        )
         assert ended == "completed"
         assert len(settings_sent) == 1
         # The source's QEMU, in ``postmigrate`` until finalize_source, migrated so:
-        assert await capabilities_on(source) == {"events", "return-path"}
+        assert await capabilities_on(source) == {"events", "return-path", *capabilities}
         parameters = await qemu(source, "query-migrate-parameters")
-        assert parameters["max-bandwidth"] == 200 * MIB
-        await finish(source, target, runtime)
-
-
-async def test_a_clients_qmp_command_after_prepare_has_the_start_set_its_own(
-    configs: tuple[Config, Config], settings_sent: list[Any]
-) -> None:
-    """A migration run by what the client set (1 byte/s) would stall, not complete."""
-    async with two_daemons(configs) as (source, target):
-        await source.sup.start(guest_spec("vm"), paused=True)
-        await source.call("migration.prepare", name="vm", bandwidth_mib_s=100)
-        await source.call(
-            "instance.qmp",
-            name="vm",
-            command="migrate-set-parameters",
-            arguments={"max-bandwidth": 1},
-        )
-        runtime, ended = await migrate_steps(source, target, start={"bandwidth_mib_s": 100})
-        assert ended == "completed"
-        assert len(settings_sent) == 1
+        assert parameters["max-bandwidth"] == bandwidth * MIB
         await finish(source, target, runtime)
 
 
