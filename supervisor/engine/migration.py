@@ -438,7 +438,6 @@ class _Outgoing:
         #: follows again after a restart).
         self.address = address
         self.settings = settings
-        self.live = settings.live
         #: QEMU holds the settings already (`Migrations.prepare`), or other ones from
         #: it, to be cleared first.
         self.prepared = prepared
@@ -460,6 +459,10 @@ class _Outgoing:
         #: the stream handed to QEMU (``getfd`` sent), the guest paused (non-live).
         self.stream_handed = False
         self.paused_for_it = False
+
+    @property
+    def live(self) -> bool:
+        return self.settings.live
 
     @property
     def completed(self) -> bool:
