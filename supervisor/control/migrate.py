@@ -163,10 +163,7 @@ async def migrate(
             f"migration of {name!r} {final.status}: {final.error or 'no reason given'}",
             {"name": name, "status": msgspec.to_builtins(final)},
         )
-    with ungrouped():
-        async with anyio.create_task_group() as ending:
-            ending.start_soon(_unsubscribe, source, subscription)
-            instance = await steps.take_over()
+    instance = await steps.take_over(_unsubscribe(source, subscription))
     return MigrationResult(
         status=final,
         total_s=round(anyio.current_time() - began, 3),
@@ -176,11 +173,13 @@ async def migrate(
     )
 
 
-async def _gather(*calls: Awaitable[Any]) -> list[Any]:
-    """The results of `calls`, awaited at once (the requests go out together).
+async def _gather(*calls: Awaitable[Any], raise_order: Sequence[int] | None = None) -> list[Any]:
+    """The results of `calls`, awaited at once (the requests go out together, in the
+    order of `calls`).
 
     Each runs to its end even when another fails (so that what one did is known, and
-    can be undone); then the first failure, in the order of `calls`, is raised.
+    can be undone); then the first failure is raised, in the order of `calls` or, if
+    given, of the indexes in `raise_order`.
     """
     results: list[Any] = [None] * len(calls)
     failures: list[Exception | None] = [None] * len(calls)
@@ -194,7 +193,8 @@ async def _gather(*calls: Awaitable[Any]) -> list[Any]:
     async with anyio.create_task_group() as tg:
         for index, call in enumerate(calls):
             tg.start_soon(run, index, call)
-    for failure in failures:
+    for index in range(len(calls)) if raise_order is None else raise_order:
+        failure = failures[index]
         if failure is not None:
             raise failure
     return results
@@ -274,11 +274,16 @@ class _Steps:
         #: The guest ran before the migration: it runs on the target afterwards.
         self.resume = resume
 
-    async def take_over(self) -> Any:
-        """Finalize a completed migration, both ends at once; the instance as the target
-        runs it. Each end is finalized even if the other fails (the target's failure is
-        raised first: its guest runs there, to be finalized again)."""
-        instance, _ = await _gather(
+    async def take_over(self, *beside: Awaitable[None]) -> Any:
+        """Finalize a completed migration, both ends at once (and `beside` with them);
+        the instance as the target runs it. Each end is finalized even if the other
+        fails (the target's failure is raised first: its guest runs there, to be
+        finalized again).
+
+        The source's request goes out first: the end of its QEMU is the longer wait.
+        """
+        _, instance, *_ = await _gather(
+            self.source.call("migration.finalize_source", {"name": self.name, "success": True}),
             self.target.call(
                 "migration.finalize_target",
                 {
@@ -288,7 +293,8 @@ class _Steps:
                     "resume": self.resume,
                 },
             ),
-            self.source.call("migration.finalize_source", {"name": self.name, "success": True}),
+            *beside,
+            raise_order=(1, 0),
         )
         return instance
 

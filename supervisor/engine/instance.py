@@ -124,6 +124,8 @@ class Instance:
         self.process: QemuProcess | None = None
         self.qmp: qmp.QMPClient | None = None
         self.qemu_status: str | None = None
+        #: The status of QEMU's last ``MIGRATION`` event this run, as the monitor saw it.
+        self.migration_event_status: str | None = None
         self.restarts = 0
         self.started_at: float | None = None
         self.crash_history: list[float] = []
@@ -255,6 +257,7 @@ class Instance:
         self.monitor_ready = anyio.Event()
         self._exit_reason = None
         self._shutdown_cause = None
+        self.migration_event_status = None
         # The run's own tasks (`start_task`) never raise: an error of ours leaves bare.
         with ungrouped():
             async with anyio.create_task_group() as run_tasks:
@@ -439,6 +442,8 @@ class Instance:
             if self.state in (S.PAUSED, S.STARTING, S.INCOMING):
                 reason = {S.PAUSED: "resumed", S.INCOMING: "migrated"}.get(self.state, "started")
                 self.set_state(S.RUNNING, reason)
+        elif event.name == "MIGRATION":
+            self.migration_event_status = str(event.data["status"])
         elif event.name == "SHUTDOWN":
             self.qemu_status = "shutdown"
             self._shutdown_cause = str(event.data.get("reason"))

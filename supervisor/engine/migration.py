@@ -1177,10 +1177,16 @@ class Migrations:
         """How the incoming migration ended, with QEMU's run state and its migration
         capabilities (``query-migrate-capabilities``) after that end.
 
-        The three questions go out at once; the source reports its end a moment before
-        the target has loaded the last state, so an ``active`` one is waited for (at
-        most ``qmp_timeout_s``) and the other two asked again.
+        A live guest whose ``RESUME`` and then ``MIGRATION`` ``completed`` the monitor
+        has seen (QEMU resumes it, then says completed) ended so: nothing is asked, and
+        the capabilities are not known (None). Otherwise the three questions go out at
+        once; the source reports its end a moment before the target has loaded the last
+        state, so an ``active`` one is waited for (at most ``qmp_timeout_s``) and the
+        other two asked again.
         """
+        if instance.migration_event_status == "completed" and instance.qemu_status == "running":
+            # A round trip less to a QEMU busy with the guest it just took over.
+            return "completed", "running", None
         questions = (
             ("query-migrate", None),
             ("query-status", None),

@@ -1,19 +1,25 @@
-"""A dirty-sync pass is taken from QEMU's event, without asking QEMU anything.
+"""What QEMU's events tell about the switch-over is taken from them, without asking QEMU.
 
 QEMU sends ``MIGRATION_PASS`` for its last pass too, once it has stopped the guest for
 the switch-over and while its migration thread holds the big lock: a ``query-migrate``
 then waits for that lock, and the daemon's work on it and on a progress event takes CPU
 from the two QEMUs; both lengthen the guest's downtime. The pass count comes from the
 event; the figures wait for the next reading.
+
+On the target, a live guest's ``RESUME`` and then ``MIGRATION`` ``completed`` say how the
+migration ended: ``migration.finalize_target`` asks QEMU nothing about it then (a round
+trip less to a QEMU busy with the guest it just took over).
 """
 
 from __future__ import annotations
 
+import anyio
 import msgspec
 import pytest
 from core.conftest import guest_spec
 
 from protocols import qmp
+from supervisor.engine import migration
 from supervisor.engine.instance import Instance
 from supervisor.model.config import Config
 from supervisor.qemu.migration_progress import MigrationProgress
@@ -85,3 +91,36 @@ async def test_a_target_whose_qemu_cannot_tell_its_sizes_still_takes_over(
         assert info["state"] == "running"
         await source.call("migration.finalize_source", name="vm", success=True)
         assert target.sup.info("vm").state == "running"
+
+
+@pytest.mark.guest
+@pytest.mark.parametrize("live", [True, False], ids=["live", "non-live"])
+async def test_the_target_asks_how_the_migration_ended_only_when_its_events_did_not_say(
+    configs: tuple[Config, Config], monkeypatch: pytest.MonkeyPatch, live: bool
+) -> None:
+    """A live guest's end is in the target's events; a non-live one arrives paused (no
+    ``RESUME``), so QEMU is asked. Either way the guest runs on the target."""
+    asked: list[str] = []
+    execute_in_order = migration._execute_in_order
+
+    async def spy(client: qmp.QMPClient, *commands: tuple[str, object], **kw: object) -> object:
+        asked.extend(command for command, _ in commands)
+        return await execute_in_order(client, *commands, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(migration, "_execute_in_order", spy)
+    async with two_daemons(configs) as (source, target):
+        await source.sup.start(guest_spec("vm"))
+        async with target.sup.events(instances=["vm"], kinds=["qmp.MIGRATION"]) as seen:
+            runtime, ended = await migrate_steps(source, target, start={"live": live})
+            assert ended == "completed"
+            with anyio.fail_after(30):
+                async for event in seen:  # the target's monitor saw it too
+                    if event.data["status"] == "completed":
+                        break
+        asked.clear()
+        info = await target.call(
+            "migration.finalize_target", name="vm", runtime=runtime, success=True
+        )
+        assert info["state"] == "running"
+        assert ("query-migrate" in asked) == (not live), asked
+        await source.call("migration.finalize_source", name="vm", success=True)
