@@ -175,7 +175,7 @@ async def migrate(
 
 async def _gather(*calls: Awaitable[Any], raise_order: Sequence[int] | None = None) -> list[Any]:
     """The results of `calls`, awaited at once (the requests go out together, in the
-    order of `calls`).
+    order of `calls`: the first from the caller's task, before the others' tasks run).
 
     Each runs to its end even when another fails (so that what one did is known, and
     can be undone); then the first failure is raised, in the order of `calls` or, if
@@ -191,8 +191,9 @@ async def _gather(*calls: Awaitable[Any], raise_order: Sequence[int] | None = No
             failures[index] = error
 
     async with anyio.create_task_group() as tg:
-        for index, call in enumerate(calls):
+        for index, call in enumerate(calls[1:], start=1):
             tg.start_soon(run, index, call)
+        await run(0, calls[0])
     for index in range(len(calls)) if raise_order is None else raise_order:
         failure = failures[index]
         if failure is not None:

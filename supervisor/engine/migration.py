@@ -484,7 +484,9 @@ class Migrations:
         #: (or the next `start`): at most one per instance.
         self._outgoing: dict[str, _Outgoing] = {}
         #: Settings `prepare` applied, by instance, until the `start` that uses them (or
-        #: `finalize_source`): at most one per instance.
+        #: `finalize_source`): at most one per instance whose QEMU still runs, and one
+        #: per instance whose QEMU exited since the last `prepare` (each `prepare` drops
+        #: those, with the connection each holds).
         self._prepared: dict[str, _Prepared] = {}
 
     # -- source ----------------------------------------------------------------------
@@ -541,6 +543,11 @@ class Migrations:
                 with anyio.CancelScope(shield=True), contextlib.suppress(SupervisorError):
                     await _clear_capabilities(client)
                 raise
+            self._prepared = {
+                prepared_name: prepared
+                for prepared_name, prepared in self._prepared.items()
+                if not prepared.client.closed
+            }
             self._prepared[name] = _Prepared(
                 client=client, passthroughs=instance.passthroughs, settings=settings
             )

@@ -160,3 +160,18 @@ async def test_a_non_live_migration_is_not_prepared(configs: tuple[Config, Confi
             await source.call("migration.prepare", name="vm", capabilities=["warp"])
         assert refused.value.data["path"] == "capabilities"
         await source.sup.stop("vm", force=True)
+
+
+async def test_a_preparation_whose_qemu_exited_is_dropped_at_the_next(
+    configs: tuple[Config, Config],
+) -> None:
+    """An instance prepared and then stopped, never started nor finalized, leaves no
+    preparation (and no QMP connection) behind once another instance is prepared."""
+    async with two_daemons(configs) as (source, _):
+        await source.sup.start(guest_spec("vm"), paused=True)
+        await source.sup.start(guest_spec("other"), paused=True)
+        await source.call("migration.prepare", name="vm")
+        await source.sup.stop("vm", force=True)
+        await source.call("migration.prepare", name="other")
+        assert list(source.sup.migrations._prepared) == ["other"]
+        await source.sup.stop("other", force=True)
