@@ -126,6 +126,10 @@ class Instance:
         self.qemu_status: str | None = None
         #: The status of QEMU's last ``MIGRATION`` event this run, as the monitor saw it.
         self.migration_event_status: str | None = None
+        #: The migration capabilities this daemon turned on in this run's QEMU for an
+        #: incoming migration; None when unknown (an adopted QEMU) or when a client's QMP
+        #: command was passed through since (it may have changed them).
+        self.incoming_capabilities: tuple[str, ...] | None = None
         self.restarts = 0
         self.started_at: float | None = None
         self.crash_history: list[float] = []
@@ -258,6 +262,7 @@ class Instance:
         self._exit_reason = None
         self._shutdown_cause = None
         self.migration_event_status = None
+        self.incoming_capabilities = None
         # The run's own tasks (`start_task`) never raise: an error of ours leaves bare.
         with ungrouped():
             async with anyio.create_task_group() as run_tasks:
@@ -598,6 +603,7 @@ class Instance:
             raise InvalidConfigError("command", refusal)
         client = self.require_running()
         self.passthroughs += 1
+        self.incoming_capabilities = None
         return await self._execute(client, command, arguments)
 
     async def human_monitor(self, command: str) -> str:

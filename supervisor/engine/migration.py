@@ -1099,6 +1099,7 @@ class Migrations:
                 ("cont", None),
             )
             port = _bound_port(listening)
+            instance.incoming_capabilities = tuple(capabilities)
             record = instance.record
             assert record is not None
             # Only now: a daemon killed before this finds the accept interrupted (nobody
@@ -1163,6 +1164,12 @@ class Migrations:
         # Completed as a start too: a guest that arrived after an interrupted accept
         # (see `_adopt_incoming`) is adopted as is after a restart, never started again.
         owned = msgspec.structs.replace(record, incoming=False, start_completed=True)
+        if capabilities is None and instance.incoming_capabilities is not None:
+            # Those `accept` turned on in this QEMU, which started with all of them off: a
+            # round trip less, while the source's QEMU is ended beside.
+            capabilities = [
+                {"capability": name, "state": True} for name in instance.incoming_capabilities
+            ]
         with ungrouped():
             async with anyio.create_task_group() as finishing:
                 # QEMU's part beside the record's save.

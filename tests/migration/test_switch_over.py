@@ -8,7 +8,9 @@ event; the figures wait for the next reading.
 
 On the target, a live guest's ``RESUME`` and then ``MIGRATION`` ``completed`` say how the
 migration ended: ``migration.finalize_target`` asks QEMU nothing about it then (a round
-trip less to a QEMU busy with the guest it just took over).
+trip less to a QEMU busy with the guest it just took over), nor which migration
+capabilities to turn off: those ``migration.accept`` turned on, unless a client's QMP
+command went to that QEMU since.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from supervisor.engine.instance import Instance
 from supervisor.model.config import Config
 from supervisor.qemu.migration_progress import MigrationProgress
 
-from .conftest import migrate_steps, two_daemons
+from .conftest import Daemon, migrate_steps, two_daemons
 
 pytestmark = [pytest.mark.anyio]
 
@@ -100,14 +102,7 @@ async def test_the_target_asks_how_the_migration_ended_only_when_its_events_did_
 ) -> None:
     """A live guest's end is in the target's events; a non-live one arrives paused (no
     ``RESUME``), so QEMU is asked. Either way the guest runs on the target."""
-    asked: list[str] = []
-    execute_in_order = migration._execute_in_order
-
-    async def spy(client: qmp.QMPClient, *commands: tuple[str, object], **kw: object) -> object:
-        asked.extend(command for command, _ in commands)
-        return await execute_in_order(client, *commands, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(migration, "_execute_in_order", spy)
+    asked = spy_on_migration_commands(monkeypatch)
     async with two_daemons(configs) as (source, target):
         await source.sup.start(guest_spec("vm"))
         async with target.sup.events(instances=["vm"], kinds=["qmp.MIGRATION"]) as seen:
@@ -123,4 +118,65 @@ async def test_the_target_asks_how_the_migration_ended_only_when_its_events_did_
         )
         assert info["state"] == "running"
         assert ("query-migrate" in asked) == (not live), asked
+        # Asked with the other questions, or not at all: accept's own are known.
+        assert asked.count("query-migrate-capabilities") == (not live), asked
+        assert await capabilities_on(target) == [], "finalize_target turns them all off"
         await source.call("migration.finalize_source", name="vm", success=True)
+
+
+@pytest.mark.guest
+async def test_a_capability_a_client_turned_on_in_the_incoming_qemu_is_turned_off_too(
+    configs: tuple[Config, Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client's QMP command to the incoming QEMU may have changed its capabilities:
+    QEMU is asked which are on, rather than the daemon trusting accept's list."""
+    asked = spy_on_migration_commands(monkeypatch)
+    async with two_daemons(configs) as (source, target):
+        await source.sup.start(guest_spec("vm"))
+        info = await source.call("migration.info", name="vm")
+        accepted = await target.call(
+            "migration.accept", spec=info["spec"], runtime=info["runtime"], address="127.0.0.1"
+        )
+        on = [{"capability": "auto-converge", "state": True}]
+        await target.sup.qmp("vm", "migrate-set-capabilities", {"capabilities": on})
+        async with source.sup.events(instances=["vm"], kinds=["migration.progress"]) as events:
+            await source.call(
+                "migration.start", name="vm", target="127.0.0.1", port=accepted["port"]
+            )
+            with anyio.fail_after(60):
+                async for event in events:
+                    if event.data["status"] == "completed":
+                        break
+        asked.clear()
+        await target.call(
+            "migration.finalize_target", name="vm", runtime=info["runtime"], success=True
+        )
+        assert "query-migrate-capabilities" in asked, asked
+        assert await capabilities_on(target) == []
+        await source.call("migration.finalize_source", name="vm", success=True)
+
+
+def spy_on_migration_commands(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The QMP commands the migration module sends from now on, by name."""
+    asked: list[str] = []
+    execute, execute_in_order = migration._execute, migration._execute_in_order
+
+    async def spied(client: qmp.QMPClient, command: str, *args: object, **kw: object) -> object:
+        asked.append(command)
+        return await execute(client, command, *args, **kw)  # type: ignore[arg-type]
+
+    async def spied_in_order(
+        client: qmp.QMPClient, *commands: tuple[str, object], **kw: object
+    ) -> object:
+        asked.extend(command for command, _ in commands)
+        return await execute_in_order(client, *commands, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(migration, "_execute", spied)
+    monkeypatch.setattr(migration, "_execute_in_order", spied_in_order)
+    return asked
+
+
+async def capabilities_on(daemon: Daemon) -> list[str]:
+    """The migration capabilities on in the QEMU of the daemon's instance ``vm``."""
+    states = await daemon.sup.qmp("vm", "query-migrate-capabilities")
+    return [state["capability"] for state in states if state["state"]]
