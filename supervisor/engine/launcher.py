@@ -499,9 +499,10 @@ class Launcher:
         if uid is not None and self.uid_pool is not None:
             self.uid_pool.release(uid, owner=name)
 
-    def forget(self, instance: Instance) -> None:
-        """Remove the instance's runtime dir, record and serial log included."""
-        self.state_dir.remove_instance_dir(instance.name)
+    def forget(self, instance: Instance) -> bool:
+        """Move the instance's runtime dir, record and serial log included, into the
+        state dir's trash (the caller has it emptied); whether there was one."""
+        return self.state_dir.discard_instance_dir(instance.name)
 
 
 async def _kill_failed_start(instance: Instance, process: QemuProcess) -> None:

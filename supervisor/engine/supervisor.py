@@ -80,6 +80,9 @@ class Supervisor(anyio.AsyncContextManagerMixin):
         self._instances: dict[str, Instance] = {}
         self._definition_mtimes: dict[str, float] = {}
         self._tg: anyio.abc.TaskGroup | None = None
+        #: Instance dirs moved into the trash so far, and whether a task empties it.
+        self._trash_discards = 0
+        self._emptying_trash = False
         self.launcher = Launcher(config, self.state_dir, group_id=self._group_id)
         #: The ``migration.*`` operations (`supervisor.engine.migration`).
         self.migrations = Migrations(self)
@@ -93,6 +96,7 @@ class Supervisor(anyio.AsyncContextManagerMixin):
             with ungrouped():
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
+                    self._empty_trash_soon()  # what a daemon killed meanwhile left there
                     self._load_definitions()
                     await self._adopt_all()
                     self._recover_uid_leases()
@@ -483,7 +487,7 @@ class Supervisor(anyio.AsyncContextManagerMixin):
             if previous is not None:
                 await store_record(instance.paths.runtime_record, previous)
             else:
-                self.launcher.forget(instance)
+                self._forget(instance)
         except OSError as error:
             instance.log.error("roll-back of a failed start incomplete", error=str(error))
         known = previous is not None or instance.definition is not None
@@ -552,11 +556,38 @@ class Supervisor(anyio.AsyncContextManagerMixin):
             raise InstanceExists(name, "is running: stop it first")
         with host_io_errors(f"cleanup of {name!r}", instance.paths.directory):
             await self.launcher.release(instance)
-            self.launcher.forget(instance)
+            self._forget(instance)
         instance.record = None
         defined = instance_file(self.config.instances_dir, name).exists()
         if not defined and self._instances.get(name) is instance:
             del self._instances[name]
+
+    def _forget(self, instance: Instance) -> None:
+        """Remove the instance's runtime dir: at once from where it was, then from the
+        trash beside whatever runs next."""
+        if self.launcher.forget(instance):
+            self._empty_trash_soon()
+
+    def _empty_trash_soon(self) -> None:
+        """Have the trash emptied in a worker thread. One task at most: a dir discarded
+        while it runs is removed by its next pass."""
+        self._trash_discards += 1
+        if self._tg is None or self._emptying_trash:
+            return  # the next daemon's start empties it
+        self._emptying_trash = True
+        self._tg.start_soon(self._empty_trash)
+
+    async def _empty_trash(self) -> None:
+        try:
+            while True:
+                discards = self._trash_discards
+                left = await anyio.to_thread.run_sync(self.state_dir.empty_trash)
+                if left:
+                    self.log.error("trash not removed", paths=[str(path) for path in left])
+                if discards == self._trash_discards:
+                    return
+        finally:
+            self._emptying_trash = False
 
     def list(self) -> list[InstanceSummary]:
         self._load_definitions()

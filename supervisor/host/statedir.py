@@ -9,6 +9,7 @@ Layout (names are short because a unix socket path must fit in 107 bytes)::
     <state_dir>/uid-leases/<uid>     uid pool leases (`supervisor.host.uidpool`)
     <state_dir>/chroot/<name>/       chroot with ``use_chroot`` (`supervisor.host.chroot`)
     <state_dir>/quarantine/          chroots that were not empty at cleanup
+    <state_dir>/trash/               instance dirs cleaned up, until their removal
 
 The daemon (often root) writes here, so nobody else may: the state dir is created 0750
 with the control group as its group (members reach the control socket through it), and
@@ -26,6 +27,7 @@ import errno
 import fcntl
 import os
 import re
+import secrets
 import shutil
 import stat
 from pathlib import Path
@@ -130,6 +132,11 @@ class StateDir:
     def quarantine_dir(self) -> Path:
         """Where chroots that were not empty at cleanup are moved."""
         return self.path / "quarantine"
+
+    @property
+    def trash_dir(self) -> Path:
+        """Where cleaned-up instance dirs wait for their removal (`discard_instance_dir`)."""
+        return self.path / "trash"
 
     @property
     def locked(self) -> bool:
@@ -260,10 +267,46 @@ class StateDir:
             if _NAME.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink()
         )
 
-    def remove_instance_dir(self, name: str) -> None:
-        """Remove the dir of instance `name` and everything in it (no error if missing)."""
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(self.instance(name).directory)
+    def discard_instance_dir(self, name: str) -> bool:
+        """Move the dir of instance `name` into the trash, for `empty_trash`; whether
+        there was one.
+
+        One rename: the instance has no runtime from then on, and a new dir of the same
+        name can be made at once. The removal itself, a large serial log's included,
+        waits for `empty_trash`, away from the caller's path.
+        """
+        directory = self.instance(name).directory
+        _make_dir(self.trash_dir, 0o700)
+        while True:
+            try:
+                directory.rename(self.trash_dir / f"{name}.{secrets.token_hex(4)}")
+            except FileNotFoundError:
+                return False
+            except OSError as error:
+                if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                continue  # that random name is taken: another
+            return True
+
+    def empty_trash(self) -> list[Path]:
+        """Remove everything in the trash; what could not be removed.
+
+        Blocking (it unlinks whole serial logs): run it in a worker thread.
+        """
+        try:
+            entries = list(self.trash_dir.iterdir())
+        except FileNotFoundError:
+            return []
+        left = []
+        for entry in entries:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+            if entry.exists():
+                left.append(entry)
+        return left
 
 
 def open_no_follow(path: Path, flags: int, mode: int = 0o640) -> int:

@@ -183,6 +183,16 @@ def test_instance_names_and_removal(tmp_path: Path) -> None:
     (state.instances_root / ".tmp").mkdir()
     (state.instance("c").qemu_log).write_text("log")
     assert state.instance_names() == ["a", "b", "c"]
-    state.remove_instance_dir("c")
-    state.remove_instance_dir("missing")
+    assert state.discard_instance_dir("c")
+    assert not state.discard_instance_dir("missing")
     assert state.instance_names() == ["a", "b"]
+    (discarded,) = state.trash_dir.iterdir()
+    assert discarded.name.startswith("c.") and (discarded / "qemu.log").read_text() == "log"
+    assert state.trash_dir.stat().st_mode & 0o777 == 0o700
+    # A dir of the same name again, discarded again: both wait in the trash.
+    state.create_instance_dir("c")
+    assert state.discard_instance_dir("c")
+    assert len(list(state.trash_dir.iterdir())) == 2
+    (state.trash_dir / "stray-file").write_text("")
+    assert state.empty_trash() == []
+    assert list(state.trash_dir.iterdir()) == []
