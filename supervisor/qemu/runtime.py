@@ -4,8 +4,8 @@ Ganeti keeps a "KVM runtime" per instance (argv, NICs, hvparams at start, disks)
 starts it again unchanged on reboot, or hands it to the migration target. The
 `RuntimeRecord` is ours: versioned, typed, with the NIC and disk plans of the command
 line, the capability fingerprint of the QEMU that ran it, and what the host leased for
-it (display port, uid). It is JSON: `save_record` writes it atomically (temporary file,
-rename; `store_record` does it in a worker thread), `load_record` reads it, and
+it (display port, uid). It is JSON: `save_record` writes it atomically (a spare file
+swapped in; `store_record` does it in a worker thread), `load_record` reads it, and
 `encode_record` / `decode_record` give the string sent to a migration target.
 
 A record must outlive the daemon (killed at any point), not the host: it describes a
@@ -23,15 +23,14 @@ and the field at fault (or, in text that is not JSON, the byte).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Final
 
 import anyio
 import msgspec
 
+from supervisor.host.atomic_write import replace_file
 from supervisor.host.statedir import InstancePaths, open_no_follow
 from supervisor.model.errors import InvalidConfigError
 from supervisor.model.hvparams import HvParams
@@ -246,24 +245,10 @@ def save_record(path: Path, record: RuntimeRecord) -> None:
     """Write `record` to `path` atomically: a reader, or a daemon killed meanwhile,
     sees the old file or the new one (not fsynced: see the module's docstring).
 
-    The data goes to a temporary file in the same directory, renamed over `path`.
-    Nothing is written through a symlink: the temporary file is created new
-    (``O_EXCL``, never a file planted there) and changed through its descriptor only,
-    and the rename replaces a symlink at `path` rather than following it.
+    Written into a spare file beside `path` and swapped in
+    (`supervisor.host.atomic_write`), never through a symlink at either.
     """
-    directory = path.parent
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(_ENCODER.encode(record))
-            file.write(b"\n")
-            file.flush()
-            os.fchmod(file.fileno(), 0o640)
-        os.rename(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    replace_file(path, _ENCODER.encode(record) + b"\n", mode=0o640)
 
 
 async def store_record(path: Path, record: RuntimeRecord) -> None:

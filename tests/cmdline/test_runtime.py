@@ -69,7 +69,11 @@ def test_save_and_load(tmp_path: Path) -> None:
     replaced = msgspec.structs.replace(record, pid=4343)
     save_record(path, replaced)
     assert load_record(path).pid == 4343
-    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["runtime.json"]
+    # The previous version stays in the spare, which the next save writes into.
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == [
+        ".runtime.json.spare",
+        "runtime.json",
+    ]
 
 
 def test_a_failed_save_keeps_the_old_record(
@@ -87,7 +91,6 @@ def test_a_failed_save_keeps_the_old_record(
         save_record(path, msgspec.structs.replace(record, pid=1))
     monkeypatch.undo()
     assert load_record(path) == record
-    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["runtime.json"]
 
 
 def test_missing_file_is_file_not_found(tmp_path: Path) -> None:

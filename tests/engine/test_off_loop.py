@@ -3,7 +3,6 @@ instance's dir) runs off the event loop."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import threading
 from collections import Counter
@@ -18,6 +17,7 @@ from supervisor.host import uidpool
 from supervisor.model.config import Config
 from supervisor.model.errors import SupervisorError
 from supervisor.model.spec import decode_spec
+from supervisor.qemu import runtime
 
 pytestmark = [pytest.mark.anyio, pytest.mark.qemu]
 
@@ -31,21 +31,20 @@ async def test_record_saves_and_uid_pool_scans_run_in_worker_threads(
     bare_config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: Counter[tuple[str, bool]] = Counter()
-    rename, uids_in_use = os.rename, uidpool.uids_in_use
+    replace_file, uids_in_use = runtime.replace_file, uidpool.uids_in_use
 
     def on_loop() -> bool:
         return threading.current_thread() is threading.main_thread()
 
-    def watched_rename(source: str, destination: str) -> None:
-        if os.path.basename(destination) == "runtime.json":  # a record's save
-            calls["rename", on_loop()] += 1
-        rename(source, destination)
+    def watched_save(path: Path, data: bytes, *, mode: int) -> None:
+        calls["save", on_loop()] += 1
+        replace_file(path, data, mode=mode)
 
     def watched_scan() -> set[int]:
         calls["uids_in_use", on_loop()] += 1
         return uids_in_use()
 
-    monkeypatch.setattr(os, "rename", watched_rename)
+    monkeypatch.setattr(runtime, "replace_file", watched_save)
     monkeypatch.setattr(uidpool, "uids_in_use", watched_scan)
     config = msgspec.structs.replace(bare_config, uid_pool=["64010-64011"])
     spec = {"name": "w1", "memory_mib": 64, "hvparams": {"security_model": "pool"}}
@@ -58,8 +57,8 @@ async def test_record_saves_and_uid_pool_scans_run_in_worker_threads(
         with pytest.raises(SupervisorError):
             await sup.start(decode_spec(bad))
         await sup.cleanup("w1")
-    assert calls["rename", False] and calls["uids_in_use", False], calls
-    assert not calls["rename", True] and not calls["uids_in_use", True], calls
+    assert calls["save", False] and calls["uids_in_use", False], calls
+    assert not calls["save", True] and not calls["uids_in_use", True], calls
 
 
 async def test_a_cleaned_up_dir_is_gone_at_once_and_removed_in_a_worker_thread(
