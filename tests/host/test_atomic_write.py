@@ -36,10 +36,15 @@ def test_the_spare_keeps_the_previous_version_and_is_written_again(tmp_path: Pat
     replace_file(path, b"two, longer\n", mode=0o640)
     assert path.read_bytes() == b"two, longer\n"
     assert spare.read_bytes() == b"one\n"
-    inodes = (path.stat().st_ino, spare.stat().st_ino)
-    replace_file(path, b"3\n", mode=0o640)
-    # The two files swap names: no file is created or removed once both exist.
-    assert (path.stat().st_ino, spare.stat().st_ino) == inodes[::-1]
+    held = os.open(spare, os.O_RDONLY)  # an inode held open is never reused for another
+    try:
+        replace_file(path, b"3\n", mode=0o640)
+        # The spare was written and swapped in: no file is created or removed once both
+        # exist.
+        assert os.path.samestat(os.fstat(held), path.stat())
+        assert os.fstat(held).st_nlink == 1
+    finally:
+        os.close(held)
     assert path.read_bytes() == b"3\n"  # the longer contents before are cut off
     assert spare.read_bytes() == b"two, longer\n"
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
