@@ -242,8 +242,9 @@ def _ganeti_refusal(value: list[Any]) -> str:
 
 
 def save_record(path: Path, record: RuntimeRecord) -> None:
-    """Write `record` to `path` atomically: a reader, or a daemon killed meanwhile,
-    sees the old file or the new one (not fsynced: see the module's docstring).
+    """Write `record` to `path` atomically: a daemon killed meanwhile, or a reader,
+    sees the old file or the new one (not fsynced: see the module's docstring; for a
+    reader whose read spans two saves see `supervisor.host.atomic_write`).
 
     Written into a spare file beside `path` and swapped in
     (`supervisor.host.atomic_write`), never through a symlink at either.
